@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Both create .venv if missing and install the project into it first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The torch builds our CI machines carry; installed first so that nothing else pulls another build.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= demo_out
+
+.PHONY: setup demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/svp synth --out $(DEMO_DIR)/refer --images 40
+	$(BIN)/svp precompute --refer-root $(DEMO_DIR)/refer --dataset refcoco --split-by unc \
+		--out $(DEMO_DIR)/shards --backend felzenszwalb --workers 2
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,189 @@
+"""SAM superpixels, ours vs the reference: ``python -m bench.precompute``.
+
+Both sides get the same SAM, the same points grid, the same thresholds and the same images, and
+end in the same ``partition_from_masks`` step, so the timing difference is the mask generator:
+
+- reference: ``SamAutomaticMaskGenerator(output_mode="binary_mask")``, one image at a time;
+- ours: :class:`SamSuperpixels` (batched encoder, IoU filter before upsampling, masks kept as
+  tensors on the device).
+
+Without ``--sam-checkpoint`` it runs the random-weight ``tiny`` SAM (saved to a temp dir), which
+measures the pipeline mechanics on a CPU; real speed needs the real weights on a GPU. The tiny
+model's predicted IoUs are about 0-0.3 and its logits about ±0.05, so for it the default
+thresholds are lowered (``TINY_THRESHOLDS``) to let masks through; real models default to SAM's.
+
+Partition agreement: each reference superpixel is matched to the superpixel of ours with which it
+has the highest IoU; we report the mean of those IoUs (every superpixel counts once) and the
+area-weighted mean (every pixel counts once), averaged over images. 1.0 means identical partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from segment_anything import SamAutomaticMaskGenerator
+
+from pipeline.partition import PartitionConfig, partition_from_masks
+from pipeline.superpixels.base import SamOptions
+from pipeline.superpixels.sam import SAM_MODEL_TYPES, SamSuperpixels, save_tiny_sam
+
+TINY_THRESHOLDS = {"pred_iou_thresh": 0.2, "stability_score_thresh": 0.6, "stability_score_offset": 0.01}
+
+
+def synthetic_images(count: int, size: int = 256, seed: int = 0) -> list[np.ndarray]:
+    """Coloured ellipses, boxes and triangles on a gradient; landscape and portrait alternate."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        w, h = (size, size * 3 // 4) if i % 2 == 0 else (size * 3 // 4, size)
+        ramp = np.linspace(0, 1, w)[None, :, None] * rng.integers(0, 256, 3) + rng.integers(0, 128, 3)
+        canvas = Image.fromarray(np.broadcast_to(ramp.clip(0, 255), (h, w, 3)).astype(np.uint8))
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(rng.integers(3, 7)):
+            x0, y0 = rng.integers(0, w - 16), rng.integers(0, h - 16)
+            x1, y1 = x0 + rng.integers(16, w // 2), y0 + rng.integers(16, h // 2)
+            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+            shape = rng.integers(3)
+            if shape == 0:
+                draw.ellipse((x0, y0, x1, y1), fill=fill)
+            elif shape == 1:
+                draw.rectangle((x0, y0, x1, y1), fill=fill)
+            else:
+                draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=fill)
+        images.append(np.asarray(canvas))
+    return images
+
+
+def partition_agreement(reference: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
+    """(mean, area-weighted mean) IoU of each reference superpixel with its best-matching one of ours."""
+    k_ref, k_ours = int(reference.max()) + 1, int(ours.max()) + 1
+    pairs = reference.astype(np.int64).ravel() * k_ours + ours.ravel()
+    intersection = np.bincount(pairs, minlength=k_ref * k_ours).reshape(k_ref, k_ours)
+    union = intersection.sum(1, keepdims=True) + intersection.sum(0, keepdims=True) - intersection
+    best = (intersection / union).max(1)
+    areas = intersection.sum(1)
+    return float(best.mean()), float((best * areas).sum() / areas.sum())
+
+
+def reference_backend(options: SamOptions, ours: SamSuperpixels) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+    """SAM's own generator on our model, one image at a time, then the same partition step."""
+    generator = SamAutomaticMaskGenerator(
+        ours.sam,
+        points_per_side=options.points_per_side,
+        points_per_batch=options.points_per_batch,
+        pred_iou_thresh=options.pred_iou_thresh,
+        stability_score_thresh=options.stability_score_thresh,
+        stability_score_offset=options.stability_score_offset,
+        box_nms_thresh=options.box_nms_thresh,
+        output_mode="binary_mask",
+    )
+
+    def run(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        labels = []
+        for image in images:
+            masks = [record["segmentation"] for record in generator.generate(image)]
+            stacked = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, *image.shape[:2]), dtype=torch.bool)
+            labels.append(partition_from_masks(stacked.to(ours.device), ours.partition))
+        return labels
+
+    return run
+
+
+def timed(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], images: Sequence[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
+    """Warm up on one image, then time the whole set; returns throughput and the label maps."""
+    run(images[:1])
+    start = time.perf_counter()
+    labels = run(images)
+    seconds = time.perf_counter() - start
+    stats = {
+        "seconds": seconds,
+        "images_per_s": len(images) / seconds,
+        "superpixels_per_image": float(np.mean([int(x.max()) + 1 for x in labels])),
+    }
+    return stats, labels
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.precompute", description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=8, help="synthetic images (default 8)")
+    parser.add_argument("--size", type=int, default=256, help="long side of the images in px (default 256)")
+    parser.add_argument("--points-per-side", type=int, default=16, help="points grid (default 16; SAM's own is 32)")
+    parser.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call, both sides (default 64)")
+    parser.add_argument("--images-per-batch", type=int, default=4, help="images per encoder call, ours only (default 4)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sam-checkpoint", type=Path, help="SAM .pth; default: a random tiny SAM in a temp dir")
+    parser.add_argument("--sam-model", choices=SAM_MODEL_TYPES, default="tiny")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run both generators and return (and print) the comparison."""
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = args.sam_checkpoint or save_tiny_sam(Path(scratch) / "sam_tiny.pth")
+        options = SamOptions(
+            str(checkpoint),
+            args.sam_model,
+            points_per_side=args.points_per_side,
+            points_per_batch=args.points_per_batch,
+            images_per_batch=args.images_per_batch,
+            **(TINY_THRESHOLDS if args.sam_model == "tiny" else {}),
+        )
+        ours = SamSuperpixels(options, PartitionConfig(), device=args.device)
+    images = synthetic_images(args.images, args.size)
+    reference_stats, reference_labels = timed(reference_backend(options, ours), images)
+    ours_stats, ours_labels = timed(lambda batch: [r.labels for r in ours(batch)], images)
+    agreement = np.array([partition_agreement(r, o) for r, o in zip(reference_labels, ours_labels)]).mean(0)
+    results = {
+        "device": str(ours.device),
+        "torch_threads": torch.get_num_threads(),
+        "images": len(images),
+        "image_size": args.size,
+        "sam": {k: v for k, v in asdict(options).items() if k != "checkpoint"},
+        "partition": ours.partition.as_dict(),
+        "reference": reference_stats,
+        "ours": ours_stats,
+        "speedup": ours_stats["images_per_s"] / reference_stats["images_per_s"],
+        "agreement": {"mean_iou": float(agreement[0]), "area_weighted_iou": float(agreement[1])},
+    }
+    print(format_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_table(results: dict) -> str:
+    sam = results["sam"]
+    rows = [("reference: SamAutomaticMaskGenerator + partition", results["reference"]), ("ours: SamSuperpixels", results["ours"])]
+    lines = [
+        f"SAM {sam['model_type']} on {results['device']} ({results['torch_threads']} threads), {results['images']} images "
+        f"≤{results['image_size']} px, {sam['points_per_side']}² points, pred_iou>{sam['pred_iou_thresh']}, "
+        f"stability≥{sam['stability_score_thresh']} (offset {sam['stability_score_offset']}), NMS {sam['box_nms_thresh']}",
+        f"{'method':<52}{'images/s':>10}{'s/image':>10}{'superpixels/image':>19}",
+    ]
+    lines += [
+        f"{name:<52}{s['images_per_s']:>10.3f}{s['seconds'] / results['images']:>10.3f}{s['superpixels_per_image']:>19.1f}"
+        for name, s in rows
+    ]
+    agreement = results["agreement"]
+    lines += [
+        f"speedup: {results['speedup']:.2f}x",
+        f"partition agreement (IoU of each reference superpixel with its best match in ours): "
+        f"mean {agreement['mean_iou']:.4f}, area-weighted {agreement['area_weighted_iou']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

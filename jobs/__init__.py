@@ -1,0 +1,1 @@
+"""Entry points only: ``svp`` sub-commands, each also runnable as ``python -m jobs.<name>``."""

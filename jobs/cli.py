@@ -1,0 +1,33 @@
+"""``svp``: one command line for every part of the product (``svp <command> --help``)."""
+
+from __future__ import annotations
+
+import argparse
+from types import ModuleType
+
+from jobs import precompute, synth
+
+COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "synth": (synth, "write a synthetic RefCOCO-format dataset (exact REFER layout)"),
+    "precompute": (precompute, "REFER dataset -> superpixel WebDataset shards, as a Ray job"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svp", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""``svp precompute`` / ``python -m jobs.precompute``: REFER root → superpixel WebDataset shards on Ray.
+
+Everything that can be checked is checked on the driver before any worker starts (dataset and
+split names, SAM checkpoint, GPUs, an OUT that belongs to another config). Each shard is one
+task on an actor that holds one model; actors are restarted and their task retried if a worker
+dies. A rerun with the same options skips the shards that are complete and finishes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from pipeline.partition import PartitionConfig
+from pipeline.precompute import OutputSpec, ShardProcessor, ShardTask, plan_shards, problem_rows
+from pipeline.refer import DATASETS, ReferError, load_refer
+from pipeline.shards import (
+    OutputConfigMismatch,
+    ShardRecord,
+    claim_output_dir,
+    index_row,
+    load_complete_record,
+    sample_key,
+    save_record,
+    write_job_outputs,
+)
+from pipeline.superpixels.base import BACKENDS, BackendConfigError, BackendSpec, SamOptions, file_sha256
+from pipeline.superpixels.sam import SAM_MODEL_TYPES
+
+ACTOR_MAX_RESTARTS = -1  # a dead worker is always replaced ...
+TASK_MAX_RETRIES = 2  # ... but a shard that kills its worker three times is recorded as failed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("input")
+    data.add_argument("--refer-root", required=True, type=Path,
+                      help="REFER root: holds {dataset}/refs({split_by}).p, {dataset}/instances.json and "
+                           "images/mscoco/images/train2014/")
+    data.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="which REFER dataset to read")
+    data.add_argument("--split-by", required=True,
+                      help="REFER split: unc or google for refcoco, unc for refcoco+, umd or google for refcocog")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", required=True, type=Path,
+                     help="output directory for {split}-{shard:06d}.tar shards, manifest.json, failures.jsonl, "
+                          "index.parquet; rerunning into the same directory resumes")
+    out.add_argument("--shard-size", type=int, default=64, help="images per shard (one unit of work); default 64")
+    sp = parser.add_argument_group("superpixels")
+    sp.add_argument("--backend", choices=BACKENDS, default="sam",
+                    help="sam: SAM automatic masks (the method; needs --sam-checkpoint). felzenszwalb / slic: "
+                         "classical CPU-only colour superpixels for laptops, demos and tests, not the method")
+    sp.add_argument("--sam-checkpoint", type=Path, help="official SAM .pth (e.g. sam_vit_h_4b8939.pth), or a tiny one "
+                    "from save_tiny_sam; never downloaded. Must be readable on every worker node")
+    sp.add_argument("--sam-model", choices=SAM_MODEL_TYPES, default="vit_h",
+                    help="architecture of --sam-checkpoint (tiny: random small SAM for tests/CPU); default vit_h")
+    sp.add_argument("--points-per-side", type=int, default=32, help="SAM point grid per side; default 32")
+    sp.add_argument("--pred-iou-thresh", type=float, default=0.88, help="SAM predicted-IoU filter; default 0.88")
+    sp.add_argument("--stability-score-thresh", type=float, default=0.95, help="SAM stability filter; default 0.95")
+    sp.add_argument("--box-nms-thresh", type=float, default=0.7, help="box NMS IoU between SAM masks; default 0.7")
+    sp.add_argument("--sam-batch-images", type=int, default=4, help="images per SAM encoder batch; default 4")
+    sp.add_argument("--store-sam-embeddings", action="store_true",
+                    help="also write sam.npy (float16 256x64x64 SAM image embedding) from the same SAM pass, "
+                         "so training can skip the SAM encoder")
+    sp.add_argument("--min-area", type=int, default=100,
+                    help="superpixels smaller than this many pixels merge into their largest neighbour; default 100")
+    sp.add_argument("--max-superpixels", type=int, default=256,
+                    help="upper bound on superpixels (= visual tokens) per image; the smallest merge first; default 256")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--workers", type=int, default=1, help="number of Ray actors, each holding one model; default 1")
+    run.add_argument("--gpus-per-worker", type=float, default=None,
+                     help="GPUs per actor; default 1 if the cluster has GPUs, else 0 (CPU)")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster address ('auto' attaches to a running cluster, as under `ray job submit`); "
+                          "omitted: start a local Ray")
+
+
+def backend_spec(args: argparse.Namespace) -> BackendSpec:
+    sam = None
+    if args.backend == "sam" or args.store_sam_embeddings:
+        sam = SamOptions(
+            checkpoint=str(args.sam_checkpoint) if args.sam_checkpoint else "",
+            model_type=args.sam_model,
+            points_per_side=args.points_per_side,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_score_thresh,
+            box_nms_thresh=args.box_nms_thresh,
+            images_per_batch=args.sam_batch_images,
+            store_embeddings=args.store_sam_embeddings,
+        )
+    return BackendSpec(args.backend, PartitionConfig(args.min_area, args.max_superpixels), sam)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.workers < 1:
+            raise BackendConfigError(f"--workers must be >= 1, got {args.workers}")
+        refer = load_refer(args.refer_root, args.dataset, args.split_by)
+        spec = backend_spec(args)
+        spec.validate()
+        config = {
+            "dataset": args.dataset,
+            "split_by": args.split_by,
+            "refs_sha256": file_sha256(refer.refs_path),
+            "instances_sha256": file_sha256(refer.instances_path),
+            "shard_size": args.shard_size,
+            "store_sam_embeddings": spec.stores_sam_embeddings,
+            **spec.config(),
+        }
+        tasks = plan_shards(refer.samples, args.shard_size)
+        config_hash = claim_output_dir(args.out, config)
+        done = {t.name: r for t in tasks if (r := load_complete_record(args.out, t.name)) is not None}
+        todo = [t for t in tasks if t.name not in done]
+        gpus = _connect_ray(args) if todo else 0.0
+    except (ReferError, BackendConfigError, OutputConfigMismatch, ValueError) as exc:
+        print(f"svp precompute: error: {exc}", file=sys.stderr)
+        return 2
+
+    if done:
+        print(f"resume: {len(done)} of {len(tasks)} shards already complete in {args.out}, skipping them", file=sys.stderr)
+    output = OutputSpec(args.out, refer.image_dir, args.dataset, refer.categories, config_hash)
+
+    started = time.perf_counter()
+    new_records = _run_on_ray(todo, spec, output, args.workers, gpus) if todo else []
+    elapsed = time.perf_counter() - started
+
+    records = list(done.values()) + new_records
+    manifest = write_job_outputs(args.out, records, problem_rows(args.dataset, refer.problems), config, config_hash)
+    processed = sum(len(r.rows) for r in new_records)
+    print(
+        f"precompute: {manifest['images_written']} images written, {manifest['images_failed']} failed "
+        f"(of {manifest['images_total']}); {len(manifest['shards'])} shards ({len(done)} skipped as complete); "
+        f"{processed / elapsed if processed and elapsed else 0.0:.1f} images/s; out: {args.out}"
+    )
+    return 0
+
+
+def _connect_ray(args: argparse.Namespace) -> float:
+    """Attach to (or start) Ray and return the GPUs per worker, refusing a request the cluster cannot meet."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False, logging_level="WARNING")
+    return _gpus_per_worker(ray.cluster_resources().get("GPU", 0.0), args.gpus_per_worker, args.workers)
+
+
+def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n_workers: int, gpus: float) -> list[ShardRecord]:
+    import ray
+    from tqdm import tqdm
+
+    @ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=TASK_MAX_RETRIES)
+    class ShardWorker:
+        def __init__(self) -> None:
+            self.processor = ShardProcessor(spec, output, device="cuda" if gpus > 0 else "cpu")
+
+        def process(self, task: ShardTask) -> ShardRecord:
+            record = self.processor(task)
+            save_record(output.out_dir, record)  # recorded by the worker: a driver crash loses nothing done
+            return record
+
+    workers = [ShardWorker.remote() for _ in range(min(n_workers, len(tasks)))]
+    pending, in_flight, records = deque(tasks), {}, []
+
+    def submit(worker) -> None:
+        if pending:
+            task = pending.popleft()
+            in_flight[worker.process.remote(task)] = (worker, task)
+
+    for worker in workers:
+        submit(worker)
+    with tqdm(total=len(tasks), unit="shard", desc="precompute", file=sys.stderr) as progress:
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            worker, task = in_flight.pop(ref)
+            try:
+                record = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                record = _failed_shard(task, output.dataset, exc)
+            records.append(record)
+            progress.set_postfix(written=sum(r.written for r in records), failed=sum(r.failed for r in records))
+            progress.update()
+            submit(worker)
+    for worker in workers:
+        ray.kill(worker)
+    return records
+
+
+def _gpus_per_worker(available: float, requested: float | None, workers: int) -> float:
+    if requested is None:
+        return 1.0 if available >= 1 else 0.0
+    if requested < 0:
+        raise BackendConfigError(f"--gpus-per-worker must be >= 0, got {requested}")
+    if requested * workers > available:
+        raise BackendConfigError(
+            f"--workers {workers} x --gpus-per-worker {requested:g} needs {requested * workers:g} GPUs, "
+            f"but the Ray cluster has {available:g}; lower them or add GPU nodes"
+        )
+    return requested
+
+
+def _failed_shard(task: ShardTask, dataset: str, exc: Exception) -> ShardRecord:
+    """A shard whose worker kept dying: every image is reported (not saved, so a rerun retries it)."""
+    reason = f"worker failed {TASK_MAX_RETRIES + 1} times on this shard: {type(exc).__name__}: {str(exc)[:300]}"
+    rows = [
+        index_row(key=sample_key(dataset, item.image.image_id), image_id=item.image.image_id,
+                  file_name=item.image.file_name, split=task.split, shard=task.name, stage="worker", error=reason)
+        for item in task.items
+    ]
+    return ShardRecord(name=task.name, split=task.split, file=None, rows=rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="svp precompute", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""One unit of work of the precompute job: a shard's images → superpixels → one WebDataset shard.
+
+No Ray here: :class:`ShardProcessor` is what a Ray actor holds (one backend, one model), and it is
+equally usable in a plain loop or a test. Every image either lands in the shard or becomes an
+index row with the stage it failed at and why; one bad image never costs its shard.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from pipeline.images import DecodedImage, ImageDecodeError, decode_image, to_displayed_frame
+from pipeline.refer import AnnotationProblem, ImageRefs, ReferError, encode_mask, ref_mask
+from pipeline.shards import ShardRecord, encode_sample, index_row, sample_key, shard_name, write_shard
+from pipeline.superpixels.base import BackendSpec, SuperpixelResult
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """The images of one shard: fixed by the plan, so a rerun recomputes exactly the same shard."""
+
+    name: str
+    split: str
+    items: tuple[ImageRefs, ...]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where and how a worker writes: the same for every shard of a job."""
+
+    out_dir: Path
+    image_dir: Path
+    dataset: str
+    categories: dict[int, str]
+    config_hash: str
+
+
+def plan_shards(samples: Sequence[ImageRefs], shard_size: int) -> list[ShardTask]:
+    """Group samples into fixed-size shards per split, in (split, image_id) order."""
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    by_split: dict[str, list[ImageRefs]] = {}
+    for sample in sorted(samples, key=lambda s: (s.split, s.image.image_id)):
+        by_split.setdefault(sample.split, []).append(sample)
+    return [
+        ShardTask(shard_name(split, i // shard_size), split, tuple(items[i : i + shard_size]))
+        for split, items in by_split.items()
+        for i in range(0, len(items), shard_size)
+    ]
+
+
+def problem_rows(dataset: str, problems: Sequence[AnnotationProblem]) -> list[dict]:
+    """Index rows for images whose annotations were unusable before any shard was planned."""
+    return [
+        index_row(key=sample_key(dataset, p.image_id), image_id=p.image_id, file_name=p.file_name,
+                  split=p.split, shard=None, stage="annotations", error=p.error)
+        for p in problems
+    ]
+
+
+class _ImageFailed(Exception):
+    def __init__(self, stage: str, error: str) -> None:
+        super().__init__(error)
+        self.stage, self.error = stage, error
+
+
+@dataclass
+class _Prepared:
+    data: bytes
+    image: DecodedImage
+    refs: list[dict]
+
+
+class ShardProcessor:
+    """Holds one superpixel backend and turns :class:`ShardTask` s into shards on disk."""
+
+    def __init__(self, spec: BackendSpec, output: OutputSpec, device: str = "cpu") -> None:
+        self.spec = spec
+        self.output = output
+        self.backend = spec.build(device)
+
+    def __call__(self, task: ShardTask) -> ShardRecord:
+        started = time.perf_counter()
+        failures: dict[int, tuple[str, str]] = {}
+        prepared: dict[int, _Prepared] = {}
+        for item in task.items:
+            try:
+                prepared[item.image.image_id] = self._prepare(item)
+            except _ImageFailed as failure:
+                failures[item.image.image_id] = (failure.stage, failure.error)
+        decoded = time.perf_counter()
+
+        results = self._superpixels(prepared, failures)
+        computed = time.perf_counter()
+
+        samples, rows = [], []
+        for item in task.items:
+            key = sample_key(self.output.dataset, item.image.image_id)
+            common = {"key": key, "image_id": item.image.image_id, "file_name": item.image.file_name,
+                      "split": task.split, "shard": task.name}
+            if item.image.image_id in failures:
+                stage, error = failures[item.image.image_id]
+                rows.append(index_row(**common, stage=stage, error=error))
+                continue
+            done = prepared[item.image.image_id]
+            result = results[item.image.image_id]
+            meta = {"image_id": item.image.image_id, "file_name": item.image.file_name, "dataset": self.output.dataset,
+                    "split": task.split, "height": done.image.height, "width": done.image.width,
+                    "num_superpixels": result.num_superpixels, "backend": self.spec.name,
+                    "config_hash": self.output.config_hash}
+            samples.append(encode_sample(key, done.data, result.labels, done.refs, meta, result.sam_embedding))
+            rows.append(index_row(**common, height=done.image.height, width=done.image.width,
+                                  num_superpixels=result.num_superpixels, num_refs=len(done.refs),
+                                  num_sentences=sum(len(r["sentences"]) for r in done.refs)))
+        file = write_shard(self.output.out_dir, task.name, task.split, samples) if samples else None
+        finished = time.perf_counter()
+        return ShardRecord(
+            name=task.name, split=task.split, file=file, rows=rows,
+            seconds={"decode": decoded - started, "superpixels": computed - decoded, "write": finished - computed},
+            worker={"host": socket.gethostname(), "pid": os.getpid()},
+        )
+
+    def _prepare(self, item: ImageRefs) -> _Prepared:
+        path = self.output.image_dir / item.image.file_name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise _ImageFailed("read", f"missing file: {path}") from None
+        except OSError as exc:
+            raise _ImageFailed("read", f"cannot read {path}: {exc}") from None
+        try:
+            image = decode_image(data)
+        except ImageDecodeError as exc:
+            raise _ImageFailed("decode", str(exc)) from None
+        try:
+            refs = [self._ref_json(ref, item, image) for ref in item.refs]
+        except (ReferError, ValueError) as exc:
+            raise _ImageFailed("annotations", str(exc)) from None
+        return _Prepared(data=data, image=image, refs=refs)
+
+    def _ref_json(self, ref, item: ImageRefs, image: DecodedImage) -> dict:
+        """A ref with its mask as compressed RLE in the *displayed* image's frame."""
+        annotated = (item.image.height, item.image.width)
+        mask = ref_mask(ref.segmentation, *annotated)
+        if annotated != image.rgb.shape[:2]:
+            if annotated != image.stored_size or image.orientation == 1:
+                raise ReferError(
+                    f"instances.json says {annotated[1]}x{annotated[0]} (WxH) but the image is "
+                    f"{image.width}x{image.height}"
+                )
+            mask = to_displayed_frame(mask, image.orientation)
+        rle = encode_mask(mask)
+        return {
+            "ref_id": ref.ref_id, "ann_id": ref.ann_id, "category_id": ref.category_id,
+            "category": self.output.categories.get(ref.category_id, ""), "split": ref.split,
+            "sentences": ref.sentences, "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            "segmentation": rle,
+        }
+
+    def _superpixels(self, prepared: dict[int, _Prepared], failures: dict[int, tuple[str, str]]) -> dict[int, SuperpixelResult]:
+        """Run the backend on the whole batch; if it fails, retry image by image to isolate the culprit."""
+        try:
+            outputs = self.backend([p.image.rgb for p in prepared.values()]) if prepared else []
+            return dict(zip(prepared, outputs, strict=True))
+        except Exception:  # noqa: BLE001 - isolated below, image by image
+            pass
+        results = {}
+        for image_id, p in prepared.items():
+            try:
+                results[image_id] = self.backend([p.image.rgb])[0]
+            except Exception as exc:  # recorded per image: the rest of the shard is still written
+                failures[image_id] = ("superpixels", f"{type(exc).__name__}: {exc}")
+        return results

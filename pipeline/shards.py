@@ -1,0 +1,304 @@
+"""The shard format (DESIGN §3): sample encoding, the shard writer, and the job's record files.
+
+This module is the one place that knows the bytes on disk, so the trainer decodes through it and
+the writer and the reader can never disagree. Shards are byte-deterministic (fixed tar metadata,
+sorted JSON, PNG for label maps), written to a temporary name and renamed when complete.
+
+Next to the shards, ``_shards/{name}.json`` records what each finished shard holds (its index
+rows, failures and timings): a rerun skips the shards recorded there, and ``manifest.json``,
+``failures.jsonl`` and ``index.parquet`` are rebuilt from these records at the end of every run,
+so they always account for every input image, whichever run wrote which shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+FORMAT_VERSION = 1
+RECORDS_DIR = "_shards"
+CONFIG_FILE = "config.json"
+SAM_EMBEDDING_SHAPE = (256, 64, 64)
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("split", pa.string()),
+        ("status", pa.string()),
+        ("shard", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("num_superpixels", pa.int32()),
+        ("num_refs", pa.int32()),
+        ("num_sentences", pa.int32()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+class OutputConfigMismatch(RuntimeError):
+    """OUT already holds shards made with another configuration; mixing them would corrupt it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample encoding (writer side) and decoding (reader side: the trainer goes through these)
+
+
+def sample_key(dataset: str, image_id: int) -> str:
+    return f"{dataset}-{image_id:012d}"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Canonical JSON (sorted keys, no whitespace): equal content gives equal bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_label_map(labels: np.ndarray) -> bytes:
+    """uint16 label map → 16-bit grayscale PNG (lossless, and viewable in any image tool)."""
+    if labels.dtype != np.uint16 or labels.ndim != 2:
+        raise ValueError(f"label map must be 2-D uint16, got {labels.dtype} {labels.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(labels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_label_map(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image, dtype=np.uint16)
+
+
+def encode_sam_embedding(embedding: np.ndarray) -> bytes:
+    if embedding.shape != SAM_EMBEDDING_SHAPE:
+        raise ValueError(f"SAM embedding must be {SAM_EMBEDDING_SHAPE}, got {embedding.shape}")
+    buffer = io.BytesIO()
+    np.save(buffer, embedding.astype(np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_sam_embedding(data: bytes) -> np.ndarray:
+    """Never unpickles: shards may come from anywhere."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_sample(
+    key: str,
+    image_bytes: bytes,
+    labels: np.ndarray,
+    refs: list[dict],
+    meta: dict,
+    sam_embedding: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """One image → one WebDataset sample (the original image bytes are kept untouched)."""
+    sample = {
+        "__key__": key,
+        "jpg": image_bytes,
+        "spx.png": encode_label_map(labels),
+        "refs.json": dumps_json(refs),
+        "meta.json": dumps_json(meta),
+    }
+    if sam_embedding is not None:
+        sample["sam.npy"] = encode_sam_embedding(sam_embedding)
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard files
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """A complete shard on disk, as listed in the manifest."""
+
+    name: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+def write_shard(out_dir: Path, name: str, split: str, samples: Iterable[dict[str, Any]]) -> ShardFile:
+    """Write samples to ``name`` via a temporary file, then rename: a shard is whole or absent."""
+    final = out_dir / name
+    temporary = out_dir / f".{name}.tmp-{os.getpid()}"
+    count = 0
+    with open(temporary, "wb") as stream:
+        writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="svp", group="svp")
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+        writer.close()
+    size, digest = temporary.stat().st_size, _sha256(temporary)
+    os.replace(temporary, final)
+    return ShardFile(name=name, split=split, samples=count, bytes=size, sha256=digest)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-shard records, resume, and the job-level outputs
+
+
+@dataclass
+class ShardRecord:
+    """What one unit of work produced: the shard file (None if every image failed) and one
+    index row per input image, written or failed. Persisted as ``_shards/{name}.json``."""
+
+    name: str
+    split: str
+    file: ShardFile | None
+    rows: list[dict]
+    seconds: dict[str, float] = field(default_factory=dict)
+    worker: dict = field(default_factory=dict)
+
+    @property
+    def written(self) -> int:
+        return sum(row["status"] == "written" for row in self.rows)
+
+    @property
+    def failed(self) -> int:
+        return sum(row["status"] == "failed" for row in self.rows)
+
+
+def index_row(
+    *,
+    key: str,
+    image_id: int,
+    file_name: str,
+    split: str,
+    shard: str | None,
+    height: int | None = None,
+    width: int | None = None,
+    num_superpixels: int | None = None,
+    num_refs: int | None = None,
+    num_sentences: int | None = None,
+    stage: str | None = None,
+    error: str | None = None,
+) -> dict:
+    """One ``index.parquet`` row; ``error`` set ⇔ the image failed at ``stage``."""
+    return {
+        "key": key,
+        "image_id": image_id,
+        "file_name": file_name,
+        "split": split,
+        "status": "failed" if error is not None else "written",
+        "shard": shard if error is None else None,
+        "height": height,
+        "width": width,
+        "num_superpixels": num_superpixels,
+        "num_refs": num_refs,
+        "num_sentences": num_sentences,
+        "stage": stage,
+        "error": error,
+    }
+
+
+def save_record(out_dir: Path, record: ShardRecord) -> None:
+    _atomic_write(out_dir / RECORDS_DIR / f"{record.name}.json", dumps_json(asdict(record)))
+
+
+def load_complete_record(out_dir: Path, name: str) -> ShardRecord | None:
+    """The record of shard ``name`` if the shard is complete on disk, else None (recompute it)."""
+    path = out_dir / RECORDS_DIR / f"{name}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    file = ShardFile(**data["file"]) if data.get("file") else None
+    if file is not None:
+        on_disk = out_dir / file.name
+        if not on_disk.is_file() or on_disk.stat().st_size != file.bytes:
+            return None
+    return ShardRecord(name=data["name"], split=data["split"], file=file, rows=data["rows"],
+                       seconds=data.get("seconds", {}), worker=data.get("worker", {}))
+
+
+def claim_output_dir(out_dir: Path, config: dict) -> str:
+    """Create OUT for ``config`` or check that it already belongs to it; return the config hash.
+
+    Temporaries left by an interrupted run (a shard half-written when the job was killed) are
+    removed: their shards have no record, so this run writes them again.
+    """
+    config_hash = hashlib.sha256(dumps_json({"format": FORMAT_VERSION, **config})).hexdigest()[:16]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RECORDS_DIR).mkdir(exist_ok=True)
+    path = out_dir / CONFIG_FILE
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing.get("config_hash") != config_hash:
+            raise OutputConfigMismatch(
+                f"{out_dir} holds shards of config {existing.get('config_hash')}, but this run is config "
+                f"{config_hash}; shards of two configs must not mix. Use a new --out, or rerun with the "
+                f"same options (stored in {path})."
+            )
+    else:
+        _atomic_write(path, dumps_json({"config": config, "config_hash": config_hash}))
+    for stale in [*out_dir.glob(".*.tmp-*"), *(out_dir / RECORDS_DIR).glob(".*.tmp-*")]:
+        stale.unlink(missing_ok=True)
+    return config_hash
+
+
+def write_job_outputs(out_dir: Path, records: list[ShardRecord], extra_rows: list[dict],
+                      config: dict, config_hash: str) -> dict:
+    """Rebuild ``manifest.json``, ``failures.jsonl`` and ``index.parquet`` from every shard record.
+
+    ``extra_rows`` are images that failed before they reached a shard (malformed annotations).
+    Returns the manifest.
+    """
+    rows = [row for record in records for row in record.rows] + list(extra_rows)
+    rows.sort(key=lambda row: (row["split"], row["image_id"]))
+    failed = [row for row in rows if row["status"] == "failed"]
+    samples_by_split: dict[str, int] = {}
+    for row in rows:
+        if row["status"] == "written":
+            samples_by_split[row["split"]] = samples_by_split.get(row["split"], 0) + 1
+    shards = sorted((asdict(r.file) for r in records if r.file is not None), key=lambda s: s["name"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "images_total": len(rows),
+        "images_written": len(rows) - len(failed),
+        "images_failed": len(failed),
+        "samples_by_split": dict(sorted(samples_by_split.items())),
+        "shards": shards,
+        "config": config,
+        "config_hash": config_hash,
+    }
+    _atomic_write(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    failures = "".join(
+        json.dumps({k: row[k] for k in ("image_id", "file_name", "split", "stage", "error")}) + "\n"
+        for row in failed
+    )
+    _atomic_write(out_dir / "failures.jsonl", failures.encode())
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), buffer)
+    _atomic_write(out_dir / "index.parquet", buffer.getvalue())
+    return manifest
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)

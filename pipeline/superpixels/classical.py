@@ -1,0 +1,42 @@
+"""CPU-only classical backends (scikit-image): for machines without SAM weights, the demo and tests.
+
+They are *not* the method: they over-segment by colour, not by object. They exist so the whole
+product runs on a laptop, and they go through the same partition clean-up as SAM. Large images
+are segmented at SAM's working resolution (longest side 1024) and the partition upsampled.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from skimage.segmentation import felzenszwalb, slic
+
+from pipeline.partition import PartitionConfig, finalize_partition, scaled_config, upsample_partition, working_shape
+from pipeline.superpixels.base import SuperpixelBackend, SuperpixelResult
+
+CLASSICAL_PARAMS: dict[str, dict] = {
+    "felzenszwalb": {"scale": 200.0, "sigma": 0.8, "min_size": 50},
+    "slic": {"n_segments": 96, "compactness": 10.0, "start_label": 0},
+}
+
+
+class ClassicalSuperpixels(SuperpixelBackend):
+    def __init__(self, name: str, partition: PartitionConfig) -> None:
+        if name not in CLASSICAL_PARAMS:
+            raise ValueError(f"unknown classical backend {name!r}")
+        self.partition = partition
+        self._segment = {"felzenszwalb": felzenszwalb, "slic": slic}[name]
+        self._params = CLASSICAL_PARAMS[name]
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
+        return [SuperpixelResult(labels=self._one(image)) for image in images]
+
+    def _one(self, image: np.ndarray) -> np.ndarray:
+        full = image.shape[:2]
+        working = working_shape(*full)
+        if working != full:
+            image = np.asarray(Image.fromarray(image).resize((working[1], working[0]), Image.Resampling.BILINEAR))
+        labels = finalize_partition(self._segment(image, **self._params), scaled_config(self.partition, working, full))
+        return upsample_partition(labels, full, self.partition)
