@@ -78,11 +78,15 @@ class ImageRefs:
 
 @dataclass(frozen=True)
 class AnnotationProblem:
-    """An image left out because one of its records is malformed; ``image_id`` may be -1."""
+    """An image left out because one of its records is malformed; ``image_id`` may be -1.
+
+    ``split`` is the split its refs name (the first one that is a string), "" if none does.
+    """
 
     image_id: int
     file_name: str
     error: str
+    split: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,9 @@ def _load_instances(path: Path) -> dict[str, list]:
             instances = json.load(file)
     except FileNotFoundError:
         raise ReferError(f"instances file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except OSError as error:
+        raise ReferError(f"cannot read instances file {path}: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ReferError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(instances, dict):
         raise ReferError(f"{path}: expected a JSON object at the top level, got {type(instances).__name__}")
@@ -220,7 +226,8 @@ def load_refer(root: str | Path, dataset: str, split_by: str) -> ReferDataset:
             refs_by_image[ref["image_id"]].append(ref)
         else:
             problems.append(AnnotationProblem(
-                UNKNOWN_IMAGE_ID, "", f"ref #{index} (ref_id {ref.get('ref_id')!r}) has no integer 'image_id'"
+                UNKNOWN_IMAGE_ID, "", f"ref #{index} (ref_id {ref.get('ref_id')!r}) has no integer 'image_id'",
+                _named_split([ref]),
             ))
 
     samples: list[ImageRefs] = []
@@ -231,7 +238,9 @@ def load_refer(root: str | Path, dataset: str, split_by: str) -> ReferDataset:
             records = [_ref_record(raw, image, annotations) for raw in raw_refs]
         except ReferError as error:
             file_name = raw_image.get("file_name")
-            problems.append(AnnotationProblem(image_id, file_name if isinstance(file_name, str) else "", str(error)))
+            problems.append(AnnotationProblem(
+                image_id, file_name if isinstance(file_name, str) else "", str(error), _named_split(raw_refs)
+            ))
             continue
         by_split: dict[str, list[RefRecord]] = defaultdict(list)
         for record in records:
@@ -250,6 +259,10 @@ def _refs_path(root: Path, dataset: str, split_by: str) -> Path:
 
 def _instances_path(root: Path, dataset: str) -> Path:
     return root / dataset / "instances.json"
+
+
+def _named_split(raw_refs: list[dict]) -> str:
+    return next((ref["split"] for ref in raw_refs if isinstance(ref.get("split"), str)), "")
 
 
 def _is_int(value: Any) -> bool:

@@ -65,9 +65,12 @@ class _Object:
     colour: str
     size: float  # side, diameter or triangle base, in pixels
     polygon: list[float]
-    mask: np.ndarray  # bool H×W, decoded from polygon
+    rle: dict  # the polygon as pycocotools rasterises it; compact, unlike a decoded mask
     area: int
-    bbox: list[float]  # [x, y, w, h], tight around mask
+    bbox: list[float]  # [x, y, w, h], tight around the mask
+
+    def mask(self) -> np.ndarray:
+        return coco_mask.decode(self.rle).astype(bool)
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,10 @@ def synthesize(
     layouts: list[tuple[int, list[_Object]]] = []
     for image_id in range(1, images + 1):
         rng = np.random.default_rng([seed, image_id])
-        width, height = sizes[image_id - 1] if image_id <= len(sizes) else rng.integers(*DEFAULT_SIDE, endpoint=True, size=2)
-        width, height = int(width), int(height)
+        if image_id <= len(sizes):
+            width, height = (int(v) for v in sizes[image_id - 1])
+        else:
+            width, height = (int(v) for v in rng.integers(*DEFAULT_SIDE, endpoint=True, size=2))
         objects = _describable(_place_objects(rng, width, height))
         file_name = f"COCO_train2014_{image_id:012d}.jpg"
         _paint(rng, width, height, objects).save(image_dir / file_name, format="JPEG", quality=95)
@@ -160,11 +165,12 @@ def _assign_splits(order: np.ndarray, splits: tuple[str, ...]) -> dict[int, str]
         spare -= counts[split]
     counts[splits[0]] = len(order) - sum(counts.values())
     names = [split for split in splits for _ in range(counts[split])]
-    return {int(image_id): split for image_id, split in zip(order, names)}
+    return {int(image_id): split for image_id, split in zip(order, names, strict=True)}
 
 
 def _place_objects(rng: np.random.Generator, width: int, height: int) -> list[_Object]:
-    """2-5 shapes at random places, none touching another (a gap keeps JPEG bleed apart)."""
+    """2-5 shapes at random places (fewer when there is no room), none touching another: a gap
+    keeps JPEG bleed of one shape off the next."""
     side = min(width, height)
     low, high = max(4.0, 0.15 * side), max(4.0, 0.4 * side)
     gap = max(1, round(0.02 * side))
@@ -176,10 +182,11 @@ def _place_objects(rng: np.random.Generator, width: int, height: int) -> list[_O
             shape, colour, size = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))], None
         else:  # clearly bigger or smaller than its twin, so size words can tell them apart
             shape, colour = twin.shape, twin.colour
-            size = min(high, twin.size * SIZE_RATIO) if twin.size < (low + high) / 2 else max(low, twin.size / SIZE_RATIO)
+            bigger = twin.size < (low + high) / 2
+            size = min(high, twin.size * SIZE_RATIO) if bigger else max(low, twin.size / SIZE_RATIO)
         for _attempt in range(30):
             obj = _shape(shape, colour, rng.uniform(low, high) if size is None else size, rng, width, height)
-            if obj.area >= MIN_OBJECT_PIXELS and not (obj.mask & occupied).any():
+            if obj.area >= MIN_OBJECT_PIXELS and not (obj.mask() & occupied).any():
                 x, y, w, h = (int(v) for v in obj.bbox)
                 occupied[max(0, y - gap): y + h + gap, max(0, x - gap): x + w + gap] = True
                 objects.append(obj)
@@ -195,11 +202,12 @@ def _shape(shape: str, colour: str, size: float, rng: np.random.Generator, width
         points = [(x + size / 2, y), (x + size, y + size), (x, y + size)]
     else:  # circle: a 32-gon
         r = size / 2
-        points = [(x + r + r * math.cos(2 * math.pi * k / 32), y + r + r * math.sin(2 * math.pi * k / 32)) for k in range(32)]
+        angles = [2 * math.pi * k / 32 for k in range(32)]
+        points = [(x + r + r * math.cos(a), y + r + r * math.sin(a)) for a in angles]
     polygon = [round(float(v), 2) for point in points for v in point]
     rle = coco_mask.merge(coco_mask.frPyObjects([polygon], height, width))
     bbox = [float(v) for v in coco_mask.toBbox(rle)]
-    return _Object(shape, colour, size, polygon, coco_mask.decode(rle).astype(bool), int(coco_mask.area(rle)), bbox)
+    return _Object(shape, colour, size, polygon, rle, int(coco_mask.area(rle)), bbox)
 
 
 def _paint(rng: np.random.Generator, width: int, height: int, objects: list[_Object]) -> Image.Image:
@@ -213,7 +221,7 @@ def _paint(rng: np.random.Generator, width: int, height: int, objects: list[_Obj
         pixels += ramp + rng.normal(0.0, 3.0, size=(height, width, 1)).astype(np.float32)
     image = np.clip(pixels, 0, 255).astype(np.uint8)
     for obj in objects:
-        image[obj.mask] = COLOURS[obj.colour]
+        image[obj.mask()] = COLOURS[obj.colour]
     return Image.fromarray(image)
 
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from jobs.precompute import main as precompute
-from pipeline.refer import load_refer, ref_mask
+from pipeline.refer import load_refer, load_refs_pickle, ref_mask
 from pipeline.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,8 @@ def test_shards_hold_every_field_of_the_format(synth_root, tmp_path, ray_local):
 # ------------------------------------------------------------------------------------------------
 # Bad and awkward input: one job over a dataset holding every case, then one test per case.
 
-BROKEN = {1: ("truncated", "decode"), 2: ("zero-byte", "decode"), 3: ("missing", "read"), 4: ("text", "decode")}
+BROKEN = {1: ("truncated", "decode"), 2: ("zero-byte", "decode"), 3: ("missing", "read"), 4: ("text", "decode"),
+          11: ("unknown-ann-id", "annotations")}
 AWKWARD = {5: "grayscale", 6: "cmyk", 7: "exif-rotated", 8: "png-as-jpg", 9: "tiny", 10: "large"}
 SIZES = {9: (17, 11), 10: (3000, 2000)}
 
@@ -112,6 +113,10 @@ def awkward_job(tmp_path_factory, ray_local):
     exif[0x0112] = 6  # displayed = stored rotated by 270°: store the pixels rotated by 90°
     Image.fromarray(original[7]).transpose(Image.Transpose.ROTATE_90).save(path[7], "JPEG", exif=exif.tobytes())
     Image.fromarray(original[8]).save(path[8], "PNG")
+    refs_file = root / "refcoco" / "refs(unc).p"
+    refs = load_refs_pickle(refs_file)
+    next(r for r in refs if r["image_id"] == 11)["ann_id"] = 10**9  # a ref pointing at no annotation
+    refs_file.write_bytes(pickle.dumps(refs, protocol=2))
     out = tmp_path_factory.mktemp("awkward-out")
     status = precompute(_args(root, out, "--backend", "felzenszwalb", "--workers", "2", "--shard-size", "3"))
     return root, out, status
@@ -133,6 +138,7 @@ def test_broken_image_is_recorded_with_stage_and_error(awkward_job, image_id):
     failures = {f["image_id"]: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
     assert failures[image_id]["stage"] == BROKEN[image_id][1]
     assert failures[image_id]["file_name"] == f"COCO_train2014_{image_id:012d}.jpg" and failures[image_id]["error"]
+    assert failures[image_id]["split"] in ("train", "val", "testA", "testB")
     row = next(r for r in pq.read_table(out / "index.parquet").to_pylist() if r["image_id"] == image_id)
     assert row["status"] == "failed" and row["error"] == failures[image_id]["error"]
 

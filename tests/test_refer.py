@@ -127,7 +127,8 @@ def test_refs_are_grouped_per_split_and_image(synth_root, dataset, split_by):
     assert refer.splits == sorted(SPLITS[split_by])
     assert [(s.split, s.image.image_id) for s in refer.samples] == sorted({(r["split"], r["image_id"]) for r in raw})
     for sample in refer.samples:
-        expected = sorted(r["ref_id"] for r in raw if (r["split"], r["image_id"]) == (sample.split, sample.image.image_id))
+        key = (sample.split, sample.image.image_id)
+        expected = sorted(r["ref_id"] for r in raw if (r["split"], r["image_id"]) == key)
         assert [r.ref_id for r in sample.refs] == expected
         assert refer.image_path(sample.image).is_file()
         for ref in sample.refs:
@@ -161,7 +162,11 @@ def test_masks_match_the_painted_pixels_and_the_boxes(synth_root):
 
 @pytest.mark.parametrize(
     "dataset, split_by, valid",
-    [("refclef", "unc", "refcoco, refcoco+, refcocog"), ("refcoco+", "google", "unc"), ("refcocog", "unc", "umd, google")],
+    [
+        ("refclef", "unc", "refcoco, refcoco+, refcocog"),
+        ("refcoco+", "google", "unc"),
+        ("refcocog", "unc", "umd, google"),
+    ],
 )
 def test_bad_dataset_or_split_by_fails_before_touching_files(tmp_path, dataset, split_by, valid):
     missing = tmp_path / "no-such-root"

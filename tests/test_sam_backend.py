@@ -106,10 +106,13 @@ def test_sam_superpixels_are_partitions(tiny_sam_checkpoint: Path) -> None:
         assert result.sam_embedding.dtype == np.float16 and result.sam_embedding.shape == (256, 64, 64)
 
 
-def test_embeddings_are_left_out_unless_asked(tiny_sam_checkpoint: Path) -> None:
-    backend = SamSuperpixels(sam_options(tiny_sam_checkpoint, points_per_side=2), PartitionConfig())
-    (result,) = backend([shapes_image(32, 32, 0)])
-    assert result.sam_embedding is None
+def test_no_surviving_mask_still_gives_a_partition(tiny_sam_checkpoint: Path) -> None:
+    """The random tiny SAM never predicts an IoU of 0.99: nothing survives, the gap-fill makes one region."""
+    backend = SamSuperpixels(sam_options(tiny_sam_checkpoint, points_per_side=2, pred_iou_thresh=0.99), PartitionConfig())
+    image = shapes_image(32, 48, 0)
+    assert backend.generate_masks([image])[0].shape == (0, 32, 48)
+    (result,) = backend([image])
+    assert (result.labels == 0).all() and result.sam_embedding is None  # embeddings only when asked
 
 
 def test_non_rgb_input_is_refused(tiny_sam_checkpoint: Path) -> None:

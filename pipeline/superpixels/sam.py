@@ -74,9 +74,10 @@ def _check_matches(state: Mapping[str, torch.Tensor], model: Sam, path: str | Pa
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected if k in state and tuple(state[k].shape) != expected[k]
     ]
+    found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches (file vs model)": mismatched}
     problems = [
         f"{len(keys)} {what}: {', '.join(keys[:_KEYS_SHOWN])}{', ...' if len(keys) > _KEYS_SHOWN else ''}"
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (file vs model)", mismatched))
+        for what, keys in found.items()
         if keys
     ]
     if problems:
@@ -169,7 +170,8 @@ class SamSuperpixels(SuperpixelBackend):
         options, threshold = self.options, self.sam.mask_threshold
         h, w = size
         input_size = self.transform.get_preprocess_shape(h, w, self.transform.target_length)
-        points = torch.as_tensor(self.transform.apply_coords(self.point_grid * [w, h], size), dtype=torch.float32, device=self.device)
+        points = self.transform.apply_coords(self.point_grid * [w, h], size)  # the grid in the resized frame
+        points = torch.as_tensor(points, dtype=torch.float32, device=self.device)
         kept_masks, kept_scores = [], []
         for batch in points.split(options.points_per_batch):
             low_res, scores = self._decode(embedding, batch)
@@ -180,8 +182,8 @@ class SamSuperpixels(SuperpixelBackend):
                 stable = (stability >= options.stability_score_thresh) | (options.stability_score_thresh <= 0.0)
                 kept_masks.append(logits[stable] > threshold)
                 kept_scores.append(score[stable])
-        masks = torch.cat(kept_masks) if kept_masks else torch.zeros((0, h, w), dtype=torch.bool, device=self.device)
-        scores = torch.cat(kept_scores) if kept_scores else torch.zeros(0, device=self.device)
+        # Never empty lists: there is at least one point batch, and splitting nothing gives one empty chunk.
+        masks, scores = torch.cat(kept_masks), torch.cat(kept_scores)
         keep = batched_nms(batched_mask_to_box(masks).float(), scores, torch.zeros_like(scores), options.box_nms_thresh)
         return masks[keep]
 
