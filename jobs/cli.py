@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from jobs import precompute, synth
+from jobs import precompute, synth, tiny_sam
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "synth": (synth, "write a synthetic RefCOCO-format dataset (exact REFER layout)"),
     "precompute": (precompute, "REFER dataset -> superpixel WebDataset shards, as a Ray job"),
+    "tiny-sam": (tiny_sam, "save a random tiny SAM checkpoint (for trying --backend sam without real weights)"),
 }
 
 

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sp.add_argument("--points-per-side", type=int, default=32, help="SAM point grid per side; default 32")
     sp.add_argument("--pred-iou-thresh", type=float, default=0.88, help="SAM predicted-IoU filter; default 0.88")
     sp.add_argument("--stability-score-thresh", type=float, default=0.95, help="SAM stability filter; default 0.95")
+    sp.add_argument("--stability-score-offset", type=float, default=1.0,
+                    help="logit offset of SAM's stability score; default 1.0")
     sp.add_argument("--box-nms-thresh", type=float, default=0.7, help="box NMS IoU between SAM masks; default 0.7")
     sp.add_argument("--sam-batch-images", type=int, default=4, help="images per SAM encoder batch; default 4")
     sp.add_argument("--store-sam-embeddings", action="store_true",
@@ -85,6 +87,7 @@ def backend_spec(args: argparse.Namespace) -> BackendSpec:
             points_per_side=args.points_per_side,
             pred_iou_thresh=args.pred_iou_thresh,
             stability_score_thresh=args.stability_score_thresh,
+            stability_score_offset=args.stability_score_offset,
             box_nms_thresh=args.box_nms_thresh,
             images_per_batch=args.sam_batch_images,
             store_embeddings=args.store_sam_embeddings,

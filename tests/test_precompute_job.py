@@ -86,6 +86,30 @@ def test_shards_hold_every_field_of_the_format(synth_root, tmp_path, ray_local):
     assert (out / "failures.jsonl").read_text() == ""
 
 
+def test_sam_backend_job_writes_partitions_and_embeddings_from_a_saved_checkpoint(tiny_sam_checkpoint, tmp_path,
+                                                                                ray_local):
+    root, out = tmp_path / "refer", tmp_path / "shards"
+    synthesize(root, images=5, seed=3)
+    # A random tiny SAM predicts IoUs of ~0-0.3: thresholds low enough to let its masks through.
+    sam_flags = ["--backend", "sam", "--sam-checkpoint", str(tiny_sam_checkpoint), "--sam-model", "tiny",
+                 "--points-per-side", "2", "--pred-iou-thresh", "0.1", "--stability-score-thresh", "0.5",
+                 "--stability-score-offset", "0.01", "--store-sam-embeddings", "--workers", "2"]
+    assert precompute(_args(root, out, *sam_flags)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["images_written"] == manifest["images_total"] == 5
+    assert manifest["config"]["backend"] == "sam" and manifest["config"]["store_sam_embeddings"]
+    assert len(manifest["config"]["sam"]["checkpoint_sha256"]) == 64
+    samples = _samples(out)
+    assert len(samples) == 5
+    for sample in samples.values():
+        assert FIELDS | {"sam.npy"} <= set(sample)
+        meta = json.loads(sample["meta.json"])
+        assert meta["backend"] == "sam"
+        _check_partition(np.asarray(Image.open(io.BytesIO(sample["spx.png"]))), meta["height"], meta["width"])
+        embedding = np.load(io.BytesIO(sample["sam.npy"]), allow_pickle=False)
+        assert embedding.dtype == np.float16 and embedding.shape == (256, 64, 64) and np.isfinite(embedding).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad and awkward input: one job over a dataset holding every case, then one test per case.
 
