@@ -302,3 +302,34 @@ def _atomic_write(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_bytes(data)
     os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a written dataset back (local directory or any fsspec URL prefix)
+
+
+class ManifestError(ValueError):
+    """The shard root has no usable manifest, or lacks what was asked of it."""
+
+
+def read_manifest(root: str | Path) -> dict:
+    """``manifest.json`` of a shard root: a local directory or an fsspec URL prefix (s3://...)."""
+    import fsspec
+
+    url = f"{str(root).rstrip('/')}/manifest.json"
+    try:
+        with fsspec.open(url, "rt") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ManifestError(f"{url} not found: is {root} a directory written by `svp precompute`?") from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read {url}: {exc}") from None
+
+
+def split_shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
+    """The shard URLs of one split, as the manifest lists them (an unknown or empty split is an error)."""
+    urls = [f"{str(root).rstrip('/')}/{s['name']}" for s in manifest["shards"] if s["split"] == split]
+    if not urls:
+        present = sorted(manifest.get("samples_by_split", {}))
+        raise ManifestError(f"split {split!r} has no shards in {root}; splits present: {', '.join(present) or 'none'}")
+    return urls

@@ -1,0 +1,76 @@
+"""``svp eval`` / ``python -m jobs.eval``: cIoU, gIoU, visual tokens and speed of a trained run, per split.
+
+Split names are printed exactly as the REFER files spell them (refcoco/refcoco+ unc: val, testA,
+testB; refcocog umd: val, test), with the dataset and split-by they come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.shards import ManifestError, read_manifest, split_shard_urls
+from trainer.checkpoint import CheckpointError, load_trained_model
+from trainer.data import DataConfig, DataError
+from trainer.evaluate import evaluate, format_table
+
+SPLIT_ORDER = ("val", "test", "testA", "testB", "testC")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="run directory of `svp train` (or its export/)")
+    parser.add_argument("--shards", required=True, help="directory or URL prefix written by `svp precompute`")
+    parser.add_argument("--splits", default=None,
+                        help="comma-separated splits to evaluate; default: every split in the manifest except train")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass; default 8")
+    parser.add_argument("--max-samples", type=int, default=None, help="stop each split after this many samples")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report; default RUN/eval.json")
+
+
+def default_splits(manifest: dict) -> list[str]:
+    present = [s for s in manifest["samples_by_split"] if s != "train"]
+    return sorted(present, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
+
+
+def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: int = 8,
+             max_samples: int | None = None) -> tuple[dict, str]:
+    """Evaluate a run on the shards' splits; return (results, printable table)."""
+    manifest = read_manifest(shards)
+    splits = splits or default_splits(manifest)
+    urls = {split: split_shard_urls(shards, manifest, split) for split in splits}
+    model = load_trained_model(run_dir)
+    data_config = DataConfig(**model.data_config_fields())
+    results = evaluate(model, urls, data_config, batch_size=batch_size, max_samples=max_samples)
+    source = manifest["config"]
+    title = (f"{source['dataset']} ({source['split_by']}), projector {model.config.projector.kind}, "
+             f"superpixels {source['backend']}")
+    return {"source": {k: source[k] for k in ("dataset", "split_by", "backend")},
+            "config_hash": manifest["config_hash"], "projector": model.config.projector.kind,
+            "splits": results}, format_table(results, title)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        splits = [s for s in args.splits.split(",") if s] if args.splits else None
+        report, table = run_eval(args.run, args.shards, splits, args.batch_size, args.max_samples)
+    except (ManifestError, DataError, CheckpointError, ValueError) as exc:
+        print(f"svp eval: error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or (args.run / "eval.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table)
+    print(f"report: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="svp eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

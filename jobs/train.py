@@ -1,0 +1,122 @@
+"""``svp train`` / ``python -m jobs.train``: fine-tune the projector, LoRA and mask decoder from shards.
+
+Runs unchanged as a single process, under ``accelerate launch`` (any number of processes or
+nodes) and under ``torchrun``; every process streams its own disjoint shards. The run directory
+gets ``run_config.json`` (the full resolved config), TensorBoard logs, ``checkpoints/step_N``
+(``--resume`` continues from the last one) and ``export/`` (the trained parts as safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.shards import ManifestError, read_manifest, split_shard_urls
+from trainer.checkpoint import CheckpointError
+from trainer.data import DataError
+from trainer.loop import TrainConfig, train
+from trainer.model import PROJECTORS, ModelConfig, ModelLoadError, ProjectorConfig
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model flags, shared by every command that builds a model from scratch."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--llm", default="tiny",
+                       help="causal LM: an HF model id or local directory, or 'tiny' (random tiny LM for tests/demo)")
+    model.add_argument("--vision", default="tiny",
+                       help="vision encoder: an HF id or local directory (e.g. facebook/dinov2-base), or 'tiny'")
+    model.add_argument("--vision-size", type=int, default=224, help="square input size of the vision encoder; default 224")
+    model.add_argument("--sam-checkpoint", default=None,
+                       help="official SAM .pth for the mask head; omitted: a random tiny SAM (tests/demo only)")
+    model.add_argument("--sam-model", default="tiny", help="architecture of --sam-checkpoint: vit_h, vit_l, vit_b or tiny")
+    model.add_argument("--projector", choices=PROJECTORS, default="svp",
+                       help="svp: one token per superpixel; pool: fixed-grid pooling; mlp: one token per patch")
+    model.add_argument("--sspe", action=argparse.BooleanOptionalAction, default=True,
+                       help="svp: superpixel positional embedding (shape and place of each superpixel)")
+    model.add_argument("--ssa", action=argparse.BooleanOptionalAction, default=True,
+                       help="svp: superpixel aggregator (detail inside, context outside each superpixel)")
+    model.add_argument("--ssa-layers", type=int, default=1, help="svp: aggregator blocks; default 1")
+    model.add_argument("--pool-tokens", type=int, default=16, help="pool: token budget per image; default 16")
+    model.add_argument("--lora-r", type=int, default=8, help="LoRA rank; default 8")
+    model.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha; default 16")
+    model.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout; default 0.05")
+    model.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated LLM modules that get LoRA")
+    model.add_argument("--ce-weight", type=float, default=1.0, help="weight of the text cross-entropy; default 1.0")
+    model.add_argument("--bce-weight", type=float, default=2.0, help="weight of the mask BCE; default 2.0")
+    model.add_argument("--dice-weight", type=float, default=0.5, help="weight of the mask Dice loss; default 0.5")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(
+        llm=args.llm, vision=args.vision, vision_size=args.vision_size, sam_checkpoint=args.sam_checkpoint,
+        sam_model=args.sam_model,
+        projector=ProjectorConfig(kind=args.projector, pool_tokens=args.pool_tokens, sspe=args.sspe, ssa=args.ssa,
+                                  ssa_layers=args.ssa_layers),
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+        ce_weight=args.ce_weight, bce_weight=args.bce_weight, dice_weight=args.dice_weight, seed=args.seed,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--shards", required=True,
+                      help="a directory (or s3://... prefix) written by `svp precompute`, or explicit shard URLs: "
+                           "a brace pattern 'train-{000000..000009}.tar', a '::'-separated list, or pipe: commands")
+    data.add_argument("--train-split", default="train", help="split read from the manifest when --shards is a directory")
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per training process")
+    add_model_arguments(parser)
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--run-dir", required=True, type=Path, help="where logs, checkpoints and the export go")
+    optim.add_argument("--batch-size", type=int, default=4, help="samples per process per micro-batch; default 4")
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step; default 1")
+    optim.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate; default 3e-4")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay; default 0")
+    optim.add_argument("--max-steps", type=int, default=200, help="optimizer steps; default 200")
+    optim.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps before the cosine decay")
+    optim.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0: off); default 1.0")
+    optim.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                       help="Accelerate mixed precision; bf16 on recent GPUs")
+    optim.add_argument("--save-every", type=int, default=100, help="save the full training state every N steps")
+    optim.add_argument("--log-every", type=int, default=10, help="log to TensorBoard every N steps")
+    optim.add_argument("--seed", type=int, default=0, help="seed of model init and data order; default 0")
+    optim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
+    optim.add_argument("--record-keys", action="store_true",
+                       help="write the sample keys each process trained on to RUN_DIR/keys_rank{N}.txt (audits data splits)")
+
+
+def train_urls(shards: str, split: str) -> list[str] | str:
+    """A shard root resolves through its manifest; anything else is passed on as URLs."""
+    if shards.endswith(".tar") or "{" in shards or "::" in shards or shards.startswith("pipe:"):
+        return shards
+    return split_shard_urls(shards, read_manifest(shards), split)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = TrainConfig(
+            train_shards=train_urls(args.shards, args.train_split), run_dir=args.run_dir, model=model_config(args),
+            batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
+            max_steps=args.max_steps, warmup_steps=args.warmup_steps, clip_grad=args.clip_grad,
+            mixed_precision=args.mixed_precision, save_every=args.save_every, log_every=args.log_every,
+            num_workers=args.num_workers, seed=args.seed, resume=args.resume, record_keys=args.record_keys,
+        )
+        result = train(config)
+    except (ManifestError, DataError, CheckpointError, ModelLoadError) as exc:
+        print(f"svp train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"train: {result['step']} steps, {result['skipped_samples']} corrupt samples skipped; "
+          f"export: {args.run_dir / 'export'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="svp train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""The training loop, readable in one sitting: Accelerate does devices, DDP, mixed precision,
+gradient accumulation and checkpoint state; WebDataset streams the shards.
+
+It runs unchanged under ``python -m jobs.train``, ``accelerate launch`` and ``torchrun`` (each
+process reads its own disjoint shards: the loader splits by node and by worker).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from trainer.checkpoint import CheckpointError, check_same_model, export_trained, read_run_config, write_run_config
+from trainer.data import DataConfig, describe_shards, make_loader
+from trainer.model import ModelConfig, SegmentationMLLM
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``svp train`` accepts; recorded whole in the run directory."""
+
+    train_shards: str
+    run_dir: Path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    max_steps: int = 200
+    warmup_steps: int = 20
+    clip_grad: float = 1.0
+    mixed_precision: str = "no"
+    save_every: int = 100
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    resume: bool = False
+    record_keys: bool = False
+
+
+class _Progress:
+    """The optimizer-step counter, saved and restored with the rest of the accelerator state."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    steps = [(int(m.group(1)), p) for p in (run_dir / CHECKPOINTS).glob("step_*") if (m := _STEP_DIR.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, checkpoint every ``save_every`` steps, export the trained parts; return final metrics."""
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                              log_with="tensorboard", project_dir=str(config.run_dir))
+    resume_from = _resume_point(config) if config.resume else None
+    set_seed(config.seed, device_specific=True)
+    model = SegmentationMLLM(config.model)
+    if accelerator.is_main_process:
+        write_run_config(config.run_dir, {"command": "train", **_jsonable(config),
+                                          "data": {"train": describe_shards(config.train_shards)},
+                                          "world_size": accelerator.num_processes})
+        accelerator.init_trackers("tensorboard")
+        accelerator.print(model.describe())
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    # Accelerate steps a prepared scheduler once per process per optimizer step: scale to match.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps * accelerator.num_processes,
+                                                config.max_steps * accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    progress = _Progress()
+    accelerator.register_for_checkpointing(progress)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {progress.step}")
+
+    # The loader is not given to accelerator.prepare: WebDataset splits shards by node itself.
+    data_config = DataConfig(**accelerator.unwrap_model(model).data_config_fields(), seed=config.seed + progress.step)
+    loader = make_loader(config.train_shards, data_config, train=True, batch_size=config.batch_size,
+                         num_workers=config.num_workers)
+    keys_file = _keys_file(config, accelerator)
+    skipped, window, started = 0, [], time.perf_counter()
+    model.train()
+    bar = tqdm(total=config.max_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
+    for batch in loader:
+        if progress.step >= config.max_steps:
+            break
+        skipped += batch.get("skipped", 0)
+        if keys_file is not None:
+            keys_file.write("".join(f"{key}\n" for key in batch["keys"]))
+        with accelerator.accumulate(model):
+            output = model(batch)
+            accelerator.backward(output.loss)
+            if accelerator.sync_gradients and config.clip_grad > 0:
+                accelerator.clip_grad_norm_(trainable, config.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        window.append((output, batch["gt_masks"]))
+        if not accelerator.sync_gradients:
+            continue
+        progress.step += 1
+        bar.update()
+        if progress.step % config.log_every == 0 or progress.step == config.max_steps:
+            metrics = _metrics(window, scheduler, skipped, started)
+            accelerator.log(metrics, step=progress.step)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", ciou=f"{metrics['train_batch_ciou']:.2f}")
+            window, started = [], time.perf_counter()
+        if progress.step % config.save_every == 0 or progress.step == config.max_steps:
+            accelerator.save_state(str(config.run_dir / CHECKPOINTS / f"step_{progress.step:06d}"))
+    bar.close()
+    if keys_file is not None:
+        keys_file.close()
+    if progress.step < config.max_steps:
+        raise RuntimeError(f"the training data ran out at step {progress.step} of {config.max_steps}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export_trained(accelerator.unwrap_model(model), config.run_dir / "export", config.model)
+    accelerator.end_training()
+    return {"step": progress.step, "skipped_samples": skipped}
+
+
+def _resume_point(config: TrainConfig) -> Path:
+    checkpoint = last_checkpoint(config.run_dir)
+    if checkpoint is None:
+        raise CheckpointError(f"--resume: no checkpoint under {config.run_dir / CHECKPOINTS}")
+    saved = read_run_config(config.run_dir)
+    check_same_model(saved.get("model", {}), _jsonable(config.model), f"--resume checkpoint {checkpoint}")
+    return checkpoint
+
+
+def _keys_file(config: TrainConfig, accelerator: Accelerator):
+    if not config.record_keys:
+        return None
+    path = config.run_dir / f"keys_rank{accelerator.process_index}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a")
+
+
+def _metrics(window: list, scheduler, skipped: int, started: float) -> dict:
+    """Means over the micro-batches since the last log; cIoU on the low-res training masks."""
+    outputs = [output for output, _ in window]
+    mean = lambda name: float(sum(float(getattr(o, name)) for o in outputs) / len(outputs))  # noqa: E731
+    with torch.no_grad():
+        predicted = torch.cat([(o.mask_logits > 0).flatten(1) for o in outputs]).float()
+        target = torch.cat([gt.to(predicted.device).flatten(1) for _, gt in window]).float()
+        union = ((predicted + target) > 0).sum()
+        ciou = float((predicted * target).sum() / union) if union > 0 else 0.0
+    return {
+        "loss": mean("loss"), "ce_loss": mean("ce_loss"), "bce_loss": mean("bce_loss"), "dice_loss": mean("dice_loss"),
+        "train_batch_ciou": ciou,
+        "visual_tokens": float(torch.cat([o.num_visual_tokens.float() for o in outputs]).mean()),
+        "lr": scheduler.get_last_lr()[0], "skipped_samples": skipped,
+        "samples_per_s": len(predicted) / max(time.perf_counter() - started, 1e-9),
+    }
+
+
+def _jsonable(obj) -> dict:
+    return json.loads(json.dumps(asdict(obj), default=str))

@@ -1,0 +1,33 @@
+"""The GLaMM-family objective (DESIGN §1): ce·CE(answer text) + bce·BCE(mask) + dice·Dice(mask).
+
+The mask terms are averaged per sample first, then over the batch, so a large object does not
+outweigh a small one; the targets live in SAM's low-res mask frame (S/4), where the decoder
+predicts, so no upsampling enters the training step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DICE_EPS = 1.0  # smoothing: an empty target and an empty prediction score a Dice loss of 0, not NaN
+
+
+def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE over the labelled (answer) positions; position t predicts label t+1."""
+    shifted = logits[:, :-1].flatten(0, 1).float()
+    return F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def mask_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-pixel BCE with logits, mean per sample, then over the batch."""
+    per_pixel = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    return per_pixel.flatten(1).mean(1).mean()
+
+
+def mask_dice(logits: torch.Tensor, targets: torch.Tensor, eps: float = DICE_EPS) -> torch.Tensor:
+    """1 − soft Dice on sigmoid probabilities, per sample, then over the batch."""
+    probs, targets = logits.float().sigmoid().flatten(1), targets.float().flatten(1)
+    dice = (2 * (probs * targets).sum(1) + eps) / (probs.sum(1) + targets.sum(1) + eps)
+    return (1 - dice).mean()

@@ -1,0 +1,93 @@
+"""The global vision encoder (DINOv2 by default, DESIGN §1): frozen, patch features on a grid.
+
+The projectors need the patch features alone, in row-major order, with the grid they lie on: the
+superpixel coverage matrix is computed against that grid. ViTs put their prefix tokens first
+(DINOv2: CLS + optional registers; CLIP: CLS; SigLIP: none), so the prefix is whatever precedes
+the last ``h*w`` tokens: one rule for all three, no per-family table.
+
+This module also resolves where pretrained weights come from (a local directory or a hub id),
+shared with the LLM in :mod:`trainer.model.mllm`, so that a wrong ``--vision`` / ``--llm`` fails
+on a config read, before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, Dinov2Config, Dinov2Model, PretrainedConfig
+
+TINY = "tiny"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's processor defaults
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_TINY_VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, patch_size=14)
+
+
+class ModelSourceError(ValueError):
+    """A model option (``--llm``, ``--vision``, ``--sam-checkpoint``) names nothing loadable."""
+
+
+def pretrained_source(name: str, option: str) -> tuple[PretrainedConfig, bool]:
+    """(config, local_files_only) for a local directory or a hub id, or a ModelSourceError naming ``option``.
+
+    A local directory is read with ``local_files_only=True`` (never a silent hub lookup for a
+    typo); anything path-like that does not exist is refused outright; a hub id must resolve to a
+    config (from the cache when offline) — a cheap read that catches a wrong id before the weights.
+    """
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return AutoConfig.from_pretrained(local, local_files_only=True), True
+    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelSourceError(f"{option} {name!r} is not a model directory (it does not exist or is a file)")
+    try:
+        return AutoConfig.from_pretrained(name), False
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"{option} {name!r} is neither a local directory nor a loadable hub model: {error}") from error
+
+
+class VisionEncoder(nn.Module):
+    """A frozen HF ViT that returns (patch features (B, h*w, D), grid (h, w)) without prefix tokens."""
+
+    def __init__(self, backbone: nn.Module, patch_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.patch_size = patch_size
+        self.mean, self.std = mean, std
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        """Stay in eval mode: the encoder is frozen, so dropout and the like must never switch on."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
+        tokens = self.backbone(pixel_values=pixel_values).last_hidden_state
+        return tokens[:, tokens.shape[1] - grid[0] * grid[1] :], grid
+
+
+def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A CLIP/SigLIP checkpoint holds text and vision; the vision tower has its own config."""
+    return getattr(config, "vision_config", None) or config
+
+
+def load_vision(name: str, image_size: int, option: str = "--vision") -> tuple[VisionEncoder, int, int]:
+    """(frozen encoder, hidden dim, patch size); ``"tiny"`` is a random 2-layer DINOv2 for tests.
+
+    Mean/std come from the checkpoint's image processor when it has one, else ImageNet's (DINOv2's).
+    """
+    if name == TINY:
+        config = Dinov2Config(image_size=image_size, **_TINY_VISION)
+        backbone, mean, std = Dinov2Model(config), IMAGENET_MEAN, IMAGENET_STD
+    else:
+        config, local = pretrained_source(name, option)
+        model = AutoModel.from_pretrained(name, local_files_only=local)
+        backbone = getattr(model, "vision_model", model)  # CLIPModel / SiglipModel → the vision tower
+        try:
+            processor = AutoImageProcessor.from_pretrained(name, local_files_only=local)
+            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        except (OSError, ValueError, AttributeError):  # no preprocessor_config.json: DINOv2's defaults
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        config = _vision_config(config)
+    patch_size = config.patch_size
+    return VisionEncoder(backbone, patch_size, mean, std), config.hidden_size, patch_size
