@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from jobs import precompute, synth, tiny_sam
+from jobs import demo, eval, precompute, predict, synth, tiny_sam, train
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "synth": (synth, "write a synthetic RefCOCO-format dataset (exact REFER layout)"),
     "precompute": (precompute, "REFER dataset -> superpixel WebDataset shards, as a Ray job"),
+    "train": (train, "fine-tune the projector, LoRA and mask decoder from shards (Accelerate)"),
+    "eval": (eval, "cIoU / gIoU / visual tokens / speed of a trained run, per split"),
+    "predict": (predict, "segment what a text refers to in one image; writes an overlay"),
+    "demo": (demo, "synth -> precompute -> train -> eval -> overlays, on a CPU in minutes"),
     "tiny-sam": (tiny_sam, "save a random tiny SAM checkpoint (for trying --backend sam without real weights)"),
 }
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from trainer.checkpoint import CheckpointError, check_same_model, export_trained, read_run_config, write_run_config
-from trainer.data import DataConfig, describe_shards, make_loader
+from trainer.data import DataConfig, DataError, describe_shards, make_loader
 from trainer.model import ModelConfig, SegmentationMLLM
 
 CHECKPOINTS = "checkpoints"
@@ -97,13 +97,14 @@ def train(config: TrainConfig) -> dict:
 
     # The loader is not given to accelerator.prepare: WebDataset splits shards by node itself.
     data_config = DataConfig(**accelerator.unwrap_model(model).data_config_fields(), seed=config.seed + progress.step)
+    # Not resampled: each process reads its own shards (disjoint across processes), pass after pass.
     loader = make_loader(config.train_shards, data_config, train=True, batch_size=config.batch_size,
-                         num_workers=config.num_workers)
+                         num_workers=config.num_workers, resampled=False)
     keys_file = _keys_file(config, accelerator)
     skipped, window, started = 0, [], time.perf_counter()
     model.train()
     bar = tqdm(total=config.max_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
-    for batch in loader:
+    for batch in _passes(loader, accelerator.process_index):
         if progress.step >= config.max_steps:
             break
         skipped += batch.get("skipped", 0)
@@ -132,13 +133,23 @@ def train(config: TrainConfig) -> dict:
     bar.close()
     if keys_file is not None:
         keys_file.close()
-    if progress.step < config.max_steps:
-        raise RuntimeError(f"the training data ran out at step {progress.step} of {config.max_steps}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_trained(accelerator.unwrap_model(model), config.run_dir / "export", config.model)
     accelerator.end_training()
     return {"step": progress.step, "skipped_samples": skipped}
+
+
+def _passes(loader, rank: int):
+    """Pass after pass over this process's shards (reshuffled each pass), for as long as asked."""
+    while True:
+        batches = 0
+        for batch in loader:
+            batches += 1
+            yield batch
+        if batches == 0:
+            raise DataError(f"process {rank} got no training batch: it needs at least one shard of "
+                            f"batch_size samples (give at least processes x DataLoader workers shards)")
 
 
 def _resume_point(config: TrainConfig) -> Path:

@@ -1,1 +1,28 @@
 """The model: vision encoder, visual projectors, MLLM with token splicing, SAM mask head and losses."""
+
+from trainer.model.mask_head import MaskHead
+from trainer.model.mllm import (
+    ANSWER,
+    PROMPT,
+    ModelConfig,
+    ModelOutput,
+    SegmentationMLLM,
+    TrainableStateError,
+)
+from trainer.model.projectors import PROJECTORS, ProjectorConfig, build_projector
+from trainer.model.vision import ModelLoadError, load_vision
+
+__all__ = [
+    "ANSWER",
+    "PROJECTORS",
+    "PROMPT",
+    "MaskHead",
+    "ModelLoadError",
+    "ModelConfig",
+    "ModelOutput",
+    "ProjectorConfig",
+    "SegmentationMLLM",
+    "TrainableStateError",
+    "build_projector",
+    "load_vision",
+]

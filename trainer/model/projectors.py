@@ -271,8 +271,9 @@ class SuperpixelAggregator(nn.Module):
         self.blocks = nn.ModuleList(AggregatorBlock(dim, heads) for _ in range(layers))
 
     def forward(self, tokens: Tensor, features: Tensor, coverage: Tensor, valid: Tensor) -> Tensor:
-        # Padded rows touch no patch; let them see all patches so their softmax stays finite.
-        touches = (coverage > 0) | ~valid[..., None]
+        # A row that touches no patch (padding) would softmax to NaN: let it see every patch instead.
+        touched = coverage > 0
+        touches = touched | ~touched.any(-1, keepdim=True)
         for block in self.blocks:
             tokens = block(tokens, features, touches, valid)
         return tokens
@@ -353,8 +354,9 @@ class SemanticProjector(Projector):
     def compress(
         self, features: Tensor, grid: tuple[int, int], superpixels: Tensor, num_superpixels: Tensor
     ) -> tuple[Tensor, Tensor]:
+        num_superpixels = num_superpixels.to(superpixels.device)
         coverage = coverage_matrix(superpixels, num_superpixels, grid)
-        valid = torch.arange(coverage.shape[1], device=coverage.device) < num_superpixels.to(coverage.device)[:, None]
+        valid = torch.arange(coverage.shape[1], device=coverage.device) < num_superpixels[:, None]
         weights = pooling_weights(coverage).to(features.dtype)
         tokens = weights @ features
         if self.position is not None:

@@ -9,10 +9,11 @@ writes; anything else becomes ``[UNK]`` (a word-level model has no sub-words to 
 
 from __future__ import annotations
 
-from pipeline.synth import COLOURS, RELATIONS, SHAPES
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
+
+from pipeline.synth import COLOURS, RELATIONS, SHAPES
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "<s>", "</s>"
 # Words of the prompt template (mllm.PROMPT / ANSWER) and of synthetic referring expressions, plus

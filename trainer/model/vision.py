@@ -24,12 +24,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _TINY_VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, patch_size=14)
 
 
-class ModelSourceError(ValueError):
+class ModelLoadError(ValueError):
     """A model option (``--llm``, ``--vision``, ``--sam-checkpoint``) names nothing loadable."""
 
 
 def pretrained_source(name: str, option: str) -> tuple[PretrainedConfig, bool]:
-    """(config, local_files_only) for a local directory or a hub id, or a ModelSourceError naming ``option``.
+    """(config, local_files_only) for a local directory or a hub id, or a ModelLoadError naming ``option``.
 
     A local directory is read with ``local_files_only=True`` (never a silent hub lookup for a
     typo); anything path-like that does not exist is refused outright; a hub id must resolve to a
@@ -39,11 +39,13 @@ def pretrained_source(name: str, option: str) -> tuple[PretrainedConfig, bool]:
     if local.is_dir():
         return AutoConfig.from_pretrained(local, local_files_only=True), True
     if local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelSourceError(f"{option} {name!r} is not a model directory (it does not exist or is a file)")
+        raise ModelLoadError(f"{option} {name!r} is not a model directory (it does not exist or is a file)")
     try:
         return AutoConfig.from_pretrained(name), False
     except (OSError, ValueError) as error:
-        raise ModelSourceError(f"{option} {name!r} is neither a local directory nor a loadable hub model: {error}") from error
+        raise ModelLoadError(
+            f"{option} {name!r} is neither a local directory nor a loadable hub model: {error}"
+        ) from error
 
 
 class VisionEncoder(nn.Module):
@@ -62,7 +64,7 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
-        tokens = self.backbone(pixel_values=pixel_values).last_hidden_state
+        tokens = self.backbone(pixel_values=pixel_values.to(self.backbone.dtype)).last_hidden_state
         return tokens[:, tokens.shape[1] - grid[0] * grid[1] :], grid
 
 
@@ -81,7 +83,7 @@ def load_vision(name: str, image_size: int, option: str = "--vision") -> tuple[V
         backbone, mean, std = Dinov2Model(config), IMAGENET_MEAN, IMAGENET_STD
     else:
         config, local = pretrained_source(name, option)
-        model = AutoModel.from_pretrained(name, local_files_only=local)
+        model = AutoModel.from_pretrained(name, local_files_only=local, dtype="auto")  # frozen: keep the stored dtype
         backbone = getattr(model, "vision_model", model)  # CLIPModel / SiglipModel → the vision tower
         try:
             processor = AutoImageProcessor.from_pretrained(name, local_files_only=local)

@@ -1,0 +1,303 @@
+"""The segmentation MLLM on tiny random parts: shapes, splicing, what trains, strict state, loading."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.model import (
+    ANSWER,
+    PROMPT,
+    ModelConfig,
+    ModelLoadError,
+    ProjectorConfig,
+    SegmentationMLLM,
+    TrainableStateError,
+)
+from trainer.model.losses import IGNORE_INDEX, answer_ce, mask_bce, mask_dice
+from trainer.model.mllm import tiny_causal_lm
+from trainer.model.tokenizer import tiny_tokenizer
+from trainer.model.vision import IMAGENET_MEAN, IMAGENET_STD, load_vision
+
+V, S = 112, 1024  # tiny DINOv2 at 112 px → 8×8 patch grid; tiny SAM keeps SAM's 1024 px frame
+GRID_PATCHES = 64
+
+
+def make_batch(counts: tuple[int, ...] = (3, 7), sentences: tuple[str, ...] | None = None, seed: int = 0) -> dict:
+    """Vertical-stripe superpixels (K_b stripes), random pixels, a left-half target mask."""
+    g = torch.Generator().manual_seed(seed)
+    columns = torch.arange(V)
+    superpixels = torch.stack([(columns * k // V).expand(V, V) for k in counts])
+    gt = torch.zeros(len(counts), S // 4, S // 4)
+    gt[:, :, : S // 8] = 1
+    default = ("the red circle", "the largest of the blue squares that is on the left side of the picture")
+    return {
+        "pixel_values": torch.randn(len(counts), 3, V, V, generator=g),
+        "superpixels": superpixels,
+        "num_superpixels": torch.tensor(counts),
+        "sentences": list(sentences or default[: len(counts)]),
+        "sam_embeddings": torch.randn(len(counts), 256, S // 16, S // 16, generator=g),
+        "gt_masks": gt,
+    }
+
+
+def build(kind: str = "svp", **overrides) -> SegmentationMLLM:
+    return SegmentationMLLM(ModelConfig(vision_size=V, projector=ProjectorConfig(kind=kind), **overrides))
+
+
+def take(batch: dict, rows: list[int]) -> dict:
+    return {k: [v[i] for i in rows] if isinstance(v, list) else v[rows] for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def pretrained_dirs(tmp_path_factory, tiny_sam_checkpoint) -> dict[str, str]:
+    """The tiny LLM (+tokenizer, without the new tokens) and DINOv2 saved like hub checkpoints."""
+    root = tmp_path_factory.mktemp("pretrained")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(123)
+    tiny_causal_lm(len(tokenizer)).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    load_vision("tiny", V)[0].backbone.save_pretrained(root / "vision")
+    return {"llm": str(root / "llm"), "vision": str(root / "vision"), "sam_checkpoint": str(tiny_sam_checkpoint)}
+
+
+@pytest.mark.parametrize("kind, expected", [("svp", [3, 7]), ("mlp", [GRID_PATCHES] * 2), ("pool", [16, 16])])
+def test_forward_shapes_and_visual_token_counts(kind: str, expected: list[int]) -> None:
+    model = build(kind)
+    out = model(make_batch())
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+    assert out.mask_logits.shape == (2, 1, S // 4, S // 4)
+    assert out.num_visual_tokens.tolist() == expected
+    model.eval()
+    logits, tokens = model.predict_masks(make_batch())
+    assert torch.allclose(logits, model(make_batch()).mask_logits) and tokens.tolist() == expected
+    assert model.num_patches() == GRID_PATCHES
+
+
+def test_sam_pixels_run_the_frozen_encoder_like_precomputed_embeddings() -> None:
+    model = build().eval()
+    batch = make_batch()
+    batch["sam_pixels"] = torch.randn(2, 3, S, S)
+    from_pixels = batch.copy()
+    del from_pixels["sam_embeddings"]
+    batch["sam_embeddings"] = model.mask_head.image_embeddings(batch["sam_pixels"])
+    assert torch.allclose(model(from_pixels).mask_logits, model(batch).mask_logits, atol=1e-5)
+
+
+def test_padding_does_not_leak_into_a_shorter_sample() -> None:
+    """Sample 0 alone vs. batched with a longer one (more tokens, longer sentence): same LLM logits."""
+    model = build().eval()
+    captured = []
+    model.llm.register_forward_hook(lambda module, args, kwargs, out: captured.append((kwargs, out)), with_kwargs=True)
+    batch = make_batch(counts=(3, 9))
+    pair = model(batch)
+    alone = model(take(batch, [0]))
+    (pair_in, pair_out), (alone_in, alone_out) = captured
+    length = int(alone_in["attention_mask"].sum())
+    assert alone_in["attention_mask"].shape[1] == length  # alone: no padding at all
+    assert pair_in["attention_mask"].shape[1] > length and int(pair_in["attention_mask"][0].sum()) == length
+    assert torch.allclose(pair_out.logits[0, :length], alone_out.logits[0], atol=1e-5)
+    assert torch.allclose(pair_out.hidden_states[-1][0, :length], alone_out.hidden_states[-1][0], atol=1e-5)
+    assert torch.allclose(pair.mask_logits[0], alone.mask_logits[0], atol=1e-5)
+
+
+def test_splice_layout_visual_tokens_in_place_labels_on_the_answer_only() -> None:
+    model = build()
+    tokens = torch.randn(2, 5, model.seg_mlp[0].in_features)
+    valid = torch.tensor([[True] * 2 + [False] * 3, [True] * 5])
+    sequences = model._splice(["the red circle", "the blue square on the left"], tokens, valid)
+    texts, image_at = model._tokenize(["the red circle", "the blue square on the left"])
+    for i, n in enumerate((2, 5)):
+        length = len(texts[i]) + n
+        assert int(sequences.attention_mask[i].sum()) == length
+        assert torch.equal(sequences.embeds[i, image_at[i] : image_at[i] + n], tokens[i, :n])
+        labelled = sequences.labels[i][sequences.labels[i] != IGNORE_INDEX].tolist()
+        assert labelled == model.answer_ids
+        assert (sequences.labels[i, :length - len(model.answer_ids)] == IGNORE_INDEX).all()
+        assert int(sequences.seg_positions[i]) == length - len(model.answer_ids) + model.seg_offset
+    with pytest.raises(ValueError, match="contains"):
+        model._tokenize(["the [SEG] circle"])  # a sentence cannot smuggle in a second [SEG] or <image>
+
+
+@pytest.mark.parametrize("kind", ["svp", "mlp", "pool"])
+def test_a_few_steps_on_one_batch_reduce_the_loss(kind: str) -> None:
+    model = build(kind)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95))
+    batch, losses = make_batch(), []
+    for _ in range(6):
+        out = model(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_gradients_reach_the_trained_parts_and_only_them() -> None:
+    model = build()
+    model(make_batch()).loss.backward()
+    named = dict(model.named_parameters())
+    trained = {name for name, p in named.items() if p.requires_grad}
+    # the frozen parts: never trainable, never a gradient
+    for name, p in named.items():
+        frozen = (
+            name.startswith(("vision.", "mask_head.sam.image_encoder.", "mask_head.sam.prompt_encoder."))
+            or (name.startswith("llm.") and "lora_" not in name and "trainable_tokens_delta" not in name)
+        )
+        assert frozen == (name not in trained), name
+        if frozen:
+            assert p.grad is None, name
+    assert any(n.startswith("llm.") and "base_layer" in n for n in named)  # the base LLM is there, frozen
+
+    def grad_norm(select) -> float:
+        return sum(float(p.grad.abs().sum()) for n, p in named.items() if select(n) and p.grad is not None)
+
+    for part, select in {
+        "projector": lambda n: n.startswith("projector."),
+        "LoRA B (A starts with no gradient: B is zero-initialised)": lambda n: "lora_B" in n,
+        "[SEG] input embedding row": lambda n: "embed_tokens.token_adapter.trainable_tokens_delta" in n,
+        "[SEG] output (lm_head) row": lambda n: "lm_head.token_adapter.trainable_tokens_delta" in n,
+        "[SEG] MLP": lambda n: n.startswith("seg_mlp."),
+        "mask decoder": lambda n: n.startswith("mask_head.sam.mask_decoder."),
+    }.items():
+        assert grad_norm(select) > 0, part
+
+
+def test_trainable_state_dict_round_trip_into_a_differently_seeded_model(pretrained_dirs: dict) -> None:
+    config = ModelConfig(vision_size=V, seed=0, **pretrained_dirs)
+    trained = SegmentationMLLM(config)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-3)
+    trained(make_batch()).loss.backward()
+    optimizer.step()  # LoRA B and the token rows move away from their initial values
+    trained.eval()
+    state = {name: t.clone() for name, t in trained.trainable_state_dict().items()}
+    assert any("lora_B" in n for n in state) and any("mask_decoder" in n for n in state)
+
+    fresh = SegmentationMLLM(replace(config, seed=1)).eval()
+    batch = make_batch()
+    expected = trained(batch)
+    assert not torch.allclose(fresh(batch).mask_logits, expected.mask_logits)
+    fresh.load_trainable_state_dict(state)
+    got = fresh(batch)
+    assert torch.equal(got.mask_logits, expected.mask_logits) and torch.equal(got.loss, expected.loss)
+
+
+def test_loading_trained_weights_is_strict_and_all_or_nothing() -> None:
+    model = build()
+    state = {name: torch.zeros_like(t) for name, t in model.trainable_state_dict().items()}
+    names = sorted(state)
+    missing, wrong_shape = names[0], names[1]
+    state.pop(missing)
+    state[wrong_shape] = torch.zeros(3, 3)
+    state["projector.extra.weight"] = torch.zeros(1)
+    before = {name: t.clone() for name, t in model.trainable_state_dict().items()}
+    with pytest.raises(TrainableStateError) as error:
+        model.load_trainable_state_dict(state)
+    message = str(error.value)
+    assert f"missing keys: {missing}" in message
+    assert "unexpected keys: projector.extra.weight" in message
+    assert f"{wrong_shape} (3, 3)" in message
+    assert all(torch.equal(before[n], t) for n, t in model.trainable_state_dict().items())  # nothing loaded
+
+
+def test_same_seed_same_model_other_seed_other_model() -> None:
+    a, b, c = build(seed=3).state_dict(), build(seed=3).state_dict(), build(seed=4).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_pretrained_directories_load_through_from_pretrained(pretrained_dirs: dict) -> None:
+    model = SegmentationMLLM(ModelConfig(vision_size=V, **pretrained_dirs))
+    llm_file = load_file(Path(pretrained_dirs["llm"]) / "model.safetensors")
+    vision_file = load_file(Path(pretrained_dirs["vision"]) / "model.safetensors")
+    sam_file = torch.load(pretrained_dirs["sam_checkpoint"], weights_only=True)
+    base = model.llm.get_base_model()
+    q_proj = base.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(q_proj, llm_file["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(model.vision.backbone.embeddings.cls_token, vision_file["embeddings.cls_token"])
+    sam_patches = model.mask_head.sam.image_encoder.patch_embed.proj.weight
+    assert torch.equal(sam_patches, sam_file["image_encoder.patch_embed.proj.weight"])
+    assert model.tokenizer.convert_tokens_to_ids("[SEG]") == len(tiny_tokenizer())  # added to the saved vocabulary
+    assert torch.isfinite(model(make_batch()).loss)
+
+
+@pytest.mark.parametrize(
+    "overrides, option",
+    [
+        ({"llm": "/nonexistent/llm"}, "--llm"),
+        ({"vision": "./no/such/vision"}, "--vision"),
+        ({"sam_checkpoint": "/nonexistent/sam.pth"}, "--sam-checkpoint"),
+        ({"sam_model": "vit_h"}, "--sam-checkpoint"),  # a random ViT-H is never built silently
+    ],
+)
+def test_a_wrong_model_source_names_its_option(overrides: dict, option: str) -> None:
+    with pytest.raises(ModelLoadError, match=option):
+        SegmentationMLLM(ModelConfig(vision_size=V, **overrides))
+
+
+def test_a_sam_checkpoint_of_another_model_type_is_refused(tiny_sam_checkpoint: Path) -> None:
+    with pytest.raises(ModelLoadError, match="--sam-checkpoint.*vit_b"):
+        SegmentationMLLM(ModelConfig(vision_size=V, sam_checkpoint=str(tiny_sam_checkpoint), sam_model="vit_b"))
+
+
+def test_bf16_autocast_forward_and_backward_on_cpu() -> None:
+    model = build()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(make_batch())
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert model.projector.mlp[0].weight.grad is not None
+
+
+def test_config_round_trips_through_json_and_data_fields_match_the_model() -> None:
+    config = ModelConfig(vision_size=V, projector=ProjectorConfig(kind="pool", pool_tokens=9))
+    assert ModelConfig(**json.loads(json.dumps(asdict(config)))) == config
+    fields = SegmentationMLLM(config).data_config_fields()
+    assert fields == {"vision_size": V, "vision_mean": IMAGENET_MEAN, "vision_std": IMAGENET_STD, "sam_size": S}
+
+
+def test_describe_counts_trainable_and_total_parameters() -> None:
+    model = build()
+    text = model.describe()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"trainable {trainable:>13,} / {total:>15,}" in text
+
+
+def test_losses() -> None:
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, :, :2] = 1  # sample 1: empty target
+    perfect = (target * 2 - 1) * 50
+    assert mask_dice(perfect, target) < 1e-3 and mask_bce(perfect, target) < 1e-3
+    assert mask_dice(-perfect, target) > 0.45  # sample 0 all wrong, sample 1's eps keeps it finite
+    # per sample, then over the batch: a wrong small sample weighs as much as a right large one
+    one_wrong = perfect.clone()
+    one_wrong[1] = 50
+    assert mask_bce(one_wrong, target) == pytest.approx(50 / 2, rel=1e-3)
+    logits = torch.randn(1, 4, 10)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 5]])
+    expected = torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([3, 5]))
+    assert torch.allclose(answer_ce(logits, labels), expected)
+
+
+def test_tiny_vocabulary_covers_the_template_and_every_synthetic_sentence() -> None:
+    from pipeline.synth import COLOURS, RELATIONS, SHAPES, _Description, _sentence
+
+    tokenizer = tiny_tokenizer()
+    sentences = [
+        _sentence(_Description(colour, shape, relation), style)
+        for colour in (None, *COLOURS)
+        for shape in SHAPES
+        for relation in (None, *RELATIONS)
+        for style in ("short", "long")
+    ]
+    for text in [PROMPT.replace("<image>", "").format(sentence=s) + ANSWER.replace("[SEG]", "") for s in sentences]:
+        assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text
+    bos, the, red = tokenizer("the red")["input_ids"]
+    assert tokenizer("The RED zebra")["input_ids"] == [bos, the, red, tokenizer.unk_token_id]  # lower-cased; unknown

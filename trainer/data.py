@@ -1,0 +1,469 @@
+"""Stream the precomputed shards (DESIGN §2-§3) into training and evaluation batches.
+
+Modelled on open_clip's ``training/data.py`` WebDataset pipeline: a shard list (resampled for
+multi-epoch training, or split by node and then by DataLoader worker), a shard shuffle, tar →
+samples, a sample shuffle, decoding, batching and a ``WebLoader``. What is particular to us:
+
+- a shard sample is one *image*; it becomes one item per (ref, sentence): one drawn at random per
+  pass in training, every one in a fixed order in evaluation. The image is decoded once either way;
+- a corrupt sample is skipped and counted (``batch["skipped"]``), never fatal: one bad image in a
+  million must not end a multi-day run, but the run must be able to say how many it lost;
+- the per-image preprocessing (:func:`vision_inputs`, :func:`sam_inputs`) is public, so single-image
+  inference uses exactly what training used.
+
+The shard bytes are read through :mod:`pipeline.shards` and :mod:`pipeline.images`, so the writer
+and this reader cannot disagree about the format.
+
+A batch (the contract with the model; B items, V = vision_size, S = sam_size):
+``keys``, ``sentences`` (REFER's normalised ``sent``), ``ref_ids``, ``sent_ids``, ``splits``: lists;
+``pixel_values`` float32 (B,3,V,V); ``superpixels`` int64 (B,V,V) with labels 0..K'-1 and
+``num_superpixels`` int64 (B,) = K'; ``sam_embeddings`` float32 (B,256,S/16,S/16) when every item
+has a stored embedding of that shape, else ``sam_pixels`` float32 (B,3,S,S); ``gt_masks`` float32
+(B,S/4,S/4) binary; ``input_sizes`` / ``original_sizes`` int64 (B,2) as (h, w); ``full_masks``: list
+of uint8 (H,W) tensors; ``skipped``: corrupt samples this worker skipped since its previous batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import braceexpand
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from segment_anything.utils.transforms import ResizeLongestSide
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline.images import decode_image
+from pipeline.refer import ref_mask
+from pipeline.shards import decode_label_map, decode_sam_embedding
+
+log = logging.getLogger(__name__)
+
+# segment_anything's Sam.pixel_mean / pixel_std (0-255 RGB).
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+SAM_EMBEDDING_CHANNELS = 256
+SAM_MASK_STRIDE = 4  # SAM's mask decoder predicts masks at a quarter of its input frame
+REQUIRED_MEMBERS = ("jpg", "spx.png", "refs.json", "meta.json")
+LOGGED_SKIPS = 5  # per worker: the first few corrupt samples are named, the rest only counted
+# What a corrupt sample raises from the decoders (ImageDecodeError, ReferError, JSON and PIL errors
+# are all ValueError or OSError); anything else is a bug in this module and must surface.
+_CORRUPT_SAMPLE_ERRORS = (ValueError, KeyError, TypeError, IndexError, OSError, EOFError)
+
+
+class DataError(ValueError):
+    """The shards asked for cannot be read as a dataset; the message names the URL or split."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input geometry and normalisation of the two encoders, and the training shuffle."""
+
+    vision_size: int = 224  # V: the global vision encoder sees the whole image squashed to V×V
+    vision_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    vision_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    sam_size: int = 1024  # S: SAM's input frame (longest side S, zero padded to S×S)
+    shuffle_buffer: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # SAM's image embedding is S/16 on a side and its masks S/4: both must be whole.
+        if self.sam_size % 16:
+            raise ValueError(f"sam_size must be a multiple of 16, got {self.sam_size}")
+
+    @property
+    def sam_embedding_shape(self) -> tuple[int, int, int]:
+        return (SAM_EMBEDDING_CHANNELS, self.sam_size // 16, self.sam_size // 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image preprocessing, shared with single-image inference
+
+
+def vision_inputs(rgb: np.ndarray, labels: np.ndarray, config: DataConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The vision encoder's input and the superpixel map in the same V×V frame.
+
+    The image is squashed, not cropped, so every superpixel stays in view. Labels are resized
+    NEAREST, so each cell keeps a real label; a superpixel smaller than a cell can vanish, so the
+    labels left are renumbered 0..K'-1 (in their original order) and K' is returned with them.
+    Returns pixel_values float32 (3, V, V), superpixels int64 (V, V) and K'.
+    """
+    if labels.shape != rgb.shape[:2]:
+        raise ValueError(f"label map is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "
+                         f"{rgb.shape[1]}x{rgb.shape[0]}")
+    size = (config.vision_size, config.vision_size)
+    image = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
+    image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)[0] / 255.0
+    pixel_values = (image - _column(config.vision_mean)) / _column(config.vision_std)
+    label_map = torch.from_numpy(labels.astype(np.float32))[None, None]  # float32 holds uint16 exactly
+    label_map = F.interpolate(label_map, size=size, mode="nearest-exact")[0, 0].long()
+    present, superpixels = torch.unique(label_map, return_inverse=True)
+    return pixel_values, superpixels, len(present)
+
+
+def sam_inputs(rgb: np.ndarray, config: DataConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM's own preprocessing, so the frozen encoder sees what it was trained on.
+
+    ``ResizeLongestSide`` to S, then ``Sam.preprocess``: pixel normalisation and zero padding at the
+    bottom/right to S×S. Returns sam_pixels float32 (3, S, S) and the (h, w) of the image inside the
+    frame, which SAM's ``postprocess_masks`` needs to map masks back to the original image.
+    """
+    resized = ResizeLongestSide(config.sam_size).apply_image(rgb)
+    height, width = resized.shape[:2]
+    pixels = torch.from_numpy(resized.astype(np.float32)).permute(2, 0, 1)
+    pixels = (pixels - _column(SAM_PIXEL_MEAN)) / _column(SAM_PIXEL_STD)
+    return F.pad(pixels, (0, config.sam_size - width, 0, config.sam_size - height)), (height, width)
+
+
+def sam_mask_target(mask: np.ndarray, input_size: tuple[int, int], config: DataConfig) -> torch.Tensor:
+    """A full-resolution 0/1 mask in SAM's low-res mask frame: float32 (S/4, S/4), binary.
+
+    Resized (bilinear) and padded exactly like the image in :func:`sam_inputs`, then each 4×4 cell
+    is averaged and thresholded at 0.5: a target pixel is 1 when most of its cell is in the mask.
+    """
+    height, width = input_size
+    full = torch.from_numpy(mask.astype(np.float32))[None, None]
+    resized = F.interpolate(full, size=input_size, mode="bilinear", antialias=True, align_corners=False)
+    framed = F.pad(resized, (0, config.sam_size - width, 0, config.sam_size - height))
+    return (F.avg_pool2d(framed, SAM_MASK_STRIDE)[0, 0] >= 0.5).float()
+
+
+def _column(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)[:, None, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard URLs
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Shard specs → a list of shard URLs.
+
+    A string may hold several specs separated by ``::`` or by commas outside braces; a sequence
+    holds one spec per element. Each spec is brace-expanded (``train-{000000..000009}.tar``); a
+    local spec with ``*?[`` is globbed (sorted). Remote URLs (anything with ``://``) and ``pipe:``
+    commands pass through unchecked; local paths must exist, so a typo fails here, naming the path,
+    rather than as an empty epoch later.
+    """
+    specs = _split_specs(urls) if isinstance(urls, str) else list(urls)
+    shards = [shard for spec in specs for url in braceexpand.braceexpand(spec) for shard in _resolve(url)]
+    if not shards:
+        raise DataError(f"no shard URLs in {urls!r}")
+    return shards
+
+
+def _split_specs(urls: str) -> list[str]:
+    """Split on ``::`` and on commas at brace depth 0 (``{a,b}`` is one brace alternation)."""
+    specs = []
+    for part in urls.split("::"):
+        depth, start = 0, 0
+        for index, char in enumerate(part):
+            depth += {"{": 1, "}": -1}.get(char, 0)
+            if char == "," and depth == 0:
+                specs.append(part[start:index])
+                start = index + 1
+        specs.append(part[start:])
+    return [spec.strip() for spec in specs if spec.strip()]
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def _resolve(url: str) -> list[str]:
+    if _is_remote(url):
+        return [url]
+    path = str(Path(url).expanduser())
+    if any(char in path for char in "*?["):
+        matches = sorted(glob.glob(path))
+        if not matches:
+            raise DataError(f"no shard matches {url}")
+        return matches
+    if not Path(path).is_file():
+        raise DataError(f"shard not found: {url}")
+    return [path]
+
+
+def describe_shards(urls: str | Sequence[str]) -> dict:
+    """What the run reads, for its reproducibility record: the manifest next to local shards.
+
+    Returns the manifest's path and sha256, the precompute job's config and its hash, and the sha256
+    and sample count the manifest lists for each shard used. Several shard directories give
+    ``{"sources": [...]}``, one per directory; no manifest found (remote URLs) gives ``{}``.
+    """
+    local = [Path(url) for url in expand_urls(urls) if not _is_remote(url)]
+    sources = []
+    for directory in sorted({path.parent for path in local}):
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            continue
+        raw = manifest_path.read_bytes()
+        manifest = json.loads(raw)
+        used = {path.name for path in local if path.parent == directory}
+        listed = [shard for shard in manifest.get("shards", []) if shard["name"] in used]
+        sources.append({
+            "manifest": str(manifest_path),
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+            "config_hash": manifest.get("config_hash"),
+            "config": manifest.get("config", {}),
+            "shards": {shard["name"]: shard["sha256"] for shard in listed},
+            "samples": sum(shard["samples"] for shard in listed),
+        })
+    if len(sources) > 1:
+        return {"sources": sources}
+    return sources[0] if sources else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline stages
+
+
+def _log_shard_error(exc: Exception) -> bool:
+    """webdataset handler for shard-level failures (unreachable URL, truncated tar): warn and go on
+    with the next shard, as open_clip's ``log_and_continue``: a flaky store must not end a run."""
+    log.warning("shard skipped or cut short: %s: %s", type(exc).__name__, exc)
+    return True
+
+
+def _open_shards(shards: Iterable[dict]) -> Iterator[dict]:
+    """Open each shard URL as a byte stream.
+
+    Local paths and ``pipe:`` go through webdataset's ``gopen``; every other URL (s3://, gs://,
+    https://, file://, ...) through fsspec, which reaches far more stores than gopen's CLI tools.
+    """
+    for shard in shards:
+        url = shard["url"]
+        try:
+            stream = fsspec.open(url, "rb").open() if "://" in url else wds.gopen(url)
+        except Exception as exc:  # noqa: BLE001 - whatever the store raises, reported per shard
+            _log_shard_error(DataError(f"cannot open {url}: {exc}"))
+            continue
+        try:
+            yield {**shard, "stream": stream}
+        finally:  # the tar reader has consumed the stream when it asks for the next shard
+            stream.close()
+
+
+def _worker_rng(seed: int, purpose: int, epoch: int) -> random.Random:
+    """Reproducible from ``seed``, yet distinct per purpose, rank, DataLoader worker and pass."""
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    return random.Random(wds.utils.make_seed(seed, purpose, rank, worker, epoch))
+
+
+class _SampleShuffle(wds.PipelineStage):
+    """``wds.shuffle`` seeded per rank, worker and pass: a plain seed would repeat the same
+    permutation in every worker and every epoch, and no seed would make runs unrepeatable."""
+
+    def __init__(self, bufsize: int, seed: int) -> None:
+        self.bufsize, self.seed, self.epoch = bufsize, seed, 0
+
+    def run(self, samples: Iterable[dict]) -> Iterator[dict]:
+        self.epoch += 1
+        return wds.shuffle(self.bufsize, rng=_worker_rng(self.seed, 1, self.epoch))(samples)
+
+
+class _Decoder(wds.PipelineStage):
+    """Shard samples → items: every (ref, sentence) of an image in order (eval), or one drawn
+    uniformly from them per pass (train), so each sentence is equally likely over epochs.
+
+    It counts the corrupt samples it skips, and its :meth:`collate` gives that count to the next
+    batch. Both run in the same DataLoader worker, which holds its own copy of this object, so
+    ``batch["skipped"]`` is what that worker lost since its previous batch.
+    """
+
+    def __init__(self, config: DataConfig, train: bool) -> None:
+        self.config, self.train = config, train
+        self.epoch = 0
+        self.skipped = 0  # since the last batch
+        self.skipped_total = 0  # for rate-limited logging
+        self.warned_embedding_shape = False
+
+    def run(self, samples: Iterable[dict]) -> Iterator[dict]:
+        self.epoch += 1
+        rng = _worker_rng(self.config.seed, 2, self.epoch)
+        for sample in samples:
+            try:
+                image, masks, pairs = self._decode(sample)
+            except _CORRUPT_SAMPLE_ERRORS as exc:
+                self._skip(sample, exc)
+                continue
+            targets: dict[int, torch.Tensor] = {}  # each ref's mask target is computed once
+            for ref_index, ref, sentence in [rng.choice(pairs)] if self.train else pairs:
+                if ref_index not in targets:
+                    targets[ref_index] = sam_mask_target(masks[ref_index], image["input_size"], self.config)
+                yield {
+                    **image,
+                    "sentence": sentence["sent"],
+                    "ref_id": int(ref["ref_id"]),
+                    "sent_id": int(sentence["sent_id"]),
+                    "split": str(ref["split"]),
+                    "gt_mask": targets[ref_index],
+                    "full_mask": torch.from_numpy(masks[ref_index]),
+                }
+
+    def _decode(self, sample: dict) -> tuple[dict, list[np.ndarray], list[tuple[int, dict, dict]]]:
+        """Decode and check one image; raise one of ``_CORRUPT_SAMPLE_ERRORS`` if it is unusable."""
+        missing = [name for name in REQUIRED_MEMBERS if name not in sample]
+        if missing:
+            raise ValueError(f"missing member(s): {', '.join(missing)}")
+        rgb = decode_image(sample["jpg"]).rgb
+        height, width = rgb.shape[:2]
+        meta = json.loads(sample["meta.json"])
+        if (meta["height"], meta["width"]) != (height, width):
+            raise ValueError(f"meta.json says {meta['width']}x{meta['height']} but the image is {width}x{height}")
+        labels = decode_label_map(sample["spx.png"])
+        refs = json.loads(sample["refs.json"])
+        masks = [ref_mask(ref["segmentation"], height, width) for ref in refs]
+        pairs = [(index, ref, sentence) for index, ref in enumerate(refs) for sentence in ref["sentences"]]
+        if not pairs:
+            raise ValueError("no referring sentence")
+        pixel_values, superpixels, num_superpixels = vision_inputs(rgb, labels, self.config)
+        embedding = self._sam_embedding(sample)
+        if embedding is None:
+            sam_pixels, input_size = sam_inputs(rgb, self.config)
+        else:  # computed in collate only if the batch is mixed
+            sam_pixels = None
+            input_size = ResizeLongestSide.get_preprocess_shape(height, width, self.config.sam_size)
+        image = {
+            "key": sample["__key__"], "rgb": rgb, "pixel_values": pixel_values, "superpixels": superpixels,
+            "num_superpixels": num_superpixels, "sam_pixels": sam_pixels, "sam_embedding": embedding,
+            "input_size": input_size, "original_size": (height, width),
+        }
+        return image, masks, pairs
+
+    def _sam_embedding(self, sample: dict) -> torch.Tensor | None:
+        if "sam.npy" not in sample:
+            return None
+        embedding = decode_sam_embedding(sample["sam.npy"])
+        if embedding.shape != self.config.sam_embedding_shape:
+            if not self.warned_embedding_shape:
+                self.warned_embedding_shape = True
+                log.warning("ignoring sam.npy of shape %s in %s (and any other such): this trainer's SAM at "
+                            "%d px gives %s, so the embedding comes from another SAM; encoding images instead",
+                            embedding.shape, sample["__key__"], self.config.sam_size,
+                            self.config.sam_embedding_shape)
+            return None
+        return torch.from_numpy(embedding.astype(np.float32))
+
+    def _skip(self, sample: dict, exc: Exception) -> None:
+        self.skipped += 1
+        self.skipped_total += 1
+        if self.skipped_total <= LOGGED_SKIPS:
+            log.warning("skipping corrupt sample %s from %s: %s: %s", sample.get("__key__"), sample.get("__url__"),
+                        type(exc).__name__, exc)
+            if self.skipped_total == LOGGED_SKIPS:
+                log.warning("any further corrupt samples in this worker are counted in batch['skipped'], not logged")
+
+    def collate(self, items: list[dict]) -> dict[str, Any]:
+        """Items → one batch (the contract is in the module docstring)."""
+        batch = {
+            "keys": [item["key"] for item in items],
+            "sentences": [item["sentence"] for item in items],
+            "ref_ids": [item["ref_id"] for item in items],
+            "sent_ids": [item["sent_id"] for item in items],
+            "splits": [item["split"] for item in items],
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "superpixels": torch.stack([item["superpixels"] for item in items]),
+            "num_superpixels": torch.tensor([item["num_superpixels"] for item in items], dtype=torch.int64),
+            "gt_masks": torch.stack([item["gt_mask"] for item in items]),
+            "input_sizes": torch.tensor([item["input_size"] for item in items], dtype=torch.int64),
+            "original_sizes": torch.tensor([item["original_size"] for item in items], dtype=torch.int64),
+            "full_masks": [item["full_mask"] for item in items],
+            "skipped": self.skipped,
+        }
+        self.skipped = 0
+        if all(item["sam_embedding"] is not None for item in items):
+            batch["sam_embeddings"] = torch.stack([item["sam_embedding"] for item in items])
+        else:
+            batch["sam_pixels"] = torch.stack([
+                item["sam_pixels"] if item["sam_pixels"] is not None else sam_inputs(item["rgb"], self.config)[0]
+                for item in items
+            ])
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+
+class ShardLoader(wds.WebLoader):
+    """A ``wds.WebLoader`` that fails loudly when a pass over its shards yields nothing: an empty
+    split, or one whose samples are all corrupt, is a configuration error, not an empty epoch."""
+
+    def __init__(self, pipeline: wds.DataPipeline, *, num_workers: int, source: str, expect_batches: bool) -> None:
+        super().__init__(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
+                         persistent_workers=num_workers > 0)
+        self.source, self.expect_batches = source, expect_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        empty = True
+        for batch in super().__iter__():
+            empty = False
+            yield batch
+        if empty and self.expect_batches:
+            raise DataError(f"{self.source} yielded no batch: no usable sample (training drops a last "
+                            f"batch that is not full, so it also needs at least batch_size samples)")
+
+
+def make_loader(
+    urls: str | Sequence[str],
+    config: DataConfig,
+    *,
+    train: bool,
+    batch_size: int,
+    num_workers: int = 0,
+    resampled: bool | None = None,
+    epoch_samples: int | None = None,
+) -> ShardLoader:
+    """An iterable of batches (dicts, described in the module docstring) over the shards in ``urls``.
+
+    Training (``resampled`` defaults to ``train``): every rank and worker draws shards with
+    replacement from its own seeded stream, so the loader is infinite unless ``epoch_samples`` is
+    given; that is the number of items per epoch *over all ranks* (like open_clip's
+    ``--train-num-samples``), rounded up to whole batches per worker. Without resampling, the shard
+    order is shuffled identically on every rank (seed + pass), then split by node and by worker.
+    Evaluation: no shuffle, shards split by node then by worker, every (ref, sentence) once, and
+    the last partial batch kept. The rank and world size come from ``RANK``/``WORLD_SIZE`` or an
+    initialised ``torch.distributed`` (webdataset's ``pytorch_worker_info``), so do not also shard
+    this loader with ``accelerator.prepare``.
+    """
+    shards = expand_urls(urls)
+    resampled = train if resampled is None else resampled
+    if epoch_samples is not None and not train:
+        raise ValueError("epoch_samples is for training: evaluation reads every (ref, sentence) exactly once")
+    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+    decoder = _Decoder(config, train)
+    if resampled:
+        stages: list[Any] = [wds.ResampledShards(shards, seed=config.seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(shards)]
+        if train:
+            stages.append(wds.detshuffle(len(shards), initial=len(shards), seed=config.seed))
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages += [
+        _open_shards,
+        functools.partial(tar_file_expander, handler=_log_shard_error),
+        functools.partial(group_by_keys, handler=_log_shard_error),
+    ]
+    if train:
+        stages.append(_SampleShuffle(config.shuffle_buffer, config.seed))
+    stages += [decoder, wds.batched(batch_size, collation_fn=decoder.collate, partial=not train)]
+    pipeline = wds.DataPipeline(*stages)
+    if epoch_samples is not None:
+        per_worker = math.ceil(epoch_samples / (batch_size * world_size * max(1, num_workers)))
+        pipeline = pipeline.with_epoch(per_worker)
+    source = urls if isinstance(urls, str) else f"{len(shards)} shards from {shards[0]}"
+    return ShardLoader(pipeline, num_workers=num_workers, source=source,
+                       expect_batches=resampled or len(shards) > rank)

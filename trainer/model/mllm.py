@@ -1,0 +1,313 @@
+"""The segmentation MLLM (DESIGN §1): vision → projector → LLM (+LoRA) → ``[SEG]`` → SAM mask decoder.
+
+Prompt and answer are fixed templates (``PROMPT``, ``ANSWER``). ``<image>`` in the prompt is
+replaced, at the embedding level, by the sample's *valid* projector tokens only, so every sequence
+is [prompt before <image>, visual tokens, prompt after, answer] with no padding inside; sequences
+are right-padded to the longest of the batch. Right padding with a causal LLM means no real token
+ever attends to a pad, so a sample's outputs do not depend on what it is batched with.
+
+``[SEG]`` is teacher-forced: training and inference feed the same full template, answer included,
+and take the last-layer hidden state at the ``[SEG]`` position. There is no free generation: the
+task always has exactly one target, so generating "it is [SEG] ." would only add decoding time.
+
+What trains (everything else is frozen): the projector, LoRA on the LLM, the ``[SEG]`` rows of
+the input (and untied output) embeddings via peft's ``trainable_token_indices``, the ``[SEG]`` →
+prompt MLP and SAM's mask decoder. ``<image>`` is never embedded (it is spliced out) nor
+predicted, so its row would receive no gradient and is not trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from pipeline.superpixels.sam import SamCheckpointError, build_sam, validate_sam_checkpoint
+from trainer.model.losses import IGNORE_INDEX, answer_ce, mask_bce, mask_dice
+from trainer.model.mask_head import MaskHead
+from trainer.model.projectors import ProjectorConfig, build_projector
+from trainer.model.tokenizer import tiny_tokenizer
+from trainer.model.vision import TINY, ModelLoadError, load_vision, pretrained_source
+
+SEG_TOKEN, IMAGE_TOKEN = "[SEG]", "<image>"
+PROMPT = IMAGE_TOKEN + " please segment : {sentence} . answer :"
+ANSWER = "it is " + SEG_TOKEN + " ."
+SAM_PROMPT_DIM = 256  # width of SAM's sparse prompt embeddings
+_TINY_LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=256, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the model; JSON-serialisable with ``asdict``."""
+
+    llm: str = TINY  # "tiny" (random tiny Llama + word-level tokenizer), a hub id or a local directory
+    vision: str = TINY  # "tiny" (random tiny DINOv2), a hub id or a local directory; real runs: facebook/dinov2-base
+    vision_size: int = 224
+    sam_checkpoint: str | None = None  # None: random SAM, only for sam_model "tiny" (tests, demo)
+    sam_model: str = "tiny"
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    ce_weight: float = 1.0
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Accept the JSON form (a dict projector, a list of targets), so ``ModelConfig(**asdict(c)) == c``."""
+        if isinstance(self.projector, dict):
+            self.projector = ProjectorConfig(**self.projector)
+        self.lora_targets = tuple(self.lora_targets)
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor  # the weighted sum, with its graph
+    ce_loss: torch.Tensor  # the terms, detached, for logging
+    bce_loss: torch.Tensor
+    dice_loss: torch.Tensor
+    mask_logits: torch.Tensor  # (B, 1, S/4, S/4), SAM's low-res frame
+    num_visual_tokens: torch.Tensor  # (B,) long
+
+
+@dataclass
+class _Sequences:
+    """The spliced LLM input of a batch, right-padded to ``L``."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    attention_mask: torch.Tensor  # (B, L) long
+    labels: torch.Tensor  # (B, L): answer token ids, IGNORE_INDEX elsewhere
+    seg_positions: torch.Tensor  # (B,)
+
+
+class TrainableStateError(ValueError):
+    """A trained-weights dict that does not fit this model exactly."""
+
+
+def tiny_causal_lm(vocab_size: int) -> LlamaForCausalLM:
+    """A random 2-layer Llama: the LLM of tests, the demo and CPU benchmarks."""
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **_TINY_LLM))
+
+
+def _check_sources(config: ModelConfig) -> None:
+    """Fail on a wrong ``--llm`` / ``--vision`` / ``--sam-checkpoint`` before any weights load."""
+    for name, option in ((config.llm, "--llm"), (config.vision, "--vision")):
+        if name != TINY:
+            pretrained_source(name, option)
+    if config.sam_checkpoint is None:
+        if config.sam_model != "tiny":
+            raise ModelLoadError(
+                f"--sam-model {config.sam_model} needs --sam-checkpoint (SAM weights are never downloaded)"
+            )
+        return
+    try:
+        validate_sam_checkpoint(config.sam_checkpoint, config.sam_model)
+    except SamCheckpointError as error:
+        raise ModelLoadError(f"--sam-checkpoint: {error}") from error
+
+
+def _load_llm(name: str) -> tuple[PreTrainedModel, Any]:
+    """(causal LM, tokenizer) with ``[SEG]`` and ``<image>`` added and the embeddings resized.
+
+    Pretrained weights keep their stored dtype (``dtype="auto"``): the base is frozen, so a bf16
+    checkpoint stays bf16; module boundaries cast (see ``_splice`` and ``forward``).
+    """
+    if name == TINY:
+        tokenizer = tiny_tokenizer()
+        model = tiny_causal_lm(len(tokenizer))
+    else:
+        _, local = pretrained_source(name, "--llm")
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local, dtype="auto")
+    tokenizer.add_tokens([SEG_TOKEN, IMAGE_TOKEN], special_tokens=True)
+    model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, candidate in model.named_modules() if candidate is module)
+
+
+def _add_lora(model: PreTrainedModel, config: ModelConfig, seg_id: int) -> nn.Module:
+    """LoRA on ``lora_targets``; the ``[SEG]`` embedding row (and its untied output row) trains too.
+
+    peft ties the output row itself when the embeddings are tied; an untied ``lm_head`` is named
+    explicitly, else the CE target ``[SEG]`` would keep its random resize-time row forever.
+    """
+    rows = {_module_name(model, model.get_input_embeddings()): [seg_id]}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
+        rows[_module_name(model, output)] = [seg_id]
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_targets), trainable_token_indices=rows, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+class SegmentationMLLM(nn.Module):
+    """Batch → (losses, SAM low-res mask logits); see the module docstring for what trains."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        _check_sources(config)
+        self.config = config
+        with torch.random.fork_rng():  # same seed, same random parts; the caller's RNG is untouched
+            torch.manual_seed(config.seed)
+            self.vision, vision_dim, _ = load_vision(config.vision, config.vision_size)
+            llm, self.tokenizer = _load_llm(config.llm)
+            self.seg_id = self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+            self.image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            llm_dim = llm.get_input_embeddings().embedding_dim
+            self.llm = _add_lora(llm, config, self.seg_id)
+            self.projector = build_projector(config.projector, vision_dim, llm_dim)
+            self.seg_mlp = nn.Sequential(nn.Linear(llm_dim, llm_dim), nn.ReLU(), nn.Linear(llm_dim, SAM_PROMPT_DIM))
+            self.mask_head = MaskHead(build_sam(config.sam_model, config.sam_checkpoint))
+        answer = self.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        self.answer_ids = answer + ([eos] if eos is not None else [])
+        self.seg_offset = self.answer_ids.index(self.seg_id)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (eos if eos is not None else 0)  # a filler, always masked
+
+    @property
+    def device(self) -> torch.device:
+        return self.seg_mlp[0].weight.device
+
+    # ----------------------------------------------------------------------------------- forward
+
+    def forward(self, batch: dict[str, Any]) -> ModelOutput:
+        """Losses and low-res mask logits of a collated batch (see ``trainer.data``)."""
+        mask_logits, lm_logits, labels, num_tokens = self._run(batch)
+        ce = answer_ce(lm_logits, labels)
+        targets = batch["gt_masks"].to(self.device)[:, None]
+        bce, dice = mask_bce(mask_logits, targets), mask_dice(mask_logits, targets)
+        config = self.config
+        loss = config.ce_weight * ce + config.bce_weight * bce + config.dice_weight * dice
+        return ModelOutput(loss, ce.detach(), bce.detach(), dice.detach(), mask_logits, num_tokens)
+
+    @torch.inference_mode()
+    def predict_masks(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low-res mask logits (B, 1, S/4, S/4), visual tokens per sample) without targets or losses."""
+        mask_logits, _, _, num_tokens = self._run(batch)
+        return mask_logits, num_tokens
+
+    def _run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = self.device
+        features, grid = self.vision(batch["pixel_values"].to(device))
+        tokens, valid = self.projector(
+            features.to(self.seg_mlp[0].weight.dtype), grid,
+            batch["superpixels"].to(device), batch["num_superpixels"].to(device),
+        )
+        sequences = self._splice(batch["sentences"], tokens, valid)
+        out = self.llm(inputs_embeds=sequences.embeds, attention_mask=sequences.attention_mask,
+                       position_ids=self._positions(sequences.attention_mask), output_hidden_states=True)
+        seg_hidden = out.hidden_states[-1][torch.arange(len(tokens), device=device), sequences.seg_positions]
+        prompts = self.seg_mlp(seg_hidden.to(self.seg_mlp[0].weight.dtype))[:, None]
+        if "sam_embeddings" in batch:
+            embeddings = batch["sam_embeddings"].to(device)
+        else:
+            embeddings = self.mask_head.image_embeddings(batch["sam_pixels"].to(device))
+        return self.mask_head(embeddings, prompts), out.logits, sequences.labels, valid.sum(1)
+
+    @staticmethod
+    def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+        """0, 1, ... along each unpadded sequence (right padding: the same for every row)."""
+        return torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+
+    def _tokenize(self, sentences: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Per sample: the text ids with ``<image>`` removed, and where ``<image>`` stood."""
+        texts, image_at = [], []
+        prompts = self.tokenizer([PROMPT.format(sentence=s) for s in sentences])["input_ids"]
+        for sentence, ids in zip(sentences, prompts):
+            if ids.count(self.image_id) != 1 or self.seg_id in ids:
+                raise ValueError(f"the sentence {sentence!r} contains {IMAGE_TOKEN} or {SEG_TOKEN}")
+            at = ids.index(self.image_id)
+            texts.append(ids[:at] + ids[at + 1 :] + self.answer_ids)
+            image_at.append(at)
+        return texts, image_at
+
+    def _splice(self, sentences: list[str], tokens: torch.Tensor, valid: torch.Tensor) -> _Sequences:
+        """[prompt before <image>, valid visual tokens, prompt after, answer], right-padded.
+
+        Vectorised: boolean masks say where text and visual tokens go; text ids and (right-padded)
+        visual tokens are poured into them in row-major order, which keeps each sample's order.
+        """
+        device = tokens.device
+        texts, image_at = self._tokenize(sentences)
+        text_ids = pad_sequence([torch.tensor(t) for t in texts], batch_first=True, padding_value=self.pad_id)
+        text_ids = text_ids.to(device)
+        text_lengths = torch.tensor([len(t) for t in texts], device=device)
+        image_at = torch.tensor(image_at, device=device)
+        num_visual = valid.sum(1)
+        lengths = text_lengths + num_visual
+        position = torch.arange(int(lengths.max()), device=device)[None]
+        is_visual = (position >= image_at[:, None]) & (position < (image_at + num_visual)[:, None])
+        in_sequence = position < lengths[:, None]
+        is_text = in_sequence & ~is_visual
+        ids = torch.full(is_text.shape, self.pad_id, device=device)
+        ids[is_text] = text_ids[torch.arange(text_ids.shape[1], device=device)[None] < text_lengths[:, None]]
+        embedding = self.llm.get_input_embeddings()
+        embeds = embedding(ids).masked_scatter(is_visual[..., None], tokens[valid].to(embedding.weight.dtype))
+        answer_start = lengths - len(self.answer_ids)
+        labels = torch.where(in_sequence & (position >= answer_start[:, None]), ids, IGNORE_INDEX)
+        return _Sequences(embeds, in_sequence.long(), labels, answer_start + self.seg_offset)
+
+    # ------------------------------------------------------------------------------ bookkeeping
+
+    def data_config_fields(self) -> dict[str, Any]:
+        """What ``trainer.data.DataConfig`` must match: the input sizes and the vision normalisation."""
+        return {
+            "vision_size": self.config.vision_size,
+            "vision_mean": tuple(self.vision.mean),
+            "vision_std": tuple(self.vision.std),
+            "sam_size": self.mask_head.image_size,
+        }
+
+    def num_patches(self) -> int:
+        """Patch tokens per image of the vision encoder: what the ``mlp`` projector hands the LLM."""
+        side = self.config.vision_size // self.vision.patch_size
+        return side * side
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Exactly the trained tensors, by their module path (stable for a given ``ModelConfig``)."""
+        return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict: every trained tensor, nothing else, each of the right shape; else nothing loads."""
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [
+            f"{name} {tuple(state[name].shape)} vs {tuple(tensor.shape)}"
+            for name, tensor in expected.items()
+            if name in state and state[name].shape != tensor.shape
+        ]
+        found = {"missing keys": missing, "unexpected keys": unexpected,
+                 "shape mismatches (given vs model)": mismatched}
+        problems = [f"{len(keys)} {what}: {', '.join(keys)}" for what, keys in found.items() if keys]
+        if problems:
+            raise TrainableStateError("trained weights do not fit this model: " + "; ".join(problems))
+        with torch.no_grad():
+            for name, tensor in expected.items():
+                tensor.copy_(state[name])
+
+    def describe(self) -> str:
+        """One line per part: trainable / total parameters (what a run prints at start)."""
+        parts = {"vision": self.vision, "projector": self.projector, "llm": self.llm,
+                 "seg_mlp": self.seg_mlp, "mask_head": self.mask_head}
+        lines = [f"SegmentationMLLM llm={self.config.llm} vision={self.config.vision} "
+                 f"projector={self.config.projector.kind} sam={self.config.sam_model}"]
+        for name, module in [*parts.items(), ("total", self)]:
+            total = sum(p.numel() for p in module.parameters())
+            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            share = 100 * trainable / max(total, 1)
+            lines.append(f"  {name:<10} trainable {trainable:>13,} / {total:>15,} ({share:.2f}%)")
+        return "\n".join(lines)
+
