@@ -20,6 +20,7 @@ from jobs import train as train_job
 from jobs.eval import run_eval
 from pipeline.images import decode_image
 from pipeline.shards import decode_label_map, read_manifest, split_shard_urls
+from pipeline.superpixels.sam import save_tiny_sam
 from trainer.checkpoint import load_trained_model
 from trainer.predict import predict_mask, render_overlay
 
@@ -45,14 +46,19 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     step("synth", synth.main(["--out", str(out / "refer"), "--images", str(args.images), "--seed", str(args.seed)]))
     timings["synth_s"] = time.perf_counter() - start
+    # One random tiny SAM serves both the precompute (its encoder's embeddings go into the shards,
+    # so training never runs the encoder) and the trainer's mask head.
+    sam = str(save_tiny_sam(out / "sam_tiny.pth", seed=args.seed))
     start = time.perf_counter()
     step("precompute", precompute.main(["--refer-root", str(out / "refer"), "--dataset", "refcoco", "--split-by", "unc",
                                         "--out", str(out / "shards"), "--backend", "felzenszwalb",
+                                        "--store-sam-embeddings", "--sam-checkpoint", sam, "--sam-model", "tiny",
                                         "--workers", str(args.workers), "--shard-size", "8"]))
     timings["precompute_s"] = time.perf_counter() - start
     start = time.perf_counter()
     run_dir = out / "run_svp"
     step("train", train_job.main(["--shards", str(out / "shards"), "--run-dir", str(run_dir), "--projector", "svp",
+                                  "--sam-checkpoint", sam, "--sam-model", "tiny",
                                   "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                                   "--warmup-steps", str(max(1, args.steps // 20)), "--save-every", str(args.steps),
                                   "--seed", str(args.seed)]))

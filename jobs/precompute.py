@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="sam: SAM automatic masks (the method; needs --sam-checkpoint). felzenszwalb / slic: "
                          "classical CPU-only colour superpixels for laptops, demos and tests, not the method")
     sp.add_argument("--sam-checkpoint", type=Path, help="official SAM .pth (e.g. sam_vit_h_4b8939.pth), or a tiny one "
-                    "from save_tiny_sam; never downloaded. Must be readable on every worker node")
+                    "from `svp tiny-sam`; never downloaded. Must be readable on every worker node")
     sp.add_argument("--sam-model", choices=SAM_MODEL_TYPES, default="vit_h",
                     help="architecture of --sam-checkpoint (tiny: random small SAM for tests/CPU); default vit_h")
     sp.add_argument("--points-per-side", type=int, default=32, help="SAM point grid per side; default 32")
@@ -63,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sp.add_argument("--box-nms-thresh", type=float, default=0.7, help="box NMS IoU between SAM masks; default 0.7")
     sp.add_argument("--sam-batch-images", type=int, default=4, help="images per SAM encoder batch; default 4")
     sp.add_argument("--store-sam-embeddings", action="store_true",
-                    help="also write sam.npy (float16 256x64x64 SAM image embedding) from the same SAM pass, "
-                         "so training can skip the SAM encoder")
+                    help="also write sam.npy (float16 256x64x64 SAM image embedding; with --backend sam from the "
+                         "same SAM pass, with a classical backend from SAM's encoder alone; needs --sam-checkpoint) "
+                         "so that training skips the SAM encoder")
     sp.add_argument("--min-area", type=int, default=100,
                     help="superpixels smaller than this many pixels merge into their largest neighbour; default 100")
     sp.add_argument("--max-superpixels", type=int, default=256,

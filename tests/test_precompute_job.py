@@ -110,6 +110,20 @@ def test_sam_backend_job_writes_partitions_and_embeddings_from_a_saved_checkpoin
         assert embedding.dtype == np.float16 and embedding.shape == (256, 64, 64) and np.isfinite(embedding).all()
 
 
+def test_classical_backend_can_store_sam_embeddings_for_the_trainer(tiny_sam_checkpoint, tmp_path, ray_local):
+    root, out = tmp_path / "refer", tmp_path / "shards"
+    synthesize(root, images=4, seed=5)
+    flags = ["--backend", "felzenszwalb", "--store-sam-embeddings", "--sam-checkpoint", str(tiny_sam_checkpoint),
+             "--sam-model", "tiny"]
+    assert precompute(_args(root, out, *flags)) == 0
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["backend"] == "felzenszwalb" and config["store_sam_embeddings"]
+    assert len(config["sam"]["checkpoint_sha256"]) == 64
+    for sample in _samples(out).values():
+        assert json.loads(sample["meta.json"])["backend"] == "felzenszwalb"
+        assert np.load(io.BytesIO(sample["sam.npy"]), allow_pickle=False).shape == (256, 64, 64)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad and awkward input: one job over a dataset holding every case, then one test per case.
 
@@ -216,7 +230,7 @@ def test_malicious_refs_pickle_is_refused_before_anything_runs(synth_root, tmp_p
         (["--backend", "sam"], "--sam-checkpoint"),
         (["--backend", "sam", "--sam-checkpoint", "{ckpt}", "--sam-model", "vit_b"], "vit_b"),
         (["--backend", "sam", "--sam-checkpoint", "/nonexistent/sam.pth", "--sam-model", "tiny"], "/nonexistent/sam.pth"),
-        (["--backend", "slic", "--store-sam-embeddings"], "--backend sam"),
+        (["--backend", "slic", "--store-sam-embeddings"], "--sam-checkpoint"),
     ],
     ids=["sam-without-checkpoint", "wrong-model-type", "missing-checkpoint", "embeddings-without-sam"],
 )

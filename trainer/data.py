@@ -75,6 +75,7 @@ class DataConfig:
     vision_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     vision_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     sam_size: int = 1024  # S: SAM's input frame (longest side S, zero padded to S×S)
+    use_sam_embeddings: bool = True  # read sam.npy when present (only valid if it came from the trainer's SAM)
     shuffle_buffer: int = 256
     seed: int = 0
 
@@ -344,7 +345,7 @@ class _Decoder(wds.PipelineStage):
         return image, masks, pairs
 
     def _sam_embedding(self, sample: dict) -> torch.Tensor | None:
-        if "sam.npy" not in sample:
+        if "sam.npy" not in sample or not self.config.use_sam_embeddings:
             return None
         embedding = decode_sam_embedding(sample["sam.npy"])
         if embedding.shape != self.config.sam_embedding_shape:

@@ -8,6 +8,7 @@ process reads its own disjoint shards: the loader splits by node and by worker).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,11 +20,13 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from pipeline.superpixels.base import file_sha256
 from trainer.checkpoint import CheckpointError, check_same_model, export_trained, read_run_config, write_run_config
 from trainer.data import DataConfig, DataError, describe_shards, make_loader
 from trainer.model import ModelConfig, SegmentationMLLM
 
 CHECKPOINTS = "checkpoints"
+log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -76,9 +79,9 @@ def train(config: TrainConfig) -> dict:
     resume_from = _resume_point(config) if config.resume else None
     set_seed(config.seed, device_specific=True)
     model = SegmentationMLLM(config.model)
+    shards = describe_shards(config.train_shards)
     if accelerator.is_main_process:
-        write_run_config(config.run_dir, {"command": "train", **_jsonable(config),
-                                          "data": {"train": describe_shards(config.train_shards)},
+        write_run_config(config.run_dir, {"command": "train", **_jsonable(config), "data": {"train": shards},
                                           "world_size": accelerator.num_processes})
         accelerator.init_trackers("tensorboard")
         accelerator.print(model.describe())
@@ -96,7 +99,8 @@ def train(config: TrainConfig) -> dict:
         accelerator.print(f"resumed from {resume_from} at step {progress.step}")
 
     # The loader is not given to accelerator.prepare: WebDataset splits shards by node itself.
-    data_config = DataConfig(**accelerator.unwrap_model(model).data_config_fields(), seed=config.seed + progress.step)
+    data_config = DataConfig(**accelerator.unwrap_model(model).data_config_fields(), seed=config.seed + progress.step,
+                             use_sam_embeddings=embeddings_match(shards, config.model))
     # Not resampled: each process reads its own shards (disjoint across processes), pass after pass.
     loader = make_loader(config.train_shards, data_config, train=True, batch_size=config.batch_size,
                          num_workers=config.num_workers, resampled=False)
@@ -138,6 +142,22 @@ def train(config: TrainConfig) -> dict:
         export_trained(accelerator.unwrap_model(model), config.run_dir / "export", config.model)
     accelerator.end_training()
     return {"step": progress.step, "skipped_samples": skipped}
+
+
+def embeddings_match(shards: dict, model: ModelConfig) -> bool:
+    """Whether the shards' ``sam.npy`` came from the very SAM this model decodes with.
+
+    An embedding of another SAM has the right shape and the wrong meaning: the mask decoder would
+    train on it without complaint. The manifest records the SAM checkpoint's sha256, so compare.
+    """
+    stored = shards.get("config", {}).get("sam", {}).get("checkpoint_sha256")
+    if not stored or not shards.get("config", {}).get("store_sam_embeddings"):
+        return False
+    if model.sam_checkpoint is None or file_sha256(model.sam_checkpoint) != stored:
+        log.warning("the shards' sam.npy come from another SAM checkpoint than --sam-checkpoint: "
+                    "ignoring them and running the SAM encoder at every step")
+        return False
+    return True
 
 
 def _passes(loader, rank: int):

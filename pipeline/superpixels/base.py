@@ -82,17 +82,23 @@ class BackendSpec:
             from pipeline.superpixels.sam import validate_sam_checkpoint
 
             validate_sam_checkpoint(self.sam.checkpoint, self.sam.model_type)
-        elif self.sam is not None and self.sam.store_embeddings:
-            raise BackendConfigError("--store-sam-embeddings needs --backend sam (the embedding comes from the SAM pass)")
+        elif self.stores_sam_embeddings:
+            if not self.sam.checkpoint:
+                raise BackendConfigError(
+                    "--store-sam-embeddings needs --sam-checkpoint: the embedding comes from SAM's image encoder"
+                )
+            from pipeline.superpixels.sam import validate_sam_checkpoint
+
+            validate_sam_checkpoint(self.sam.checkpoint, self.sam.model_type)
 
     def config(self) -> dict:
         """Everything that changes the output bytes (the checkpoint by content, not by path)."""
         config: dict = {"backend": self.name, "partition": self.partition.as_dict()}
-        if self.name == "sam":
+        if self.name == "sam" or self.stores_sam_embeddings:
             assert self.sam is not None
             options = {k: v for k, v in vars(self.sam).items() if k not in ("checkpoint", "points_per_batch", "images_per_batch")}
             config["sam"] = options | {"checkpoint_sha256": file_sha256(self.sam.checkpoint)}
-        else:
+        if self.name != "sam":
             from pipeline.superpixels.classical import CLASSICAL_PARAMS
 
             config["params"] = CLASSICAL_PARAMS[self.name]
@@ -100,7 +106,7 @@ class BackendSpec:
 
     @property
     def stores_sam_embeddings(self) -> bool:
-        return self.name == "sam" and self.sam is not None and self.sam.store_embeddings
+        return self.sam is not None and self.sam.store_embeddings
 
     def build(self, device: str = "cpu") -> SuperpixelBackend:
         """Instantiate the backend on ``device`` (called once per worker)."""
@@ -111,7 +117,13 @@ class BackendSpec:
             return SamSuperpixels(self.sam, self.partition, device=device)
         from pipeline.superpixels.classical import ClassicalSuperpixels
 
-        return ClassicalSuperpixels(self.name, self.partition)
+        backend: SuperpixelBackend = ClassicalSuperpixels(self.name, self.partition)
+        if self.stores_sam_embeddings:
+            from pipeline.superpixels.sam import WithSamEmbeddings
+
+            assert self.sam is not None
+            backend = WithSamEmbeddings(backend, self.sam, device=device)
+        return backend
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -120,6 +120,55 @@ def save_tiny_sam(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+class SamImageEncoder:
+    """SAM's image encoder alone, a batch of images at a time: the embedding that both the mask
+    generator and the trainer's mask decoder read (so it is computed once and can be stored)."""
+
+    def __init__(self, sam: Sam, images_per_batch: int, device: torch.device) -> None:
+        self.sam, self.images_per_batch, self.device = sam, images_per_batch, device
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
+        """One (256, 64, 64) embedding per image, on the device, in input order."""
+        for start in range(0, len(images), self.images_per_batch):
+            chunk = images[start : start + self.images_per_batch]
+            with self.autocast():
+                yield from self.sam.image_encoder(torch.cat([self._preprocess(image) for image in chunk]))
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """What ``SamPredictor.set_image`` feeds the encoder: resize the long side to 1024, normalise, pad."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"SAM expects RGB uint8 images (H, W, 3), got {image.dtype} {image.shape}")
+        resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+        return self.sam.preprocess(resized.permute(2, 0, 1)[None].float())
+
+
+def stored_embedding(embedding: torch.Tensor) -> np.ndarray:
+    """The shard's ``sam.npy`` form: float16 on the CPU."""
+    return embedding.to(torch.float16).cpu().numpy()
+
+
+class WithSamEmbeddings(SuperpixelBackend):
+    """Any backend's superpixels plus SAM image embeddings, for shards that feed a trainer whose
+    SAM encoder should not run at every step (a classical partition with a SAM mask head)."""
+
+    def __init__(self, inner: SuperpixelBackend, options: SamOptions, device: str | torch.device = "cpu") -> None:
+        self.inner = inner
+        device = torch.device(device)
+        self.encoder = SamImageEncoder(build_sam(options.model_type, options.checkpoint, device),
+                                       options.images_per_batch, device)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
+        results = self.inner(images)
+        for result, embedding in zip(results, self.encoder(images), strict=True):
+            result.sam_embedding = stored_embedding(embedding)
+        return results
+
+
 class SamSuperpixels(SuperpixelBackend):
     """SAM automatic masks → partition, for a batch of images at a time."""
 
@@ -128,14 +177,15 @@ class SamSuperpixels(SuperpixelBackend):
         self.partition = partition
         self.device = torch.device(device)
         self.sam = build_sam(options.model_type, options.checkpoint, self.device)
-        self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+        self.encoder = SamImageEncoder(self.sam, options.images_per_batch, self.device)
+        self.transform = self.encoder.transform
         (self.point_grid,) = build_all_layer_point_grids(options.points_per_side, 0, 1)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
         return [
             SuperpixelResult(
                 labels=partition_from_masks(masks, self.partition),
-                sam_embedding=embedding.cpu().numpy() if self.options.store_embeddings else None,
+                sam_embedding=stored_embedding(embedding) if self.options.store_embeddings else None,
             )
             for masks, embedding in self._generate(images)
         ]
@@ -146,24 +196,9 @@ class SamSuperpixels(SuperpixelBackend):
 
     @torch.inference_mode()
     def _generate(self, images: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(masks, float16 embedding) per image; the encoder sees ``images_per_batch`` images at once."""
-        batch = self.options.images_per_batch
-        for start in range(0, len(images), batch):
-            chunk = images[start : start + batch]
-            with self._autocast():
-                embeddings = self.sam.image_encoder(torch.cat([self._preprocess(image) for image in chunk]))
-            for image, embedding in zip(chunk, embeddings):
-                yield self._masks(embedding[None], image.shape[:2]), embedding.to(torch.float16)
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-
-    def _preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """What ``SamPredictor.set_image`` feeds the encoder: resize the long side to 1024, normalise, pad."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"SAM expects RGB uint8 images (H, W, 3), got {image.dtype} {image.shape}")
-        resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
-        return self.sam.preprocess(resized.permute(2, 0, 1)[None].float())
+        """(masks, embedding) per image; the encoder sees ``images_per_batch`` images at once."""
+        for image, embedding in zip(images, self.encoder(images)):
+            yield self._masks(embedding[None], image.shape[:2]), embedding
 
     def _masks(self, embedding: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Points grid → decoder → IoU filter → upsample survivors → stability → boxes → NMS."""
@@ -190,7 +225,7 @@ class SamSuperpixels(SuperpixelBackend):
     def _decode(self, embedding: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One positive click per prompt → (3·n, 256, 256) float32 low-res logits and their predicted IoU."""
         labels = torch.ones((len(points), 1), dtype=torch.int, device=self.device)
-        with self._autocast():
+        with self.encoder.autocast():
             sparse, dense = self.sam.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
             low_res, scores = self.sam.mask_decoder(
                 image_embeddings=embedding,
