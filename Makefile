@@ -20,9 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/svp synth --out $(DEMO_DIR)/refer --images 40
-	$(BIN)/svp precompute --refer-root $(DEMO_DIR)/refer --dataset refcoco --split-by unc \
-		--out $(DEMO_DIR)/shards --backend felzenszwalb --workers 2
+	$(BIN)/svp demo --out $(DEMO_DIR)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from trainer.checkpoint import load_trained_model
 from trainer.predict import predict_mask, render_overlay
 
 
+DEMO_OUTPUTS = ("refer", "shards", "run_svp", "overlays")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory; default demo_out/")
     parser.add_argument("--images", type=int, default=60, help="synthetic images; default 60")
@@ -38,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     timings: dict[str, float] = {}
+    for stale in DEMO_OUTPUTS:  # the demo starts afresh: its own outputs only, nothing else in DIR
+        shutil.rmtree(out / stale, ignore_errors=True)
 
     def step(name: str, status: int) -> None:
         if status != 0:

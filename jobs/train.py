@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     except (ManifestError, DataError, CheckpointError, ModelLoadError) as exc:
         print(f"svp train: error: {exc}", file=sys.stderr)
         return 2
+    if not result["main_process"]:
+        return 0
     print(f"train: {result['step']} steps, {result['skipped_samples']} corrupt samples skipped; "
           f"export: {args.run_dir / 'export'}")
     return 0

@@ -72,11 +72,28 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def train(config: TrainConfig) -> dict:
-    """Train, checkpoint every ``save_every`` steps, export the trained parts; return final metrics."""
+@dataclass
+class Training:
+    """Everything a run steps: built fresh, or restored from the last checkpoint with ``--resume``."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    progress: _Progress
+    trainable: list[torch.nn.Parameter]
+    shards: dict
+
+
+def setup_training(config: TrainConfig) -> Training:
+    """Model, optimizer and schedule, prepared by Accelerate; the saved state loaded when resuming."""
+    # cpu=True where there is no GPU: that is what makes Accelerate pick gloo DDP under torchrun.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
-                              log_with="tensorboard", project_dir=str(config.run_dir))
+                              log_with="tensorboard", project_dir=str(config.run_dir), cpu=not torch.cuda.is_available())
     resume_from = _resume_point(config) if config.resume else None
+    if resume_from is None and last_checkpoint(config.run_dir) is not None:
+        raise CheckpointError(f"{config.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                              f"or choose a new --run-dir")
     set_seed(config.seed, device_specific=True)
     model = SegmentationMLLM(config.model)
     shards = describe_shards(config.train_shards)
@@ -97,10 +114,17 @@ def train(config: TrainConfig) -> dict:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {progress.step}")
+    return Training(accelerator, model, optimizer, scheduler, progress, trainable, shards)
 
+
+def train(config: TrainConfig) -> dict:
+    """Train, checkpoint every ``save_every`` steps, export the trained parts; return final metrics."""
+    run = setup_training(config)
+    accelerator, model, optimizer, scheduler, progress = (run.accelerator, run.model, run.optimizer, run.scheduler,
+                                                          run.progress)
     # The loader is not given to accelerator.prepare: WebDataset splits shards by node itself.
     data_config = DataConfig(**accelerator.unwrap_model(model).data_config_fields(), seed=config.seed + progress.step,
-                             use_sam_embeddings=embeddings_match(shards, config.model))
+                             use_sam_embeddings=embeddings_match(run.shards, config.model))
     # Not resampled: each process reads its own shards (disjoint across processes), pass after pass.
     loader = make_loader(config.train_shards, data_config, train=True, batch_size=config.batch_size,
                          num_workers=config.num_workers, resampled=False)
@@ -118,11 +142,11 @@ def train(config: TrainConfig) -> dict:
             output = model(batch)
             accelerator.backward(output.loss)
             if accelerator.sync_gradients and config.clip_grad > 0:
-                accelerator.clip_grad_norm_(trainable, config.clip_grad)
+                accelerator.clip_grad_norm_(run.trainable, config.clip_grad)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        window.append((output, batch["gt_masks"]))
+        window.append(_record(output, batch["gt_masks"]))
         if not accelerator.sync_gradients:
             continue
         progress.step += 1
@@ -141,7 +165,7 @@ def train(config: TrainConfig) -> dict:
     if accelerator.is_main_process:
         export_trained(accelerator.unwrap_model(model), config.run_dir / "export", config.model)
     accelerator.end_training()
-    return {"step": progress.step, "skipped_samples": skipped}
+    return {"step": progress.step, "skipped_samples": skipped, "main_process": accelerator.is_main_process}
 
 
 def embeddings_match(shards: dict, model: ModelConfig) -> bool:
@@ -189,21 +213,26 @@ def _keys_file(config: TrainConfig, accelerator: Accelerator):
     return open(path, "a")
 
 
-def _metrics(window: list, scheduler, skipped: int, started: float) -> dict:
+def _record(output, gt_masks: torch.Tensor) -> dict:
+    """What logging needs from one micro-batch, detached (keeping outputs would keep their graphs)."""
+    predicted = (output.mask_logits.detach() > 0).flatten(1)
+    target = gt_masks.to(predicted.device).flatten(1) > 0.5
+    return {
+        "loss": float(output.loss.detach()), "ce_loss": float(output.ce_loss), "bce_loss": float(output.bce_loss),
+        "dice_loss": float(output.dice_loss), "intersection": int((predicted & target).sum()),
+        "union": int((predicted | target).sum()), "tokens": output.num_visual_tokens.float().tolist(),
+    }
+
+
+def _metrics(window: list[dict], scheduler, skipped: int, started: float) -> dict:
     """Means over the micro-batches since the last log; cIoU on the low-res training masks."""
-    outputs = [output for output, _ in window]
-    mean = lambda name: float(sum(float(getattr(o, name)) for o in outputs) / len(outputs))  # noqa: E731
-    with torch.no_grad():
-        predicted = torch.cat([(o.mask_logits > 0).flatten(1) for o in outputs]).float()
-        target = torch.cat([gt.to(predicted.device).flatten(1) for _, gt in window]).float()
-        union = ((predicted + target) > 0).sum()
-        ciou = float((predicted * target).sum() / union) if union > 0 else 0.0
+    mean = lambda name: sum(r[name] for r in window) / len(window)  # noqa: E731
+    tokens = [t for r in window for t in r["tokens"]]
     return {
         "loss": mean("loss"), "ce_loss": mean("ce_loss"), "bce_loss": mean("bce_loss"), "dice_loss": mean("dice_loss"),
-        "train_batch_ciou": ciou,
-        "visual_tokens": float(torch.cat([o.num_visual_tokens.float() for o in outputs]).mean()),
-        "lr": scheduler.get_last_lr()[0], "skipped_samples": skipped,
-        "samples_per_s": len(predicted) / max(time.perf_counter() - started, 1e-9),
+        "train_batch_ciou": sum(r["intersection"] for r in window) / max(sum(r["union"] for r in window), 1),
+        "visual_tokens": sum(tokens) / len(tokens), "lr": scheduler.get_last_lr()[0], "skipped_samples": skipped,
+        "samples_per_s": len(tokens) / max(time.perf_counter() - started, 1e-9),
     }
 
 

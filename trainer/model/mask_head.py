@@ -23,6 +23,9 @@ class MaskHead(nn.Module):
         self.sam = sam
         sam.image_encoder.requires_grad_(False)
         sam.prompt_encoder.requires_grad_(False)
+        # The IoU head only scores multimask outputs; with one mask it never reaches the loss, and
+        # a trainable parameter without gradient breaks DDP's reducer.
+        sam.mask_decoder.iou_prediction_head.requires_grad_(False)
 
     @property
     def image_size(self) -> int:

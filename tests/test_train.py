@@ -1,0 +1,187 @@
+"""svp train / eval / predict / demo on tiny models, CPU: checkpoints, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from jobs.eval import main as svp_eval
+from jobs.precompute import main as precompute
+from jobs.predict import main as svp_predict
+from jobs.train import main as svp_train
+from pipeline.synth import synthesize
+from trainer.checkpoint import CheckpointError, load_trained_model
+from trainer.loop import TrainConfig, setup_training, train
+from trainer.model import ModelConfig, ProjectorConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def refer_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("refer")
+    synthesize(root, images=16, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(refer_root, tmp_path_factory, tiny_sam_checkpoint, ray_local) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    assert precompute(["--refer-root", str(refer_root), "--dataset", "refcoco", "--split-by", "unc", "--out", str(out),
+                       "--backend", "felzenszwalb", "--shard-size", "2", "--store-sam-embeddings",
+                       "--sam-checkpoint", str(tiny_sam_checkpoint), "--sam-model", "tiny"]) == 0
+    return out
+
+
+def _train_flags(shards: Path, run_dir: Path, sam: Path, *extra: str) -> list[str]:
+    return ["--shards", str(shards), "--run-dir", str(run_dir), "--sam-checkpoint", str(sam), "--sam-model", "tiny",
+            "--batch-size", "2", "--log-every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(shards, tiny_sam_checkpoint, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    assert svp_train(_train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "3", "--save-every", "3")) == 0
+    return run_dir
+
+
+def test_a_run_records_its_full_config_and_exports_only_trained_parts(trained_run, shards):
+    config = json.loads((trained_run / "run_config.json").read_text())
+    assert config["model"]["projector"] == {"kind": "svp", "pool_tokens": 16, "sspe": True, "ssa": True,
+                                            "ssa_layers": 1, "ssa_heads": 4}
+    manifest = shards / "manifest.json"
+    import hashlib
+
+    assert config["data"]["train"]["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert config["data"]["train"]["config_hash"] == json.loads(manifest.read_text())["config_hash"]
+    assert config["git_commit"] != "" and {"torch", "transformers", "peft", "accelerate"} <= set(config["libraries"])
+    assert config["seed"] == 0 and config["max_steps"] == 3
+    exported = load_file(str(trained_run / "export" / "trained.safetensors"))
+    model = load_trained_model(trained_run)
+    assert set(exported) == set(model.trainable_state_dict())
+    assert not any(name.startswith(("vision.", "mask_head.sam.image_encoder")) for name in exported)
+    assert list((trained_run / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(shards, tiny_sam_checkpoint, tmp_path):
+    run_dir = tmp_path / "run"
+    assert svp_train(_train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "2", "--save-every", "2")) == 0
+    checkpoint = run_dir / "checkpoints" / "step_000002"
+    config = TrainConfig(train_shards=str(shards / "train-000000.tar"), run_dir=run_dir, batch_size=2, max_steps=4,
+                         model=ModelConfig(sam_checkpoint=str(tiny_sam_checkpoint), sam_model="tiny"), resume=True)
+    restored = setup_training(config)
+    assert restored.progress.step == 2
+    saved = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    current = restored.optimizer.state_dict()
+    assert saved["param_groups"] == current["param_groups"]
+    assert saved["state"].keys() == current["state"].keys() and len(saved["state"]) > 0
+    for index, state in saved["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(current["state"][index][name], value, rtol=0, atol=0)
+    restored.accelerator.end_training()
+    # ... and the resumed run goes on from there to the new end.
+    assert svp_train(_train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "4", "--save-every", "2",
+                                  "--resume")) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_projector(trained_run, shards, tiny_sam_checkpoint, capsys):
+    status = svp_train(_train_flags(shards, trained_run, tiny_sam_checkpoint, "--max-steps", "5", "--resume",
+                                    "--projector", "mlp"))
+    assert status == 2
+    assert "projector" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--llm", "/nonexistent/llm"], "--llm"),
+        (["--vision", "/nonexistent/vision"], "--vision"),
+        (["--train-split", "nosuchsplit"], "nosuchsplit"),
+    ],
+    ids=["llm", "vision", "split"],
+)
+def test_bad_training_options_name_the_option(shards, tiny_sam_checkpoint, tmp_path, capsys, flags, message):
+    assert svp_train(_train_flags(shards, tmp_path / "run", tiny_sam_checkpoint, "--max-steps", "1", *flags)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_shards_and_sam_checkpoint_are_named(shards, tiny_sam_checkpoint, tmp_path, capsys):
+    assert svp_train(_train_flags(tmp_path / "nowhere", tmp_path / "run", tiny_sam_checkpoint)) == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+    assert svp_train(_train_flags(shards / "train-999999.tar", tmp_path / "run", tiny_sam_checkpoint)) == 2
+    assert "train-999999.tar" in capsys.readouterr().err
+    assert svp_train(_train_flags(shards, tmp_path / "run", tmp_path / "no-sam.pth")) == 2
+    assert "--sam-checkpoint" in capsys.readouterr().err
+
+
+def test_eval_reports_refer_split_names_and_metrics(trained_run, shards, capsys):
+    assert svp_eval(["--run", str(trained_run), "--shards", str(shards)]) == 0
+    printed = capsys.readouterr().out
+    assert "refcoco (unc)" in printed
+    report = json.loads((trained_run / "eval.json").read_text())
+    assert list(report["splits"]) == ["val", "testA", "testB"]
+    for split in report["splits"].values():
+        assert 0 <= split["ciou"] <= 1 and 0 <= split["giou"] <= 1 and 0 < split["all_foreground_ciou"] < 1
+        assert split["samples"] >= split["images"] >= 1 and split["tokens_max"] >= split["tokens_mean"] > 0
+    assert svp_eval(["--run", str(trained_run), "--shards", str(shards), "--splits", "test"]) == 2
+    assert "'test'" in capsys.readouterr().err
+
+
+def test_an_export_with_missing_or_extra_keys_is_refused_with_the_list(trained_run, tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model_config.json").write_bytes((trained_run / "export" / "model_config.json").read_bytes())
+    state = load_file(str(trained_run / "export" / "trained.safetensors"))
+    dropped = sorted(state)[0]
+    state.pop(dropped)
+    state["unexpected.weight"] = torch.zeros(1)
+    save_file(state, str(export / "trained.safetensors"))
+    with pytest.raises(Exception) as error:
+        load_trained_model(export)
+    assert dropped in str(error.value) and "unexpected.weight" in str(error.value)
+
+
+def test_predict_writes_an_overlay_and_a_mask(trained_run, refer_root, tmp_path):
+    image = sorted((refer_root / "images/mscoco/images/train2014").glob("*.jpg"))[0]
+    width, height = Image.open(image).size
+    status = svp_predict(["--run", str(trained_run), "--image", str(image), "--text", "the red circle",
+                          "--out", str(tmp_path / "overlay.png"), "--mask-out", str(tmp_path / "mask.png")])
+    assert status == 0
+    overlay, mask = Image.open(tmp_path / "overlay.png"), Image.open(tmp_path / "mask.png")
+    assert mask.size == (width, height) and overlay.width == width and overlay.height > height
+
+
+def _launch(command: list[str], run_dir: Path, shards: Path, sam: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, *_train_flags(shards, run_dir, sam, "--max-steps", "2", "--record-keys")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_two_processes_train_on_disjoint_samples(shards, tiny_sam_checkpoint, tmp_path):
+    result = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "jobs.train"],
+                     tmp_path / "run", shards, tiny_sam_checkpoint)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [set((tmp_path / "run" / f"keys_rank{rank}.txt").read_text().split()) for rank in (0, 1)]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["world_size"] == 2
+
+
+def test_accelerate_launch_two_cpu_processes(shards, tiny_sam_checkpoint, tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = _launch([str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "jobs.train"],
+                     tmp_path / "run", shards, tiny_sam_checkpoint)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [set((tmp_path / "run" / f"keys_rank{rank}.txt").read_text().split()) for rank in (0, 1)]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert (tmp_path / "run" / "export" / "trained.safetensors").is_file()
