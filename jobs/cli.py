@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from jobs import demo, eval, precompute, predict, synth, tiny_sam, train
+from jobs import demo, entry, eval, precompute, predict, synth, tiny_sam, train
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "synth": (synth, "write a synthetic RefCOCO-format dataset (exact REFER layout)"),
@@ -22,10 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, summary) in COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=module.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(sub)
-        sub.set_defaults(_command=module.run)
+        entry.configure(commands.add_parser(name, help=summary), module)
     return parser
 
 

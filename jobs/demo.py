@@ -16,7 +16,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from jobs import precompute, synth
+from jobs import entry, precompute, synth
 from jobs import train as train_job
 from jobs.eval import run_eval
 from pipeline.images import decode_image
@@ -24,7 +24,6 @@ from pipeline.shards import decode_label_map, read_manifest, split_shard_urls
 from pipeline.superpixels.sam import save_tiny_sam
 from trainer.checkpoint import load_trained_model
 from trainer.predict import predict_mask, render_overlay
-
 
 DEMO_OUTPUTS = ("refer", "shards", "run_svp", "overlays")
 
@@ -133,10 +132,7 @@ def _histogram(shards: Path, path: Path, mlp_tokens: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="svp demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return entry.main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from jobs import entry
 from pipeline.shards import ManifestError, read_manifest, split_shard_urls
 from trainer.checkpoint import CheckpointError, load_trained_model
 from trainer.data import DataConfig, DataError
@@ -66,10 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="svp eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return entry.main(__name__, argv)
 
 
 if __name__ == "__main__":

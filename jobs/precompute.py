@@ -14,8 +14,15 @@ import time
 from collections import deque
 from pathlib import Path
 
+from jobs import entry
 from pipeline.partition import PartitionConfig
-from pipeline.precompute import OutputSpec, ShardProcessor, ShardTask, plan_shards, problem_rows
+from pipeline.precompute import (
+    OutputSpec,
+    ShardProcessor,
+    ShardTask,
+    plan_shards,
+    problem_rows,
+)
 from pipeline.refer import DATASETS, ReferError, load_refer
 from pipeline.shards import (
     OutputConfigMismatch,
@@ -27,7 +34,13 @@ from pipeline.shards import (
     save_record,
     write_job_outputs,
 )
-from pipeline.superpixels.base import BACKENDS, BackendConfigError, BackendSpec, SamOptions, file_sha256
+from pipeline.superpixels.base import (
+    BACKENDS,
+    BackendConfigError,
+    BackendSpec,
+    SamOptions,
+    file_sha256,
+)
 from pipeline.superpixels.sam import SAM_MODEL_TYPES
 
 ACTOR_MAX_RESTARTS = -1  # a dead worker is always replaced ...
@@ -215,10 +228,7 @@ def _failed_shard(task: ShardTask, dataset: str, exc: Exception) -> ShardRecord:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="svp precompute", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return entry.main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from jobs import entry
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.partition import PartitionConfig
-from pipeline.superpixels.base import BACKENDS, BackendConfigError, BackendSpec, SamOptions
+from pipeline.superpixels.base import (
+    BACKENDS,
+    BackendConfigError,
+    BackendSpec,
+    SamOptions,
+)
 from trainer.checkpoint import CheckpointError, load_trained_model, read_run_config
 from trainer.predict import predict_mask, render_overlay
 
@@ -70,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="svp predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return entry.main(__name__, argv)
 
 
 if __name__ == "__main__":

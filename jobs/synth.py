@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
+from jobs import entry
 from pipeline.synth import synthesize
 
 
@@ -32,14 +32,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.synth",
-        description="Write a synthetic dataset of coloured shapes in the REFER layout "
-        "(refcoco unc, refcoco+ unc, refcocog umd).",
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    return entry.main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jobs import entry
 from pipeline.shards import ManifestError, read_manifest, split_shard_urls
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError
@@ -114,10 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="svp train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return entry.main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline.images import DecodedImage, ImageDecodeError, decode_image, to_displayed_frame

@@ -188,7 +188,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
 def test_all_corrupt_split_is_a_data_error(tmp_path):
     broken = _sample(1)
     broken["meta.json"] = b"not json"
-    shards = _shards(tmp_path, [broken], per_shard=1, split="val")
+    _shards(tmp_path, [broken], per_shard=1, split="val")
     with pytest.raises(DataError, match=r"val-\*\.tar yielded no batch"):
         list(make_loader(str(tmp_path / "val-*.tar"), SMALL, train=False, batch_size=2))
 

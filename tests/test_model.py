@@ -147,7 +147,8 @@ def test_gradients_reach_the_trained_parts_and_only_them() -> None:
     # the frozen parts: never trainable, never a gradient
     for name, p in named.items():
         frozen = (
-            name.startswith(("vision.", "mask_head.sam.image_encoder.", "mask_head.sam.prompt_encoder."))
+            name.startswith(("vision.", "mask_head.sam.image_encoder.", "mask_head.sam.prompt_encoder.",
+                             "mask_head.sam.mask_decoder.iou_prediction_head."))
             or (name.startswith("llm.") and "lora_" not in name and "trainable_tokens_delta" not in name)
         )
         assert frozen == (name not in trained), name

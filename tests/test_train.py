@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,9 @@ from jobs.precompute import main as precompute
 from jobs.predict import main as svp_predict
 from jobs.train import main as svp_train
 from pipeline.synth import synthesize
-from trainer.checkpoint import CheckpointError, load_trained_model
-from trainer.loop import TrainConfig, setup_training, train
-from trainer.model import ModelConfig, ProjectorConfig
+from trainer.checkpoint import load_trained_model
+from trainer.loop import TrainConfig, setup_training
+from trainer.model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,8 +176,10 @@ def test_torchrun_two_processes_train_on_disjoint_samples(shards, tiny_sam_check
 
 
 def test_accelerate_launch_two_cpu_processes(shards, tiny_sam_checkpoint, tmp_path):
+    # `--multi_gpu` is Accelerate's torch.distributed launcher; without a GPU the loop runs gloo on CPU
+    # (`--cpu` would make Accelerate's simple single-process launcher, or MPI).
     accelerate = Path(sys.executable).with_name("accelerate")
-    result = _launch([str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    result = _launch([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                       "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "jobs.train"],
                      tmp_path / "run", shards, tiny_sam_checkpoint)
     assert result.returncode == 0, result.stderr[-3000:]
