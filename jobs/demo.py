@@ -30,8 +30,10 @@ DEMO_OUTPUTS = ("refer", "shards", "run_svp", "overlays")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory; default demo_out/")
-    parser.add_argument("--images", type=int, default=60, help="synthetic images; default 60")
-    parser.add_argument("--steps", type=int, default=300, help="training steps; default 300")
+    parser.add_argument("--images", type=int, default=80, help="synthetic images; default 80")
+    parser.add_argument("--steps", type=int, default=400, help="training steps; default 400")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="peak learning rate; default 1e-3 (tiny models trained from scratch)")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size; default 8")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers for the precompute job; default 2")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model; default 0")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = out / "run_svp"
     step("train", train_job.main(["--shards", str(out / "shards"), "--run-dir", str(run_dir), "--projector", "svp",
                                   "--sam-checkpoint", sam, "--sam-model", "tiny",
-                                  "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+                                  "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                                   "--warmup-steps", str(max(1, args.steps // 20)), "--save-every", str(args.steps),
                                   "--seed", str(args.seed)]))
     timings["train_s"] = time.perf_counter() - start

@@ -186,3 +186,15 @@ def test_accelerate_launch_two_cpu_processes(shards, tiny_sam_checkpoint, tmp_pa
     seen = [set((tmp_path / "run" / f"keys_rank{rank}.txt").read_text().split()) for rank in (0, 1)]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     assert (tmp_path / "run" / "export" / "trained.safetensors").is_file()
+
+
+def test_demo_runs_end_to_end_and_reports(tmp_path, ray_local):
+    from jobs.demo import main as demo
+
+    assert demo(["--out", str(tmp_path), "--images", "12", "--steps", "2", "--batch-size", "2", "--overlays", "2"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"projector", "ciou", "giou", "tokens_mean", "all_foreground_ciou", "tokens_mlp"} <= set(report)
+    assert report["projector"] == "svp" and 0 < report["all_foreground_ciou"] < 1
+    assert report["tokens_mean"] < report["tokens_mlp"] == 256
+    assert 1 <= len(list((tmp_path / "overlays").glob("*.png"))) <= 2  # one per val image, at most --overlays
+    assert Image.open(tmp_path / "tokens_histogram.png").size[0] > 0
