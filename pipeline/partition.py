@@ -84,7 +84,7 @@ def finalize_partition(labels: np.ndarray, config: PartitionConfig) -> np.ndarra
 
 
 def _compact(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Relabel to 0..K-1 in order of first value (stable, so the output is deterministic)."""
+    """Relabel to 0..K-1 in increasing order of the old labels (deterministic)."""
     values, inverse = np.unique(labels, return_inverse=True)
     return inverse.reshape(labels.shape), len(values)
 

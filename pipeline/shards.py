@@ -135,27 +135,37 @@ class ShardFile:
 
 
 def write_shard(out_dir: Path, name: str, split: str, samples: Iterable[dict[str, Any]]) -> ShardFile:
-    """Write samples to ``name`` via a temporary file, then rename: a shard is whole or absent."""
+    """Write samples to ``name`` via a temporary file, then rename: a shard is whole or absent.
+
+    The sha256 is computed on the bytes as they are written, so the shard is never read back.
+    """
     final = out_dir / name
     temporary = out_dir / f".{name}.tmp-{os.getpid()}"
     count = 0
     with open(temporary, "wb") as stream:
-        writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="svp", group="svp")
+        hashing = _HashingWriter(stream)
+        writer = wds.TarWriter(hashing, encoder=False, mtime=0.0, user="svp", group="svp")
         for sample in samples:
             writer.write(sample)
             count += 1
         writer.close()
-    size, digest = temporary.stat().st_size, _sha256(temporary)
     os.replace(temporary, final)
-    return ShardFile(name=name, split=split, samples=count, bytes=size, sha256=digest)
+    return ShardFile(name=name, split=split, samples=count, bytes=hashing.size, sha256=hashing.digest.hexdigest())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+class _HashingWriter:
+    """A write-only stream (all ``tarfile`` needs in stream mode) that hashes what passes through."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.stream.write(data)
+
+    def close(self) -> None:  # the caller's ``with`` closes the file
+        self.stream.flush()
 
 
 # ---------------------------------------------------------------------------------------------

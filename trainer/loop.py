@@ -213,26 +213,29 @@ def _keys_file(config: TrainConfig, accelerator: Accelerator):
     return open(path, "a")
 
 
-def _record(output, gt_masks: torch.Tensor) -> dict:
-    """What logging needs from one micro-batch, detached (keeping outputs would keep their graphs)."""
+_LOGGED = ("loss", "ce_loss", "bce_loss", "dice_loss", "intersection", "union", "tokens", "samples")
+
+
+def _record(output, gt_masks: torch.Tensor) -> torch.Tensor:
+    """What logging needs from one micro-batch, as one detached tensor left on the device: no
+    host sync in the step (keeping the outputs themselves would also keep their graphs)."""
     predicted = (output.mask_logits.detach() > 0).flatten(1)
     target = gt_masks.to(predicted.device).flatten(1) > 0.5
-    return {
-        "loss": float(output.loss.detach()), "ce_loss": float(output.ce_loss), "bce_loss": float(output.bce_loss),
-        "dice_loss": float(output.dice_loss), "intersection": int((predicted & target).sum()),
-        "union": int((predicted | target).sum()), "tokens": output.num_visual_tokens.float().tolist(),
-    }
+    tokens = output.num_visual_tokens
+    return torch.stack([output.loss.detach().float(), output.ce_loss.float(), output.bce_loss.float(),
+                        output.dice_loss.float(), (predicted & target).sum().float(), (predicted | target).sum().float(),
+                        tokens.sum().float(), torch.tensor(float(len(tokens)), device=tokens.device)])
 
 
-def _metrics(window: list[dict], scheduler, skipped: int, started: float) -> dict:
+def _metrics(window: list[torch.Tensor], scheduler, skipped: int, started: float) -> dict:
     """Means over the micro-batches since the last log; cIoU on the low-res training masks."""
-    mean = lambda name: sum(r[name] for r in window) / len(window)  # noqa: E731
-    tokens = [t for r in window for t in r["tokens"]]
+    totals = dict(zip(_LOGGED, torch.stack(window).sum(0).tolist()))
+    mean = lambda name: totals[name] / len(window)  # noqa: E731
     return {
         "loss": mean("loss"), "ce_loss": mean("ce_loss"), "bce_loss": mean("bce_loss"), "dice_loss": mean("dice_loss"),
-        "train_batch_ciou": sum(r["intersection"] for r in window) / max(sum(r["union"] for r in window), 1),
-        "visual_tokens": sum(tokens) / len(tokens), "lr": scheduler.get_last_lr()[0], "skipped_samples": skipped,
-        "samples_per_s": len(tokens) / max(time.perf_counter() - started, 1e-9),
+        "train_batch_ciou": totals["intersection"] / max(totals["union"], 1.0),
+        "visual_tokens": totals["tokens"] / totals["samples"], "lr": scheduler.get_last_lr()[0],
+        "skipped_samples": skipped, "samples_per_s": totals["samples"] / max(time.perf_counter() - started, 1e-9),
     }
 
 
