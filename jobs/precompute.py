@@ -4,6 +4,8 @@ Everything that can be checked is checked on the driver before any worker starts
 split names, SAM checkpoint, GPUs, an OUT that belongs to another config). Each shard is one
 task on an actor that holds one model; actors are restarted and their task retried if a worker
 dies. A rerun with the same options skips the shards that are complete and finishes the rest.
+OUT may be a local directory or an object-store URL (s3://bucket/prefix, any fsspec URL); a shard
+that cannot be stored there, even after retries, is reported as failed and redone by a rerun.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pipeline.shards import (
     save_record,
     write_job_outputs,
 )
+from pipeline.storage import OutputStore, StorageError, storage_env
 from pipeline.superpixels.base import (
     BACKENDS,
     BackendConfigError,
@@ -56,9 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--split-by", required=True,
                       help="REFER split: unc or google for refcoco, unc for refcoco+, umd or google for refcocog")
     out = parser.add_argument_group("output")
-    out.add_argument("--out", required=True, type=Path,
-                     help="output directory for {split}-{shard:06d}.tar shards, manifest.json, failures.jsonl, "
-                          "index.parquet; rerunning into the same directory resumes")
+    out.add_argument("--out", required=True,
+                     help="output directory or object-store prefix (s3://bucket/prefix, or any fsspec URL; "
+                          "credentials and endpoint from AWS_* variables or fsspec's config) for "
+                          "{split}-{shard:06d}.tar shards, manifest.json, failures.jsonl, index.parquet; "
+                          "rerunning into the same OUT resumes")
     out.add_argument("--shard-size", type=int, default=64, help="images per shard (one unit of work); default 64")
     sp = parser.add_argument_group("superpixels")
     sp.add_argument("--backend", choices=BACKENDS, default="sam",
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         done = {t.name: r for t in tasks if (r := load_complete_record(args.out, t.name)) is not None}
         todo = [t for t in tasks if t.name not in done]
         gpus = _connect_ray(args) if todo else 0.0
-    except (ReferError, BackendConfigError, OutputConfigMismatch, ValueError) as exc:
+    except (ReferError, BackendConfigError, OutputConfigMismatch, StorageError, ValueError) as exc:
         print(f"svp precompute: error: {exc}", file=sys.stderr)
         return 2
 
@@ -143,7 +148,12 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
 
     records = list(done.values()) + new_records
-    manifest = write_job_outputs(args.out, records, problem_rows(args.dataset, refer.problems), config, config_hash)
+    try:
+        manifest = write_job_outputs(args.out, records, problem_rows(args.dataset, refer.problems), config,
+                                     config_hash)
+    except StorageError as exc:  # the shards' records are stored: a rerun resumes and writes these again
+        print(f"svp precompute: error: {exc}", file=sys.stderr)
+        return 1
     processed = sum(len(r.rows) for r in new_records)
     print(
         f"precompute: {manifest['images_written']} images written, {manifest['images_failed']} failed "
@@ -172,11 +182,17 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
             self.processor = ShardProcessor(spec, output, device="cuda" if gpus > 0 else "cpu")
 
         def process(self, task: ShardTask) -> ShardRecord:
-            record = self.processor(task)
-            save_record(output.out_dir, record)  # recorded by the worker: a driver crash loses nothing done
+            try:
+                record = self.processor(task)
+                save_record(output.out_dir, record)  # recorded by the worker: a driver crash loses nothing done
+            except StorageError as exc:  # not recorded, so a rerun writes this shard again
+                return _failed_shard(task, output.dataset, "write", str(exc))
             return record
 
-    workers = [ShardWorker.remote() for _ in range(min(n_workers, len(tasks)))]
+    # Workers of a running cluster do not inherit the driver's environment: give them its storage settings.
+    env = {} if OutputStore(output.out_dir).local else storage_env()
+    options = {"runtime_env": {"env_vars": env}} if env else {}
+    workers = [ShardWorker.options(**options).remote() for _ in range(min(n_workers, len(tasks)))]
     pending, in_flight, records = deque(tasks), {}, []
 
     def submit(worker) -> None:
@@ -193,7 +209,9 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
             try:
                 record = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                record = _failed_shard(task, output.dataset, exc)
+                reason = (f"worker failed {TASK_MAX_RETRIES + 1} times on this shard: "
+                          f"{type(exc).__name__}: {str(exc)[:300]}")
+                record = _failed_shard(task, output.dataset, "worker", reason)
             records.append(record)
             progress.set_postfix(written=sum(r.written for r in records), failed=sum(r.failed for r in records))
             progress.update()
@@ -216,12 +234,12 @@ def _gpus_per_worker(available: float, requested: float | None, workers: int) ->
     return requested
 
 
-def _failed_shard(task: ShardTask, dataset: str, exc: Exception) -> ShardRecord:
-    """A shard whose worker kept dying: every image is reported (not saved, so a rerun retries it)."""
-    reason = f"worker failed {TASK_MAX_RETRIES + 1} times on this shard: {type(exc).__name__}: {str(exc)[:300]}"
+def _failed_shard(task: ShardTask, dataset: str, stage: str, reason: str) -> ShardRecord:
+    """A shard that could not be finished (its worker kept dying, or it could not be stored): every
+    image is reported with the reason, and the record is not saved, so a rerun retries the shard."""
     rows = [
         index_row(key=sample_key(dataset, item.image.image_id), image_id=item.image.image_id,
-                  file_name=item.image.file_name, split=task.split, shard=task.name, stage="worker", error=reason)
+                  file_name=item.image.file_name, split=task.split, shard=task.name, stage=stage, error=reason)
         for item in task.items
     ]
     return ShardRecord(name=task.name, split=task.split, file=None, rows=rows)

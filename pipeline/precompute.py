@@ -35,7 +35,7 @@ class ShardTask:
 class OutputSpec:
     """Where and how a worker writes: the same for every shard of a job."""
 
-    out_dir: Path
+    out_dir: str  # a local directory or an fsspec URL (s3://bucket/prefix)
     image_dir: Path
     dataset: str
     categories: dict[int, str]

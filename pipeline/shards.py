@@ -8,6 +8,9 @@ Next to the shards, ``_shards/{name}.json`` records what each finished shard hol
 rows, failures and timings): a rerun skips the shards recorded there, and ``manifest.json``,
 ``failures.jsonl`` and ``index.parquet`` are rebuilt from these records at the end of every run,
 so they always account for every input image, whichever run wrote which shard.
+
+OUT is a local directory or any fsspec URL (``s3://bucket/prefix``): every file goes through
+:class:`pipeline.storage.OutputStore`, which makes each one appear whole or not at all.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
+
+from pipeline.storage import OutputStore
 
 FORMAT_VERSION = 1
 RECORDS_DIR = "_shards"
@@ -134,22 +138,20 @@ class ShardFile:
     sha256: str
 
 
-def write_shard(out_dir: Path, name: str, split: str, samples: Iterable[dict[str, Any]]) -> ShardFile:
-    """Write samples to ``name`` via a temporary file, then rename: a shard is whole or absent.
+def write_shard(out_dir: str | Path, name: str, split: str, samples: Iterable[dict[str, Any]]) -> ShardFile:
+    """Write samples to ``name`` in OUT (a directory or an fsspec URL): a shard is whole or absent.
 
     The sha256 is computed on the bytes as they are written, so the shard is never read back.
+    Raises :class:`pipeline.storage.StorageError` if the shard cannot be stored.
     """
-    final = out_dir / name
-    temporary = out_dir / f".{name}.tmp-{os.getpid()}"
     count = 0
-    with open(temporary, "wb") as stream:
+    with OutputStore(out_dir).create(name) as stream:
         hashing = _HashingWriter(stream)
         writer = wds.TarWriter(hashing, encoder=False, mtime=0.0, user="svp", group="svp")
         for sample in samples:
             writer.write(sample)
             count += 1
         writer.close()
-    os.replace(temporary, final)
     return ShardFile(name=name, split=split, samples=count, bytes=hashing.size, sha256=hashing.digest.hexdigest())
 
 
@@ -226,52 +228,49 @@ def index_row(
     }
 
 
-def save_record(out_dir: Path, record: ShardRecord) -> None:
-    _atomic_write(out_dir / RECORDS_DIR / f"{record.name}.json", dumps_json(asdict(record)))
+def save_record(out_dir: str | Path, record: ShardRecord) -> None:
+    OutputStore(out_dir).write_bytes(f"{RECORDS_DIR}/{record.name}.json", dumps_json(asdict(record)))
 
 
-def load_complete_record(out_dir: Path, name: str) -> ShardRecord | None:
-    """The record of shard ``name`` if the shard is complete on disk, else None (recompute it)."""
-    path = out_dir / RECORDS_DIR / f"{name}.json"
+def load_complete_record(out_dir: str | Path, name: str) -> ShardRecord | None:
+    """The record of shard ``name`` if the shard is complete in OUT, else None (recompute it)."""
+    store = OutputStore(out_dir)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(store.read_bytes(f"{RECORDS_DIR}/{name}.json"))
     except (OSError, ValueError):
         return None
     file = ShardFile(**data["file"]) if data.get("file") else None
-    if file is not None:
-        on_disk = out_dir / file.name
-        if not on_disk.is_file() or on_disk.stat().st_size != file.bytes:
-            return None
+    if file is not None and store.size(file.name) != file.bytes:
+        return None
     return ShardRecord(name=data["name"], split=data["split"], file=file, rows=data["rows"],
                        seconds=data.get("seconds", {}), worker=data.get("worker", {}))
 
 
-def claim_output_dir(out_dir: Path, config: dict) -> str:
+def claim_output_dir(out_dir: str | Path, config: dict) -> str:
     """Create OUT for ``config`` or check that it already belongs to it; return the config hash.
 
     Temporaries left by an interrupted run (a shard half-written when the job was killed) are
     removed: their shards have no record, so this run writes them again.
     """
     config_hash = hashlib.sha256(dumps_json({"format": FORMAT_VERSION, **config})).hexdigest()[:16]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RECORDS_DIR).mkdir(exist_ok=True)
-    path = out_dir / CONFIG_FILE
-    if path.exists():
-        existing = json.loads(path.read_text())
+    store = OutputStore(out_dir)
+    store.makedirs(RECORDS_DIR)
+    try:
+        existing = json.loads(store.read_bytes(CONFIG_FILE))
+    except FileNotFoundError:
+        store.write_bytes(CONFIG_FILE, dumps_json({"config": config, "config_hash": config_hash}))
+    else:
         if existing.get("config_hash") != config_hash:
             raise OutputConfigMismatch(
-                f"{out_dir} holds shards of config {existing.get('config_hash')}, but this run is config "
+                f"{store} holds shards of config {existing.get('config_hash')}, but this run is config "
                 f"{config_hash}; shards of two configs must not mix. Use a new --out, or rerun with the "
-                f"same options (stored in {path})."
+                f"same options (stored in {store.url_of(CONFIG_FILE)})."
             )
-    else:
-        _atomic_write(path, dumps_json({"config": config, "config_hash": config_hash}))
-    for stale in [*out_dir.glob(".*.tmp-*"), *(out_dir / RECORDS_DIR).glob(".*.tmp-*")]:
-        stale.unlink(missing_ok=True)
+    store.remove_temporaries(RECORDS_DIR)
     return config_hash
 
 
-def write_job_outputs(out_dir: Path, records: list[ShardRecord], extra_rows: list[dict],
+def write_job_outputs(out_dir: str | Path, records: list[ShardRecord], extra_rows: list[dict],
                       config: dict, config_hash: str) -> dict:
     """Rebuild ``manifest.json``, ``failures.jsonl`` and ``index.parquet`` from every shard record.
 
@@ -296,22 +295,17 @@ def write_job_outputs(out_dir: Path, records: list[ShardRecord], extra_rows: lis
         "config": config,
         "config_hash": config_hash,
     }
-    _atomic_write(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    store = OutputStore(out_dir)
+    store.write_bytes("manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
     failures = "".join(
         json.dumps({k: row[k] for k in ("image_id", "file_name", "split", "stage", "error")}) + "\n"
         for row in failed
     )
-    _atomic_write(out_dir / "failures.jsonl", failures.encode())
+    store.write_bytes("failures.jsonl", failures.encode())
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), buffer)
-    _atomic_write(out_dir / "index.parquet", buffer.getvalue())
+    store.write_bytes("index.parquet", buffer.getvalue())
     return manifest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------------------------------------
