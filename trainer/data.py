@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import posixpath
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,9 +155,10 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 
     A string may hold several specs separated by ``::`` or by commas outside braces; a sequence
     holds one spec per element. Each spec is brace-expanded (``train-{000000..000009}.tar``); a
-    local spec with ``*?[`` is globbed (sorted). Remote URLs (anything with ``://``) and ``pipe:``
-    commands pass through unchecked; local paths must exist, so a typo fails here, naming the path,
-    rather than as an empty epoch later.
+    spec with ``*?[`` is globbed (sorted), locally or through fsspec (``s3://bucket/train-*.tar``,
+    one listing). Other remote URLs (anything with ``://``) and ``pipe:`` commands pass through
+    unchecked (a check per shard would cost a request each); local paths must exist, so a typo
+    fails here, naming the path, rather than as an empty epoch later.
     """
     specs = _split_specs(urls) if isinstance(urls, str) else list(urls)
     shards = [shard for spec in specs for url in braceexpand.braceexpand(spec) for shard in _resolve(url)]
@@ -179,43 +181,60 @@ def _split_specs(urls: str) -> list[str]:
     return [spec.strip() for spec in specs if spec.strip()]
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
+def _is_pipe(url: str) -> bool:
+    return url.startswith("pipe:")
+
+
+def _is_glob(url: str) -> bool:
+    return any(char in url for char in "*?[")
 
 
 def _resolve(url: str) -> list[str]:
-    if _is_remote(url):
+    if _is_pipe(url) or ("://" in url and not _is_glob(url)):
         return [url]
-    path = str(Path(url).expanduser())
-    if any(char in path for char in "*?["):
+    if "://" in url:
+        fs, pattern = fsspec.core.url_to_fs(url)
+        matches = [fs.unstrip_protocol(path) for path in sorted(fs.glob(pattern))]
+    else:
+        path = str(Path(url).expanduser())
+        if not _is_glob(path):
+            if not Path(path).is_file():
+                raise DataError(f"shard not found: {url}")
+            return [path]
         matches = sorted(glob.glob(path))
-        if not matches:
-            raise DataError(f"no shard matches {url}")
-        return matches
-    if not Path(path).is_file():
-        raise DataError(f"shard not found: {url}")
-    return [path]
+    if not matches:
+        raise DataError(f"no shard matches {url}")
+    return matches
+
+
+def _parent(url: str) -> str:
+    """The directory (or object-store prefix) that holds a shard, where its manifest.json is."""
+    return url.rsplit("/", 1)[0] if "://" in url else str(Path(url).parent)
 
 
 def describe_shards(urls: str | Sequence[str]) -> dict:
-    """What the run reads, for its reproducibility record: the manifest next to local shards.
+    """What the run reads, for its reproducibility record: the manifest next to the shards.
 
-    Returns the manifest's path and sha256, the precompute job's config and its hash, and the sha256
-    and sample count the manifest lists for each shard used. Several shard directories give
-    ``{"sources": [...]}``, one per directory; no manifest found (remote URLs) gives ``{}``.
+    Returns the manifest's path or URL and its sha256, the precompute job's config and its hash, and
+    the sha256 and sample count the manifest lists for each shard used. Several shard directories
+    give ``{"sources": [...]}``, one per directory; no manifest found (or ``pipe:`` commands) gives ``{}``.
     """
-    local = [Path(url) for url in expand_urls(urls) if not _is_remote(url)]
+    shards = [url for url in expand_urls(urls) if not _is_pipe(url)]
     sources = []
-    for directory in sorted({path.parent for path in local}):
-        manifest_path = directory / "manifest.json"
-        if not manifest_path.is_file():
+    for directory in sorted({_parent(url) for url in shards}):
+        manifest_url = posixpath.join(directory, "manifest.json")
+        try:
+            with fsspec.open(manifest_url, "rb") as stream:
+                raw = stream.read()
+        except FileNotFoundError:
             continue
-        raw = manifest_path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read {manifest_url}: {exc}") from None
         manifest = json.loads(raw)
-        used = {path.name for path in local if path.parent == directory}
+        used = {posixpath.basename(url) for url in shards if _parent(url) == directory}
         listed = [shard for shard in manifest.get("shards", []) if shard["name"] in used]
         sources.append({
-            "manifest": str(manifest_path),
+            "manifest": manifest_url,
             "manifest_sha256": hashlib.sha256(raw).hexdigest(),
             "config_hash": manifest.get("config_hash"),
             "config": manifest.get("config", {}),
