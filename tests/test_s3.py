@@ -1,0 +1,218 @@
+"""Shards in object storage: precompute into s3://, resume, refused and failed uploads, training from S3.
+
+A moto S3 server on loopback with IAM enforced: the job writes as an IAM user whose policy the test
+can change, so a refused upload is a real HTTP 403 from the server, not a mocked exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import threading
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.precompute import main as precompute
+from jobs.train import main as svp_train
+from pipeline.storage import OutputStore
+from trainer.data import describe_shards, expand_urls
+
+pytestmark = pytest.mark.s3
+
+BUCKET = "svp-test"
+REGION = "us-east-1"
+DENIED = "denied"  # the writer may not put val shards under this prefix until a test lifts it
+ALLOW_ALL = {"Effect": "Allow", "Action": "*", "Resource": "*"}
+DENY_VAL_SHARDS = {"Effect": "Deny", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{BUCKET}/{DENIED}/val-*"}
+
+
+@dataclass
+class S3:
+    """The running server and an admin client to change the writer's permissions with."""
+
+    server: object
+    endpoint: str
+    admin: dict
+
+    def set_writer_policy(self, *statements: dict) -> None:
+        import boto3
+
+        document = json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+        boto3.client("iam", **self.admin).put_user_policy(UserName="writer", PolicyName="svp",
+                                                          PolicyDocument=document)
+
+    def outage(self, seconds: float) -> threading.Timer:
+        """Stop the server now and bring it back on the same port after ``seconds`` (moto keeps
+        its state in-process, so the bucket, users and objects come back with it)."""
+        from moto.server import ThreadedMotoServer
+
+        port = self.server.get_host_and_port()[1]
+        self.server.stop()
+
+        def come_back() -> None:
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            self.server.start()
+
+        timer = threading.Timer(seconds, come_back)
+        timer.start()
+        return timer
+
+
+def _user(iam, name: str, *statements: dict) -> dict:
+    iam.create_user(UserName=name)
+    document = json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+    iam.put_user_policy(UserName=name, PolicyName="svp", PolicyDocument=document)
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
+
+
+def _clear_s3fs_cache() -> None:
+    """s3fs caches filesystems (and their botocore settings) per process: start from the env again."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server with a bucket, an admin and a writer user; the process writes as the writer
+    through the standard AWS_* variables, as a user pointing svp at MinIO or any S3 API would."""
+    import boto3
+    import requests
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    setup = {"endpoint_url": endpoint, "region_name": REGION, "aws_access_key_id": "setup",
+             "aws_secret_access_key": "setup"}
+    boto3.client("s3", **setup).create_bucket(Bucket=BUCKET)
+    iam = boto3.client("iam", **setup)
+    admin = _user(iam, "admin", ALLOW_ALL)
+    writer = _user(iam, "writer", ALLOW_ALL, DENY_VAL_SHARDS)
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10)  # from now on, IAM decides
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", writer["aws_access_key_id"])
+        env.setenv("AWS_SECRET_ACCESS_KEY", writer["aws_secret_access_key"])
+        env.setenv("AWS_DEFAULT_REGION", REGION)
+        _clear_s3fs_cache()
+        state = S3(server, endpoint, {"endpoint_url": endpoint, "region_name": REGION, **admin})
+        yield state
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=10)
+    state.server.stop()
+    _clear_s3fs_cache()
+
+
+def _args(root, out: str, *extra: str) -> list[str]:
+    return ["--refer-root", str(root), "--dataset", "refcoco", "--split-by", "unc", "--out", out,
+            "--backend", "felzenszwalb", "--shard-size", "4", "--workers", "2", *extra]
+
+
+def _read(url: str) -> bytes:
+    with fsspec.open(url, "rb") as stream:
+        return stream.read()
+
+
+def _manifest(url: str) -> dict:
+    return json.loads(_read(f"{url}/manifest.json"))
+
+
+def _objects(url: str) -> set[str]:
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()  # the workers wrote from other processes
+    return {path[len(root) + 1:] for path in fs.find(root)}
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3, synth_root, ray_local) -> str:
+    url = f"s3://{BUCKET}/shards"
+    assert precompute(_args(synth_root, url)) == 0
+    return url
+
+
+def test_precompute_writes_shards_records_and_job_outputs_to_s3(s3_shards):
+    manifest = _manifest(s3_shards)
+    assert manifest["images_total"] == manifest["images_written"] == 12 and manifest["images_failed"] == 0
+    names = [shard["name"] for shard in manifest["shards"]]
+    assert len(names) == 6  # train 9 images in 3 shards; val, testA and testB 1 each
+    for shard in manifest["shards"]:
+        data = _read(f"{s3_shards}/{shard['name']}")
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (shard["bytes"], shard["sha256"])
+    records = {f"_shards/{name}.json" for name in names}
+    assert _objects(s3_shards) == {*names, *records, "config.json", "manifest.json", "failures.jsonl",
+                                   "index.parquet"}, "nothing else (no temporaries) lands in the bucket"
+    index = pq.read_table(io.BytesIO(_read(f"{s3_shards}/index.parquet"))).to_pylist()
+    assert len(index) == 12 and {row["status"] for row in index} == {"written"}
+    assert _read(f"{s3_shards}/failures.jsonl") == b""
+
+
+def test_rerun_into_s3_resumes_and_another_config_is_refused(s3_shards, synth_root, capsys):
+    capsys.readouterr()
+    assert precompute(_args(synth_root, s3_shards)) == 0
+    assert "6 of 6 shards already complete" in capsys.readouterr().err
+    assert precompute(_args(synth_root, s3_shards, "--min-area", "50")) == 2
+    assert "must not mix" in capsys.readouterr().err
+
+
+def test_training_streams_the_train_split_from_s3(s3_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    assert svp_train(["--shards", s3_shards, "--run-dir", str(run_dir), "--batch-size", "2", "--max-steps", "2",
+                      "--log-every", "1", "--record-keys"]) == 0
+    index = pq.read_table(io.BytesIO(_read(f"{s3_shards}/index.parquet"))).to_pylist()
+    train_keys = {row["key"] for row in index if row["split"] == "train"}
+    trained_on = (run_dir / "keys_rank0.txt").read_text().split()
+    assert len(trained_on) == 4 and set(trained_on) <= train_keys  # 2 steps x 2 samples, all from S3
+    recorded = json.loads((run_dir / "run_config.json").read_text())["data"]["train"]
+    assert recorded["manifest"] == f"{s3_shards}/manifest.json"
+    assert recorded["manifest_sha256"] == hashlib.sha256(_read(f"{s3_shards}/manifest.json")).hexdigest()
+    assert recorded["samples"] == len(train_keys)
+
+
+def test_globs_and_brace_patterns_expand_on_s3(s3_shards):
+    train = [f"{s3_shards}/{s['name']}" for s in _manifest(s3_shards)["shards"] if s["split"] == "train"]
+    assert expand_urls(f"{s3_shards}/train-*.tar") == train
+    assert expand_urls(f"{s3_shards}/train-{{000000..000002}}.tar") == train
+    assert describe_shards(f"{s3_shards}/train-*.tar")["shards"].keys() == {url.rsplit("/", 1)[1] for url in train}
+
+
+def test_refused_upload_is_recorded_and_a_rerun_completes_it(s3, s3_shards, synth_root, capsys):
+    out = f"s3://{BUCKET}/{DENIED}"
+    assert precompute(_args(synth_root, out)) == 0  # the job ran; the val shard could not be stored
+    manifest = _manifest(out)
+    assert (manifest["images_written"], manifest["images_failed"]) == (11, 1)
+    [failure] = [json.loads(line) for line in _read(f"{out}/failures.jsonl").splitlines()]
+    assert failure["split"] == "val" and failure["stage"] == "write"
+    assert f"{out}/val-000000.tar" in failure["error"] and "PermissionError" in failure["error"]
+    assert "attempt 1 of" in failure["error"], "a refusal is not retried"
+    assert not any(name.startswith(("val-", "_shards/val-")) for name in _objects(out))
+
+    s3.set_writer_policy(ALLOW_ALL)  # the permission is fixed: the rerun redoes what was missing
+    capsys.readouterr()
+    assert precompute(_args(synth_root, out)) == 0
+    assert "5 of 6 shards already complete" in capsys.readouterr().err
+    manifest = _manifest(out)
+    assert (manifest["images_written"], manifest["images_failed"]) == (12, 0)
+    assert _read(f"{out}/failures.jsonl") == b""
+    assert manifest["shards"] == _manifest(s3_shards)["shards"], "byte-identical to a run that never failed"
+
+
+def test_an_outage_during_an_upload_is_retried(s3, monkeypatch, caplog):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # no botocore retries: only svp's own can save the upload
+    _clear_s3fs_cache()
+    store = OutputStore(f"s3://{BUCKET}/outage")
+    comeback = s3.outage(0.3)  # back before svp's first retry, 1 s after the first attempt
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
+            store.write_bytes("data.bin", b"x" * 1000)
+    finally:
+        comeback.join()
+        _clear_s3fs_cache()
+    assert "attempt 1 of 3" in caplog.text
+    assert _read(f"s3://{BUCKET}/outage/data.bin") == b"x" * 1000
