@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 
 class StorageError(OSError):
-    """A file could not be stored, even after retries; the message names its URL and why."""
+    """A file could not be stored (even after retries) or read; the message names its URL and why."""
 
 
 class OutputStore:
@@ -96,8 +96,13 @@ class OutputStore:
             stream.write(data)
 
     def read_bytes(self, name: str) -> bytes:
-        """The bytes of ``name``; FileNotFoundError if it is absent."""
-        return self.fs.cat_file(self._path(name))
+        """The bytes of ``name``; FileNotFoundError if it is absent, StorageError if it cannot be read."""
+        try:
+            return self.fs.cat_file(self._path(name))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - backends raise their own types (botocore's are no OSError)
+            raise StorageError(f"cannot read {self.url_of(name)}: {type(exc).__name__}: {exc}") from exc
 
     def size(self, name: str) -> int | None:
         """The size of ``name`` in bytes, or None if it is absent."""

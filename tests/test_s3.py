@@ -10,12 +10,17 @@ import hashlib
 import io
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 
+import boto3
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+import requests
+import s3fs
+from moto.server import ThreadedMotoServer
 
 from jobs.precompute import main as precompute
 from jobs.train import main as svp_train
@@ -31,26 +36,24 @@ ALLOW_ALL = {"Effect": "Allow", "Action": "*", "Resource": "*"}
 DENY_VAL_SHARDS = {"Effect": "Deny", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{BUCKET}/{DENIED}/val-*"}
 
 
+def _policy(*statements: dict) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+
+
 @dataclass
 class S3:
-    """The running server and an admin client to change the writer's permissions with."""
+    """The running server, and the admin's client settings to change the writer's permissions with."""
 
-    server: object
-    endpoint: str
+    server: ThreadedMotoServer
     admin: dict
 
     def set_writer_policy(self, *statements: dict) -> None:
-        import boto3
-
-        document = json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
         boto3.client("iam", **self.admin).put_user_policy(UserName="writer", PolicyName="svp",
-                                                          PolicyDocument=document)
+                                                          PolicyDocument=_policy(*statements))
 
     def outage(self, seconds: float) -> threading.Timer:
         """Stop the server now and bring it back on the same port after ``seconds`` (moto keeps
         its state in-process, so the bucket, users and objects come back with it)."""
-        from moto.server import ThreadedMotoServer
-
         port = self.server.get_host_and_port()[1]
         self.server.stop()
 
@@ -64,17 +67,15 @@ class S3:
 
 
 def _user(iam, name: str, *statements: dict) -> dict:
+    """A new IAM user with an inline policy; returns its credentials as boto3 client arguments."""
     iam.create_user(UserName=name)
-    document = json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
-    iam.put_user_policy(UserName=name, PolicyName="svp", PolicyDocument=document)
+    iam.put_user_policy(UserName=name, PolicyName="svp", PolicyDocument=_policy(*statements))
     key = iam.create_access_key(UserName=name)["AccessKey"]
     return {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
 
 
 def _clear_s3fs_cache() -> None:
     """s3fs caches filesystems (and their botocore settings) per process: start from the env again."""
-    import s3fs
-
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -82,10 +83,6 @@ def _clear_s3fs_cache() -> None:
 def s3():
     """A moto S3 server with a bucket, an admin and a writer user; the process writes as the writer
     through the standard AWS_* variables, as a user pointing svp at MinIO or any S3 API would."""
-    import boto3
-    import requests
-    from moto.server import ThreadedMotoServer
-
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -98,12 +95,14 @@ def s3():
     writer = _user(iam, "writer", ALLOW_ALL, DENY_VAL_SHARDS)
     requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10)  # from now on, IAM decides
     with pytest.MonkeyPatch.context() as env:
+        for name in [name for name in os.environ if name.startswith("AWS_")]:  # a developer's own AWS set-up
+            env.delenv(name)
         env.setenv("AWS_ENDPOINT_URL", endpoint)
         env.setenv("AWS_ACCESS_KEY_ID", writer["aws_access_key_id"])
         env.setenv("AWS_SECRET_ACCESS_KEY", writer["aws_secret_access_key"])
         env.setenv("AWS_DEFAULT_REGION", REGION)
         _clear_s3fs_cache()
-        state = S3(server, endpoint, {"endpoint_url": endpoint, "region_name": REGION, **admin})
+        state = S3(server, {"endpoint_url": endpoint, "region_name": REGION, **admin})
         yield state
     requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=10)
     state.server.stop()
@@ -161,10 +160,17 @@ def test_rerun_into_s3_resumes_and_another_config_is_refused(s3_shards, synth_ro
     assert "must not mix" in capsys.readouterr().err
 
 
+def test_a_missing_bucket_is_refused_before_any_work(s3, synth_root, capsys):
+    assert precompute(_args(synth_root, "s3://no-such-bucket/shards")) == 2
+    assert "s3://no-such-bucket/shards/config.json" in capsys.readouterr().err
+    assert [b["Name"] for b in boto3.client("s3", **s3.admin).list_buckets()["Buckets"]] == [BUCKET], \
+        "no bucket is created behind the user's back"
+
+
 def test_training_streams_the_train_split_from_s3(s3_shards, tmp_path):
     run_dir = tmp_path / "run"
     assert svp_train(["--shards", s3_shards, "--run-dir", str(run_dir), "--batch-size", "2", "--max-steps", "2",
-                      "--log-every", "1", "--record-keys"]) == 0
+                      "--log-every", "1", "--record-keys", "--num-workers", "2"]) == 0
     index = pq.read_table(io.BytesIO(_read(f"{s3_shards}/index.parquet"))).to_pylist()
     train_keys = {row["key"] for row in index if row["split"] == "train"}
     trained_on = (run_dir / "keys_rank0.txt").read_text().split()
