@@ -190,21 +190,22 @@ def _is_glob(url: str) -> bool:
 
 
 def _resolve(url: str) -> list[str]:
-    if _is_pipe(url) or ("://" in url and not _is_glob(url)):
+    """One URL → its shards: a glob is listed, a local path must exist, the rest pass through."""
+    if _is_glob(url) and not _is_pipe(url):
+        if "://" in url:
+            fs, pattern = fsspec.core.url_to_fs(url)
+            matches = [fs.unstrip_protocol(path) for path in sorted(fs.glob(pattern))]
+        else:
+            matches = sorted(glob.glob(str(Path(url).expanduser())))
+        if not matches:
+            raise DataError(f"no shard matches {url}")
+        return matches
+    if "://" in url or _is_pipe(url):
         return [url]
-    if "://" in url:
-        fs, pattern = fsspec.core.url_to_fs(url)
-        matches = [fs.unstrip_protocol(path) for path in sorted(fs.glob(pattern))]
-    else:
-        path = str(Path(url).expanduser())
-        if not _is_glob(path):
-            if not Path(path).is_file():
-                raise DataError(f"shard not found: {url}")
-            return [path]
-        matches = sorted(glob.glob(path))
-    if not matches:
-        raise DataError(f"no shard matches {url}")
-    return matches
+    path = Path(url).expanduser()
+    if not path.is_file():
+        raise DataError(f"shard not found: {url}")
+    return [str(path)]
 
 
 def _parent(url: str) -> str:
