@@ -7,7 +7,7 @@ because readers (a resuming job, a trainer streaming shards) must never see half
   atomic on POSIX);
 - in an object store a single PUT (or a completed multipart upload) is atomic, so the bytes are
   staged in a local temporary file and uploaded only once finished. The upload is retried with
-  exponential backoff and its stored size checked (botocore also checksums the body in transit);
+  exponential backoff and its stored size checked (recent botocore also checksums the body);
   a refusal (permission denied, no such bucket) is not retried, since asking again changes nothing.
 
 Whatever still fails raises :class:`StorageError`, which names the URL and the last error, so the
@@ -28,8 +28,9 @@ import posixpath
 import secrets
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, TypeVar
+from typing import BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -101,7 +102,7 @@ class OutputStore:
             return self.fs.cat_file(self._path(name))
         except FileNotFoundError:
             raise
-        except Exception as exc:  # noqa: BLE001 - backends raise their own types (botocore's are no OSError)
+        except Exception as exc:  # backends raise their own types (botocore's are no OSError)
             raise StorageError(f"cannot read {self.url_of(name)}: {type(exc).__name__}: {exc}") from exc
 
     def size(self, name: str) -> int | None:
@@ -145,7 +146,7 @@ def with_retries(action: Callable[[], T], url: str, attempts: int = UPLOAD_ATTEM
     while True:
         try:
             return action()
-        except Exception as exc:  # noqa: BLE001 - retried or reported, with its type
+        except Exception as exc:  # retried or reported, with its type
             if isinstance(exc, _PERMANENT_ERRORS) or attempt >= attempts:
                 raise StorageError(f"cannot store {url} (attempt {attempt} of {attempts}): "
                                    f"{type(exc).__name__}: {exc}") from exc
