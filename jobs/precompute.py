@@ -16,7 +16,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from jobs import entry
+from jobs import entry, ray_cluster
 from pipeline.partition import PartitionConfig
 from pipeline.precompute import (
     OutputSpec,
@@ -165,11 +165,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _connect_ray(args: argparse.Namespace) -> float:
     """Attach to (or start) Ray and return the GPUs per worker, refusing a request the cluster cannot meet."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, logging_level="WARNING")
-    return _gpus_per_worker(ray.cluster_resources().get("GPU", 0.0), args.gpus_per_worker, args.workers)
+    ray_cluster.connect(args.address)
+    return ray_cluster.gpus_per_worker(args.gpus_per_worker, args.workers, "--workers")
 
 
 def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n_workers: int, gpus: float) -> list[ShardRecord]:
@@ -219,19 +216,6 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
     for worker in workers:
         ray.kill(worker)
     return records
-
-
-def _gpus_per_worker(available: float, requested: float | None, workers: int) -> float:
-    if requested is None:
-        return 1.0 if available >= 1 else 0.0
-    if requested < 0:
-        raise BackendConfigError(f"--gpus-per-worker must be >= 0, got {requested}")
-    if requested * workers > available:
-        raise BackendConfigError(
-            f"--workers {workers} x --gpus-per-worker {requested:g} needs {requested * workers:g} GPUs, "
-            f"but the Ray cluster has {available:g}; lower them or add GPU nodes"
-        )
-    return requested
 
 
 def _failed_shard(task: ShardTask, dataset: str, stage: str, reason: str) -> ShardRecord:

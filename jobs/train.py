@@ -1,22 +1,30 @@
 """``svp train`` / ``python -m jobs.train``: fine-tune the projector, LoRA and mask decoder from shards.
 
 Runs unchanged as a single process, under ``accelerate launch`` (any number of processes or
-nodes) and under ``torchrun``; every process streams its own disjoint shards. The run directory
-gets ``run_config.json`` (the full resolved config), TensorBoard logs, ``checkpoints/step_N``
+nodes), under ``torchrun``, and with ``--ray-workers N`` in N Ray Train workers (TorchTrainer) on a
+Ray cluster; every process streams its own disjoint shards. The run directory gets
+``run_config.json`` (the full resolved config), TensorBoard logs, ``checkpoints/step_N``
 (``--resume`` continues from the last one) and ``export/`` (the trained parts as safetensors).
+
+Under Ray the run directory is also the Ray Train run's storage (``RunConfig(storage_path, name)``):
+the workers write each checkpoint there and report it to Ray where it lies, so Ray knows every
+checkpoint (``Result.checkpoint``, restarts after a worker failure) and the layout is the same as
+under every other launcher. On a multi-node cluster it must be on storage every node mounts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from jobs import entry
+from jobs import entry, ray_cluster
 from pipeline.shards import ManifestError, read_manifest, split_shard_urls
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError
-from trainer.loop import TrainConfig, train
+from trainer.loop import TrainConfig, resume_point, train
 from trainer.model import PROJECTORS, ModelConfig, ModelLoadError, ProjectorConfig
 
 
@@ -85,6 +93,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
     optim.add_argument("--record-keys", action="store_true",
                        help="write the sample keys each process trained on to RUN_DIR/keys_rank{N}.txt (audits data splits)")
+    ray = parser.add_argument_group("Ray Train", "with --ray-workers, the loop runs in Ray Train workers on a Ray "
+                                    "cluster; --run-dir, --shards and model paths must then be readable on every node")
+    ray.add_argument("--ray-workers", type=int, default=0,
+                     help="training processes as Ray Train workers (TorchTrainer); 0 (default): no Ray, train in this "
+                          "process (or in each process of accelerate launch / torchrun)")
+    ray.add_argument("--gpus-per-worker", type=float, default=None,
+                     help="GPUs per Ray worker; default 1 if the Ray cluster has GPUs (or can scale up to some), "
+                          "else 0 (CPU workers, gloo)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0,
+                     help="CPUs per Ray worker; default 1 (give more with --num-workers DataLoader workers)")
+    ray.add_argument("--max-failures", type=int, default=0,
+                     help="times Ray Train restarts the workers after a failure, from the last checkpoint; default 0")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster address ('auto' attaches to a running cluster, as under `ray job submit`); "
+                          "omitted: start a local Ray")
 
 
 def train_urls(shards: str, split: str) -> list[str] | str:
@@ -103,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
             mixed_precision=args.mixed_precision, save_every=args.save_every, log_every=args.log_every,
             num_workers=args.num_workers, seed=args.seed, resume=args.resume, record_keys=args.record_keys,
         )
-        result = train(config)
-    except (ManifestError, DataError, CheckpointError, ModelLoadError) as exc:
+        result = _train_on_ray(config, args) if args.ray_workers else train(config)
+    except (ManifestError, DataError, CheckpointError, ModelLoadError, ray_cluster.ClusterResourceError) as exc:
         print(f"svp train: error: {exc}", file=sys.stderr)
         return 2
     if not result["main_process"]:
@@ -112,6 +135,67 @@ def run(args: argparse.Namespace) -> int:
     print(f"train: {result['step']} steps, {result['skipped_samples']} corrupt samples skipped; "
           f"export: {args.run_dir / 'export'}")
     return 0
+
+
+def _train_on_ray(config: TrainConfig, args: argparse.Namespace) -> dict:
+    """Run the loop in ``--ray-workers`` Ray Train workers; rank 0's result.
+
+    TorchTrainer sets up torch.distributed (gloo on CPU, NCCL on GPU) and the torchrun variables,
+    which Accelerate picks up as it does under torchrun. What Ray would otherwise only find out
+    while it waits (a run directory that cannot start, GPUs the cluster lacks) is refused first.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if args.ray_workers < 0:
+        raise ray_cluster.ClusterResourceError(f"--ray-workers must be >= 0, got {args.ray_workers}")
+    config = replace(config, run_dir=config.run_dir.absolute())  # Ray's storage path; the workers' run dir
+    resume_point(config)  # raises for a run directory the workers would refuse
+    ray_cluster.connect(args.address)
+    gpus = ray_cluster.gpus_per_worker(args.gpus_per_worker, args.ray_workers, "--ray-workers")
+    ray_cluster.require("CPU", args.cpus_per_worker, args.ray_workers,
+                        f"--ray-workers {args.ray_workers} x --cpus-per-worker {args.cpus_per_worker:g}")
+    # Ray Train would start each worker in a directory of its own; like every other Ray worker (and
+    # like `svp train`), ours resolve relative paths from the directory the job runs in.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    trainer = TorchTrainer(
+        _ray_worker, train_loop_config={"train": config},
+        scaling_config=ScalingConfig(num_workers=args.ray_workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": args.cpus_per_worker, "GPU": gpus}),
+        run_config=RunConfig(name=config.run_dir.name, storage_path=str(config.run_dir.parent),
+                             failure_config=FailureConfig(max_failures=args.max_failures)),
+    )
+    return trainer.fit().return_value
+
+
+def _ray_worker(loop_config: dict) -> dict:
+    """One Ray Train worker: the loop every launcher runs, reporting each log and save step to Ray.
+
+    After a worker failure Ray starts the workers again and ``get_checkpoint`` names the last
+    checkpoint that every worker reported: the run continues from there.
+    """
+    import ray.train
+
+    config = loop_config["train"]
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        config = replace(config, resume=True, resume_from=Path(restored.path))
+    return train(config, report=_report_to_ray)
+
+
+def _report_to_ray(metrics: dict[str, float], checkpoint: Path | None) -> None:
+    """Hand one log or save step to Ray Train (every worker calls this at the same steps).
+
+    The checkpoint already lies in the Ray run's storage, written there by the workers, so it is
+    registered where it is (NO_UPLOAD) rather than copied.
+    """
+    import ray.train
+
+    if checkpoint is None:
+        ray.train.report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 def main(argv: list[str] | None = None) -> int:

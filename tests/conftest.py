@@ -1,4 +1,5 @@
-"""Shared fixtures: a synthetic REFER root, a tiny SAM checkpoint and one in-process Ray for the suite."""
+"""Shared fixtures: synthetic REFER roots, a tiny SAM checkpoint, one in-process Ray for the suite and
+the shards every training test reads."""
 
 from __future__ import annotations
 
@@ -37,3 +38,25 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def refer_root(tmp_path_factory) -> Path:
+    """The training tests' REFER root: enough train images for two processes' disjoint shards."""
+    from pipeline.synth import synthesize
+
+    root = tmp_path_factory.mktemp("refer-train")
+    synthesize(root, images=16, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shards(refer_root, tmp_path_factory, tiny_sam_checkpoint, ray_local) -> Path:
+    """Shards of two images each, with sam.npy, shared by every training test (any launcher)."""
+    from jobs.precompute import main as precompute
+
+    out = tmp_path_factory.mktemp("shards")
+    assert precompute(["--refer-root", str(refer_root), "--dataset", "refcoco", "--split-by", "unc", "--out", str(out),
+                       "--backend", "felzenszwalb", "--shard-size", "2", "--store-sam-embeddings",
+                       "--sam-checkpoint", str(tiny_sam_checkpoint), "--sam-model", "tiny"]) == 0
+    return out

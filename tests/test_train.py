@@ -12,44 +12,20 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from train_helpers import assert_disjoint_keys, assert_restores_saved_state, train_flags
 
 from jobs.eval import main as svp_eval
-from jobs.precompute import main as precompute
 from jobs.predict import main as svp_predict
 from jobs.train import main as svp_train
-from pipeline.synth import synthesize
 from trainer.checkpoint import load_trained_model
-from trainer.loop import TrainConfig, setup_training
-from trainer.model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def refer_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("refer")
-    synthesize(root, images=16, seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def shards(refer_root, tmp_path_factory, tiny_sam_checkpoint, ray_local) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    assert precompute(["--refer-root", str(refer_root), "--dataset", "refcoco", "--split-by", "unc", "--out", str(out),
-                       "--backend", "felzenszwalb", "--shard-size", "2", "--store-sam-embeddings",
-                       "--sam-checkpoint", str(tiny_sam_checkpoint), "--sam-model", "tiny"]) == 0
-    return out
-
-
-def _train_flags(shards: Path, run_dir: Path, sam: Path, *extra: str) -> list[str]:
-    return ["--shards", str(shards), "--run-dir", str(run_dir), "--sam-checkpoint", str(sam), "--sam-model", "tiny",
-            "--batch-size", "2", "--log-every", "1", *extra]
-
-
-@pytest.fixture(scope="module")
 def trained_run(shards, tiny_sam_checkpoint, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
-    assert svp_train(_train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "3", "--save-every", "3")) == 0
+    assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "3", "--save-every", "3")) == 0
     return run_dir
 
 
@@ -73,28 +49,16 @@ def test_a_run_records_its_full_config_and_exports_only_trained_parts(trained_ru
 
 def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(shards, tiny_sam_checkpoint, tmp_path):
     run_dir = tmp_path / "run"
-    assert svp_train(_train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "2", "--save-every", "2")) == 0
-    checkpoint = run_dir / "checkpoints" / "step_000002"
-    config = TrainConfig(train_shards=str(shards / "train-000000.tar"), run_dir=run_dir, batch_size=2, max_steps=4,
-                         model=ModelConfig(sam_checkpoint=str(tiny_sam_checkpoint), sam_model="tiny"), resume=True)
-    restored = setup_training(config)
-    assert restored.progress.step == 2
-    saved = torch.load(checkpoint / "optimizer.bin", weights_only=True)
-    current = restored.optimizer.state_dict()
-    assert saved["param_groups"] == current["param_groups"]
-    assert saved["state"].keys() == current["state"].keys() and len(saved["state"]) > 0
-    for index, state in saved["state"].items():
-        for name, value in state.items():
-            torch.testing.assert_close(current["state"][index][name], value, rtol=0, atol=0)
-    restored.accelerator.end_training()
+    assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "2", "--save-every", "2")) == 0
+    assert_restores_saved_state(run_dir, shards, tiny_sam_checkpoint, step=2)
     # ... and the resumed run goes on from there to the new end.
-    assert svp_train(_train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "4", "--save-every", "2",
+    assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "4", "--save-every", "2",
                                   "--resume")) == 0
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_projector(trained_run, shards, tiny_sam_checkpoint, capsys):
-    status = svp_train(_train_flags(shards, trained_run, tiny_sam_checkpoint, "--max-steps", "5", "--resume",
+    status = svp_train(train_flags(shards, trained_run, tiny_sam_checkpoint, "--max-steps", "5", "--resume",
                                     "--projector", "mlp"))
     assert status == 2
     assert "projector" in capsys.readouterr().err
@@ -110,16 +74,16 @@ def test_resume_refuses_a_checkpoint_of_another_projector(trained_run, shards, t
     ids=["llm", "vision", "split"],
 )
 def test_bad_training_options_name_the_option(shards, tiny_sam_checkpoint, tmp_path, capsys, flags, message):
-    assert svp_train(_train_flags(shards, tmp_path / "run", tiny_sam_checkpoint, "--max-steps", "1", *flags)) == 2
+    assert svp_train(train_flags(shards, tmp_path / "run", tiny_sam_checkpoint, "--max-steps", "1", *flags)) == 2
     assert message in capsys.readouterr().err
 
 
 def test_missing_shards_and_sam_checkpoint_are_named(shards, tiny_sam_checkpoint, tmp_path, capsys):
-    assert svp_train(_train_flags(tmp_path / "nowhere", tmp_path / "run", tiny_sam_checkpoint)) == 2
+    assert svp_train(train_flags(tmp_path / "nowhere", tmp_path / "run", tiny_sam_checkpoint)) == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
-    assert svp_train(_train_flags(shards / "train-999999.tar", tmp_path / "run", tiny_sam_checkpoint)) == 2
+    assert svp_train(train_flags(shards / "train-999999.tar", tmp_path / "run", tiny_sam_checkpoint)) == 2
     assert "train-999999.tar" in capsys.readouterr().err
-    assert svp_train(_train_flags(shards, tmp_path / "run", tmp_path / "no-sam.pth")) == 2
+    assert svp_train(train_flags(shards, tmp_path / "run", tmp_path / "no-sam.pth")) == 2
     assert "--sam-checkpoint" in capsys.readouterr().err
 
 
@@ -162,7 +126,7 @@ def test_predict_writes_an_overlay_and_a_mask(trained_run, refer_root, tmp_path)
 
 def _launch(command: list[str], run_dir: Path, shards: Path, sam: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*command, *_train_flags(shards, run_dir, sam, "--max-steps", "2", "--record-keys")],
+    return subprocess.run([*command, *train_flags(shards, run_dir, sam, "--max-steps", "2", "--record-keys")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -170,8 +134,7 @@ def test_torchrun_two_processes_train_on_disjoint_samples(shards, tiny_sam_check
     result = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "jobs.train"],
                      tmp_path / "run", shards, tiny_sam_checkpoint)
     assert result.returncode == 0, result.stderr[-3000:]
-    seen = [set((tmp_path / "run" / f"keys_rank{rank}.txt").read_text().split()) for rank in (0, 1)]
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert_disjoint_keys(tmp_path / "run", ranks=2)
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["world_size"] == 2
 
 
@@ -183,8 +146,7 @@ def test_accelerate_launch_two_cpu_processes(shards, tiny_sam_checkpoint, tmp_pa
                       "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "jobs.train"],
                      tmp_path / "run", shards, tiny_sam_checkpoint)
     assert result.returncode == 0, result.stderr[-3000:]
-    seen = [set((tmp_path / "run" / f"keys_rank{rank}.txt").read_text().split()) for rank in (0, 1)]
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert_disjoint_keys(tmp_path / "run", ranks=2)
     assert (tmp_path / "run" / "export" / "trained.safetensors").is_file()
 
 

@@ -1,8 +1,10 @@
 """The training loop, readable in one sitting: Accelerate does devices, DDP, mixed precision,
 gradient accumulation and checkpoint state; WebDataset streams the shards.
 
-It runs unchanged under ``python -m jobs.train``, ``accelerate launch`` and ``torchrun`` (each
-process reads its own disjoint shards: the loader splits by node and by worker).
+It runs unchanged under ``python -m jobs.train``, ``accelerate launch``, ``torchrun`` and inside
+Ray Train's workers (each process reads its own disjoint shards: the loader splits by node and by
+worker). A launcher that tracks progress itself (Ray Train) passes a ``report`` callback; the loop
+knows nothing of Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -51,7 +54,13 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     resume: bool = False
+    resume_from: Path | None = None  # with resume: this checkpoint rather than the last one in run_dir
     record_keys: bool = False
+
+
+# Called on every process at each log or save step, with the step's metrics (always "step") and the
+# checkpoint directory just saved, if any: how a launcher such as Ray Train follows the run.
+Report = Callable[[dict[str, float], Path | None], None]
 
 
 class _Progress:
@@ -90,10 +99,7 @@ def setup_training(config: TrainConfig) -> Training:
     # cpu=True where there is no GPU: that is what makes Accelerate pick gloo DDP under torchrun.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
                               log_with="tensorboard", project_dir=str(config.run_dir), cpu=not torch.cuda.is_available())
-    resume_from = _resume_point(config) if config.resume else None
-    if resume_from is None and last_checkpoint(config.run_dir) is not None:
-        raise CheckpointError(f"{config.run_dir} already holds checkpoints: pass --resume to continue that run, "
-                              f"or choose a new --run-dir")
+    resume_from = resume_point(config)
     set_seed(config.seed, device_specific=True)
     model = SegmentationMLLM(config.model)
     shards = describe_shards(config.train_shards)
@@ -117,7 +123,7 @@ def setup_training(config: TrainConfig) -> Training:
     return Training(accelerator, model, optimizer, scheduler, progress, trainable, shards)
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, report: Report | None = None) -> dict:
     """Train, checkpoint every ``save_every`` steps, export the trained parts; return final metrics."""
     run = setup_training(config)
     accelerator, model, optimizer, scheduler, progress = (run.accelerator, run.model, run.optimizer, run.scheduler,
@@ -151,13 +157,17 @@ def train(config: TrainConfig) -> dict:
             continue
         progress.step += 1
         bar.update()
+        metrics, checkpoint = {}, None
         if progress.step % config.log_every == 0 or progress.step == config.max_steps:
             metrics = _metrics(window, scheduler, skipped, started)
             accelerator.log(metrics, step=progress.step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", ciou=f"{metrics['train_batch_ciou']:.2f}")
             window, started = [], time.perf_counter()
         if progress.step % config.save_every == 0 or progress.step == config.max_steps:
-            accelerator.save_state(str(config.run_dir / CHECKPOINTS / f"step_{progress.step:06d}"))
+            checkpoint = config.run_dir / CHECKPOINTS / f"step_{progress.step:06d}"
+            accelerator.save_state(str(checkpoint))
+        if report is not None and (metrics or checkpoint is not None):
+            report({"step": progress.step, **metrics}, checkpoint)
     bar.close()
     if keys_file is not None:
         keys_file.close()
@@ -196,8 +206,18 @@ def _passes(loader, rank: int):
                             f"batch_size samples (give at least processes x DataLoader workers shards)")
 
 
-def _resume_point(config: TrainConfig) -> Path:
-    checkpoint = last_checkpoint(config.run_dir)
+def resume_point(config: TrainConfig) -> Path | None:
+    """The checkpoint this run starts from (None: from scratch), or why it cannot start.
+
+    Public so that a launcher can refuse a bad run directory before it starts any worker. A run
+    directory that already holds checkpoints is never trained over from scratch without --resume.
+    """
+    if not config.resume:
+        if last_checkpoint(config.run_dir) is not None:
+            raise CheckpointError(f"{config.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                                  f"or choose a new --run-dir")
+        return None
+    checkpoint = config.resume_from or last_checkpoint(config.run_dir)
     if checkpoint is None:
         raise CheckpointError(f"--resume: no checkpoint under {config.run_dir / CHECKPOINTS}")
     saved = read_run_config(config.run_dir)

@@ -1,0 +1,78 @@
+"""Attaching to a Ray cluster and sizing worker requests against it, for every Ray job.
+
+A request that the cluster can never grant (more GPUs than it has or can scale up to) is refused
+here, naming the flags: Ray itself would keep the job waiting for those resources, forever where
+no autoscaler can add them. Ray is imported inside the functions so that ``svp --help`` and the
+commands that do not use Ray do not pay for importing it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+# Written by `ray up` on the head node: the cluster config, node types included.
+LAUNCHER_CONFIG = Path("~/ray_bootstrap_config.yaml")
+
+
+class ClusterResourceError(ValueError):
+    """The job asks for resources the Ray cluster does not have and cannot get."""
+
+
+def connect(address: str | None) -> None:
+    """Attach to ``address`` ('auto': the cluster a ``ray job submit`` job runs on) or, with None,
+    start a local Ray; a process that already holds a Ray connection keeps it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+
+
+def capacity(resource: str) -> float:
+    """How much of ``resource`` the cluster has now or can scale up to.
+
+    An autoscaling cluster may have no GPU node yet when the job starts: what its node types allow
+    counts too, where Ray publishes them (the private source Ray Train's own resource check reads)
+    or where the cluster launcher left its config (see :func:`launcher_capacity`).
+    """
+    import ray
+    from ray._private.state import state
+
+    published = (state.get_max_resources_from_cluster_config() or {}).get(resource, 0)
+    return max(ray.cluster_resources().get(resource, 0.0), float(published), launcher_capacity(resource))
+
+
+def launcher_capacity(resource: str) -> float:
+    """The most of ``resource`` the node types of a ``ray up`` cluster can hold, read from the config
+    the cluster launcher leaves on the head node (where ``ray job submit`` runs the job; Ray Tune
+    reads the same file to tell an autoscaling cluster); 0 where there is none."""
+    path = LAUNCHER_CONFIG.expanduser()
+    if not path.is_file():
+        return 0.0
+    config = yaml.safe_load(path.read_text())
+    most_workers = config.get("max_workers", float("inf"))
+    total = 0.0
+    for name, node_type in config.get("available_node_types", {}).items():
+        nodes = 1 if name == config.get("head_node_type") else min(node_type.get("max_workers", 0), most_workers)
+        total += nodes * node_type.get("resources", {}).get(resource, 0)
+    return total
+
+
+def require(resource: str, per_worker: float, workers: int, request: str) -> None:
+    """Refuse ``workers`` x ``per_worker`` of ``resource`` if the cluster cannot hold them;
+    ``request`` names the flags that asked, for the message."""
+    available = capacity(resource)
+    if per_worker * workers > available:
+        raise ClusterResourceError(f"{request} needs {per_worker * workers:g} {resource}, but the Ray cluster has "
+                                   f"at most {available:g}; lower them or add nodes with {resource}")
+
+
+def gpus_per_worker(requested: float | None, workers: int, workers_flag: str) -> float:
+    """``--gpus-per-worker``: by default 1 where the cluster has GPUs, else 0 (CPU workers)."""
+    if requested is None:
+        return 1.0 if capacity("GPU") >= 1 else 0.0
+    if requested < 0:
+        raise ClusterResourceError(f"--gpus-per-worker must be >= 0, got {requested:g}")
+    require("GPU", requested, workers, f"{workers_flag} {workers} x --gpus-per-worker {requested:g}")
+    return requested
