@@ -6,6 +6,10 @@ task on an actor that holds one model; actors are restarted and their task retri
 dies. A rerun with the same options skips the shards that are complete and finishes the rest.
 OUT may be a local directory or an object-store URL (s3://bucket/prefix, any fsspec URL); a shard
 that cannot be stored there, even after retries, is reported as failed and redone by a rerun.
+
+``--limit`` and ``--only-split`` process part of the input (a dry run) without changing the
+output's config: a later run into the same OUT without them keeps what is complete and does the
+rest. The job ends by saying where the workers' time went, per stage and per worker.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from pipeline.precompute import (
     OutputSpec,
     ShardProcessor,
     ShardTask,
+    covers,
     plan_shards,
     problem_rows,
+    select,
 )
 from pipeline.refer import DATASETS, ReferError, load_refer
 from pipeline.shards import (
@@ -34,6 +40,7 @@ from pipeline.shards import (
     load_complete_record,
     sample_key,
     save_record,
+    stage_timing,
     write_job_outputs,
 )
 from pipeline.storage import OutputStore, StorageError, storage_env
@@ -45,6 +52,7 @@ from pipeline.superpixels.base import (
     file_sha256,
 )
 from pipeline.superpixels.sam import SAM_MODEL_TYPES
+from pipeline.timing import STAGES
 
 ACTOR_MAX_RESTARTS = -1  # a dead worker is always replaced ...
 TASK_MAX_RETRIES = 2  # ... but a shard that kills its worker three times is recorded as failed
@@ -88,6 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="superpixels smaller than this many pixels merge into their largest neighbour; default 100")
     sp.add_argument("--max-superpixels", type=int, default=256,
                     help="upper bound on superpixels (= visual tokens) per image; the smallest merge first; default 256")
+    part = parser.add_argument_group("part of the input (dry runs)")
+    part.add_argument("--only-split", metavar="NAME",
+                      help="process only the images of this split (e.g. val); a name the dataset lacks is refused "
+                           "with the list of its splits")
+    part.add_argument("--limit", type=int, metavar="N",
+                      help="process only the first N images in (split, image_id) order, after --only-split. Neither "
+                           "option changes the output's config: rerunning into the same --out without them keeps the "
+                           "complete shards and processes the rest; the manifest counts what is left as images_pending")
     run = parser.add_argument_group("execution")
     run.add_argument("--workers", type=int, default=1, help="number of Ray actors, each holding one model; default 1")
     run.add_argument("--gpus-per-worker", type=float, default=None,
@@ -131,36 +147,64 @@ def run(args: argparse.Namespace) -> int:
             **spec.config(),
         }
         tasks = plan_shards(refer.samples, args.shard_size)
+        selected = select(tasks, args.only_split, args.limit)
         config_hash = claim_output_dir(args.out, config)
-        done = {t.name: r for t in tasks if (r := load_complete_record(args.out, t.name)) is not None}
-        todo = [t for t in tasks if t.name not in done]
+        finished = {t.name: r for t in tasks if (r := load_complete_record(args.out, t.name)) is not None}
+        todo = [t for t in selected if not covers(finished.get(t.name), t)]
         gpus = _connect_ray(args) if todo else 0.0
     except (ReferError, BackendConfigError, OutputConfigMismatch, StorageError, ValueError) as exc:
         print(f"svp precompute: error: {exc}", file=sys.stderr)
         return 2
 
-    if done:
-        print(f"resume: {len(done)} of {len(tasks)} shards already complete in {args.out}, skipping them", file=sys.stderr)
+    skipped = len(selected) - len(todo)
+    if skipped:
+        print(f"resume: {skipped} of {len(selected)} shards already complete in {args.out}, skipping them",
+              file=sys.stderr)
     output = OutputSpec(args.out, refer.image_dir, args.dataset, refer.categories, config_hash)
 
     started = time.perf_counter()
     new_records = _run_on_ray(todo, spec, output, args.workers, gpus) if todo else []
     elapsed = time.perf_counter() - started
 
-    records = list(done.values()) + new_records
+    records = {**finished, **{record.name: record for record in new_records}}
+    pending = sum(len(t.items) for t in tasks) - sum(len(r.rows) for r in records.values())
     try:
-        manifest = write_job_outputs(args.out, records, problem_rows(args.dataset, refer.problems), config,
-                                     config_hash)
+        manifest = write_job_outputs(args.out, list(records.values()), problem_rows(args.dataset, refer.problems),
+                                     config, config_hash, pending)
     except StorageError as exc:  # the shards' records are stored: a rerun resumes and writes these again
         print(f"svp precompute: error: {exc}", file=sys.stderr)
         return 1
     processed = sum(len(r.rows) for r in new_records)
     print(
-        f"precompute: {manifest['images_written']} images written, {manifest['images_failed']} failed "
-        f"(of {manifest['images_total']}); {len(manifest['shards'])} shards ({len(done)} skipped as complete); "
+        f"precompute: {manifest['images_written']} images written, {manifest['images_failed']} failed"
+        f"{f', {pending} pending' if pending else ''} (of {manifest['images_total']}); {len(manifest['shards'])} "
+        f"shards ({skipped} skipped as complete); "
         f"{processed / elapsed if processed and elapsed else 0.0:.1f} images/s; out: {args.out}"
     )
+    if pending:
+        print(f"pending: {pending} images are not processed yet (--limit / --only-split); "
+              f"rerun into the same --out without those options to finish")
+    for line in _timing_lines(stage_timing(new_records)):
+        print(line)
     return 0
+
+
+def _timing_lines(timing: dict) -> list[str]:
+    """Where this run's worker time went: each stage's seconds and share, then each worker's."""
+    total = timing["total"]
+    spent = sum(total["seconds"].values())
+    if not spent:
+        return []
+    shares = ", ".join(f"{stage} {s:.2f}s ({100 * s / spent:.0f}%)" for stage, s in _in_stage_order(total["seconds"]))
+    lines = [f"time by stage (seconds, all workers together): {shares}"]
+    for worker, entry in timing["per_worker"].items():
+        stages = ", ".join(f"{stage} {s:.2f}s" for stage, s in _in_stage_order(entry["seconds"]))
+        lines.append(f"  worker {worker}: {entry['shards']} shards, {entry['images']} images: {stages}")
+    return lines
+
+
+def _in_stage_order(seconds: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(seconds.items(), key=lambda item: STAGES.index(item[0]) if item[0] in STAGES else len(STAGES))
 
 
 def _connect_ray(args: argparse.Namespace) -> float:

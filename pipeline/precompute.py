@@ -2,15 +2,16 @@
 
 No Ray here: :class:`ShardProcessor` is what a Ray actor holds (one backend, one model), and it is
 equally usable in a plain loop or a test. Every image either lands in the shard or becomes an
-index row with the stage it failed at and why; one bad image never costs its shard.
+index row with the stage it failed at and why; one bad image never costs its shard. Each shard's
+record also says how long its stages took on which worker (decode, superpixels, partition, SAM
+embeddings if stored, write), which the job sums up in the manifest.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +21,7 @@ from pipeline.images import DecodedImage, ImageDecodeError, decode_image, to_dis
 from pipeline.refer import AnnotationProblem, ImageRefs, ReferError, encode_mask, ref_mask
 from pipeline.shards import ShardRecord, encode_sample, index_row, sample_key, shard_name, write_shard
 from pipeline.superpixels.base import BackendSpec, SuperpixelResult
+from pipeline.timing import StageTimer
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,39 @@ def plan_shards(samples: Sequence[ImageRefs], shard_size: int) -> list[ShardTask
     ]
 
 
+def select(tasks: Sequence[ShardTask], only_split: str | None = None, limit: int | None = None) -> list[ShardTask]:
+    """The part of the plan one run processes: the shards of ``only_split`` (every split if None),
+    cut after the first ``limit`` images in plan order (every image if None).
+
+    The plan itself never changes (it belongs to the output's config), so a later run without
+    these options finds the same shards: the whole ones complete, the one cut short to redo.
+    """
+    if only_split is not None:
+        splits = sorted({task.split for task in tasks})
+        if only_split not in splits:
+            raise ValueError(f"--only-split {only_split!r} is not a split of this dataset; splits: {', '.join(splits)}")
+        tasks = [task for task in tasks if task.split == only_split]
+    if limit is None:
+        return list(tasks)
+    if limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    selected, left = [], limit
+    for task in tasks:
+        if left == 0:
+            break
+        selected.append(replace(task, items=task.items[:left]))
+        left -= len(selected[-1].items)
+    return selected
+
+
+def covers(record: ShardRecord | None, task: ShardTask) -> bool:
+    """Whether a finished shard's record accounts for every image of ``task`` (a shard written
+    by a ``--limit`` run may hold only the first images of its task)."""
+    if record is None:
+        return False
+    return {item.image.image_id for item in task.items} <= {row["image_id"] for row in record.rows}
+
+
 def problem_rows(dataset: str, problems: Sequence[AnnotationProblem]) -> list[dict]:
     """Index rows for images whose annotations were unusable before any shard was planned."""
     return [
@@ -84,22 +119,30 @@ class ShardProcessor:
     def __init__(self, spec: BackendSpec, output: OutputSpec, device: str = "cpu") -> None:
         self.spec = spec
         self.output = output
-        self.backend = spec.build(device)
+        self.timer = StageTimer()
+        self.backend = spec.build(device, self.timer)
 
     def __call__(self, task: ShardTask) -> ShardRecord:
-        started = time.perf_counter()
+        """The shard's images, decoded, segmented and written; its record says where the time went."""
+        self.timer.take()  # a shard that raised (and is retried) may have left time behind
         failures: dict[int, tuple[str, str]] = {}
         prepared: dict[int, _Prepared] = {}
-        for item in task.items:
-            try:
-                prepared[item.image.image_id] = self._prepare(item)
-            except _ImageFailed as failure:
-                failures[item.image.image_id] = (failure.stage, failure.error)
-        decoded = time.perf_counter()
+        with self.timer.stage("decode"):
+            for item in task.items:
+                try:
+                    prepared[item.image.image_id] = self._prepare(item)
+                except _ImageFailed as failure:
+                    failures[item.image.image_id] = (failure.stage, failure.error)
+        results = self._superpixels(prepared, failures)  # the backend times its own stages
+        with self.timer.stage("write"):
+            samples, rows = self._encode(task, prepared, results, failures)
+            file = write_shard(self.output.out_dir, task.name, task.split, samples) if samples else None
+        return ShardRecord(name=task.name, split=task.split, file=file, rows=rows, seconds=self.timer.take(),
+                           worker={"host": socket.gethostname(), "pid": os.getpid()})
 
-        results = self._superpixels(prepared, failures)
-        computed = time.perf_counter()
-
+    def _encode(self, task: ShardTask, prepared: dict[int, _Prepared], results: dict[int, SuperpixelResult],
+                failures: dict[int, tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+        """The shard's samples, and one index row per image of the task, written or failed."""
         samples, rows = [], []
         for item in task.items:
             key = sample_key(self.output.dataset, item.image.image_id)
@@ -119,13 +162,7 @@ class ShardProcessor:
             rows.append(index_row(**common, height=done.image.height, width=done.image.width,
                                   num_superpixels=result.num_superpixels, num_refs=len(done.refs),
                                   num_sentences=sum(len(r["sentences"]) for r in done.refs)))
-        file = write_shard(self.output.out_dir, task.name, task.split, samples) if samples else None
-        finished = time.perf_counter()
-        return ShardRecord(
-            name=task.name, split=task.split, file=file, rows=rows,
-            seconds={"decode": decoded - started, "superpixels": computed - decoded, "write": finished - computed},
-            worker={"host": socket.gethostname(), "pid": os.getpid()},
-        )
+        return samples, rows
 
     def _prepare(self, item: ImageRefs) -> _Prepared:
         path = self.output.image_dir / item.image.file_name

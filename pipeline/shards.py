@@ -271,11 +271,12 @@ def claim_output_dir(out_dir: str | Path, config: dict) -> str:
 
 
 def write_job_outputs(out_dir: str | Path, records: list[ShardRecord], extra_rows: list[dict],
-                      config: dict, config_hash: str) -> dict:
+                      config: dict, config_hash: str, pending: int = 0) -> dict:
     """Rebuild ``manifest.json``, ``failures.jsonl`` and ``index.parquet`` from every shard record.
 
-    ``extra_rows`` are images that failed before they reached a shard (malformed annotations).
-    Returns the manifest.
+    ``extra_rows`` are images that failed before they reached a shard (malformed annotations);
+    ``pending`` counts the input images no run has processed yet (left out by ``--limit`` or
+    ``--only-split``), so that ``images_total`` is always the whole input. Returns the manifest.
     """
     rows = [row for record in records for row in record.rows] + list(extra_rows)
     rows.sort(key=lambda row: (row["split"], row["image_id"]))
@@ -287,13 +288,15 @@ def write_job_outputs(out_dir: str | Path, records: list[ShardRecord], extra_row
     shards = sorted((asdict(r.file) for r in records if r.file is not None), key=lambda s: s["name"])
     manifest = {
         "format_version": FORMAT_VERSION,
-        "images_total": len(rows),
+        "images_total": len(rows) + pending,
         "images_written": len(rows) - len(failed),
         "images_failed": len(failed),
+        "images_pending": pending,
         "samples_by_split": dict(sorted(samples_by_split.items())),
         "shards": shards,
         "config": config,
         "config_hash": config_hash,
+        "timing": stage_timing(records),
     }
     store = OutputStore(out_dir)
     store.write_bytes("manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
@@ -306,6 +309,33 @@ def write_job_outputs(out_dir: str | Path, records: list[ShardRecord], extra_row
     pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), buffer)
     store.write_bytes("index.parquet", buffer.getvalue())
     return manifest
+
+
+def stage_timing(records: Iterable[ShardRecord]) -> dict:
+    """Seconds per stage, per worker (``host:pid``) and in total, with the shards and images behind them.
+
+    Built from the records alone (never from this run's clock), so rebuilding the manifest from
+    the same records gives the same bytes; a shard whose worker kept dying has no times and is
+    left out.
+    """
+    per_worker: dict[str, dict] = {}
+    total = _timing_entry()
+    for record in records:
+        if not record.worker:
+            continue
+        worker = f"{record.worker['host']}:{record.worker['pid']}"
+        for entry in (per_worker.setdefault(worker, _timing_entry()), total):
+            entry["shards"] += 1
+            entry["images"] += len(record.rows)
+            for stage, seconds in record.seconds.items():
+                entry["seconds"][stage] = entry["seconds"].get(stage, 0.0) + seconds
+    for entry in (*per_worker.values(), total):
+        entry["seconds"] = {stage: round(seconds, 3) for stage, seconds in sorted(entry["seconds"].items())}
+    return {"per_worker": dict(sorted(per_worker.items())), "total": total}
+
+
+def _timing_entry() -> dict:
+    return {"shards": 0, "images": 0, "seconds": {}}
 
 
 # ---------------------------------------------------------------------------------------------

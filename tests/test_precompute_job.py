@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import pickle
@@ -22,6 +23,7 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from jobs.precompute import main as precompute
+from pipeline.precompute import plan_shards, select
 from pipeline.refer import load_refer, load_refs_pickle, ref_mask
 from pipeline.synth import synthesize
 
@@ -49,6 +51,25 @@ def _check_partition(labels: np.ndarray, height: int, width: int, min_area: int 
 
 def _sha256s(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _check_timing(out: Path, stages: set[str], max_workers: int) -> None:
+    """Every shard record says where its time went, and the manifest sums exactly those records."""
+    manifest = _manifest(out)
+    records = [json.loads(p.read_text()) for p in (out / "_shards").glob("*.json")]
+    assert records and all(set(r["seconds"]) == stages and min(r["seconds"].values()) >= 0 for r in records)
+    timing = manifest["timing"]
+    assert timing["total"]["shards"] == len(records) and timing["total"]["images"] == manifest["images_total"]
+    assert 1 <= len(timing["per_worker"]) <= max_workers
+    for stage in stages:
+        per_worker = sum(w["seconds"][stage] for w in timing["per_worker"].values())
+        rounding = 1e-3 * len(timing["per_worker"])  # the manifest rounds each sum to milliseconds
+        assert per_worker == pytest.approx(timing["total"]["seconds"][stage], abs=rounding)
+        assert timing["total"]["seconds"][stage] == pytest.approx(sum(r["seconds"][stage] for r in records), abs=1e-3)
 
 
 def test_shards_hold_every_field_of_the_format(synth_root, tmp_path, ray_local):
@@ -84,6 +105,8 @@ def test_shards_hold_every_field_of_the_format(synth_root, tmp_path, ray_local):
     index = pq.read_table(out / "index.parquet").to_pylist()
     assert len(index) == 12 and {r["status"] for r in index} == {"written"}
     assert (out / "failures.jsonl").read_text() == ""
+    assert manifest["images_pending"] == 0
+    _check_timing(out, {"decode", "superpixels", "partition", "write"}, max_workers=2)
 
 
 def test_sam_backend_job_writes_partitions_and_embeddings_from_a_saved_checkpoint(tiny_sam_checkpoint, tmp_path,
@@ -108,6 +131,7 @@ def test_sam_backend_job_writes_partitions_and_embeddings_from_a_saved_checkpoin
         _check_partition(np.asarray(Image.open(io.BytesIO(sample["spx.png"]))), meta["height"], meta["width"])
         embedding = np.load(io.BytesIO(sample["sam.npy"]), allow_pickle=False)
         assert embedding.dtype == np.float16 and embedding.shape == (256, 64, 64) and np.isfinite(embedding).all()
+    _check_timing(out, {"decode", "superpixels", "partition", "embeddings", "write"}, max_workers=2)
 
 
 def test_classical_backend_can_store_sam_embeddings_for_the_trainer(tiny_sam_checkpoint, tmp_path, ray_local):
@@ -122,6 +146,7 @@ def test_classical_backend_can_store_sam_embeddings_for_the_trainer(tiny_sam_che
     for sample in _samples(out).values():
         assert json.loads(sample["meta.json"])["backend"] == "felzenszwalb"
         assert np.load(io.BytesIO(sample["sam.npy"]), allow_pickle=False).shape == (256, 64, 64)
+    _check_timing(out, {"decode", "superpixels", "partition", "embeddings", "write"}, max_workers=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,6 +285,67 @@ def test_an_out_dir_of_another_config_is_refused(synth_root, tmp_path, ray_local
     assert precompute(_args(synth_root, out, "--backend", "slic", "--shard-size", "6")) == 0
     result = _run_cli(*_args(synth_root, out, "--backend", "felzenszwalb", "--shard-size", "6"))
     assert result.returncode == 2 and "must not mix" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Part of the input: --limit and --only-split (dry runs that a later full run completes)
+
+
+def test_selection_keeps_plan_order_and_shard_names(synth_root):
+    plan = plan_shards(load_refer(synth_root, "refcoco", "unc").samples, 2)
+    train = [task for task in plan if task.split == "train"]
+    chosen = select(plan, "train", 3)
+    assert [t.name for t in chosen] == [t.name for t in train[:2]]
+    assert [i.image.image_id for t in chosen for i in t.items] == [i.image.image_id for t in train for i in t.items][:3]
+    assert select(plan) == plan
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--only-split", "training"], "splits: testA, testB, train, val"), (["--limit", "0"], "--limit must be >= 1")],
+    ids=["unknown-split", "zero-limit"],
+)
+def test_bad_selection_is_refused_before_work(synth_root, tmp_path, capsys, extra, message):
+    assert precompute(_args(synth_root, tmp_path / "out", "--backend", "slic", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_split_processes_that_split_and_leaves_the_rest_pending(synth_root, tmp_path, ray_local):
+    out = tmp_path / "out"
+    assert precompute(_args(synth_root, out, "--backend", "slic", "--only-split", "train")) == 0
+    refer = load_refer(synth_root, "refcoco", "unc")
+    train = {f"refcoco-{s.image.image_id:012d}" for s in refer.samples if s.split == "train"}
+    manifest = _manifest(out)
+    assert manifest["samples_by_split"] == {"train": len(train)}
+    assert (manifest["images_written"], manifest["images_pending"]) == (len(train), 12 - len(train))
+    assert set(_samples(out)) == train and {p.name.split("-")[0] for p in out.glob("*.tar")} == {"train"}
+    assert {r["split"] for r in pq.read_table(out / "index.parquet").to_pylist()} == {"train"}
+
+
+def test_limit_then_full_run_finishes_the_rest_and_redoes_only_the_cut_shard(synth_root, tmp_path, ray_local, capsys):
+    out, flags = tmp_path / "out", ["--backend", "slic", "--shard-size", "2"]
+    assert precompute(_args(synth_root, out, *flags, "--limit", "5")) == 0
+    assert "5 images written, 0 failed, 7 pending (of 12)" in capsys.readouterr().out
+    plan = plan_shards(load_refer(synth_root, "refcoco", "unc").samples, 2)
+    first = [item.image.image_id for task in plan for item in task.items][:5]
+    assert set(_samples(out)) == {f"refcoco-{i:012d}" for i in first}
+    whole = {t.name for t, done in zip(plan, itertools.accumulate(len(t.items) for t in plan)) if done <= 5}
+    limited = {p.stem: p.read_bytes() for p in (out / "_shards").glob("*.json")}
+    assert len(limited) == len(whole) + 1, "5 images must end inside a shard for this test to mean anything"
+
+    assert precompute(_args(synth_root, out, *flags)) == 0
+    manifest = _manifest(out)
+    assert (manifest["images_written"], manifest["images_pending"], manifest["images_total"]) == (12, 0, 12)
+    assert len(_samples(out)) == 12 and len(manifest["shards"]) == len(plan)
+    redone = {name for name, data in limited.items() if (out / "_shards" / f"{name}.json").read_bytes() != data}
+    assert redone == set(limited) - whole, "whole shards are kept, the one cut short is redone"
+
+    before = _sha256s(out)
+    assert precompute(_args(synth_root, out, *flags, "--limit", "5")) == 0
+    captured = capsys.readouterr()
+    assert f"{len(whole) + 1} of {len(whole) + 1} shards already complete" in captured.err
+    assert _sha256s(out) == before and _manifest(out)["images_pending"] == 0, "a dry run never undoes a full one"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.partition import PartitionConfig
+from pipeline.timing import StageTimer
 
 BACKENDS = ("sam", "felzenszwalb", "slic")
 CLASSICAL_BACKENDS = ("felzenszwalb", "slic")
@@ -38,7 +39,14 @@ class SuperpixelResult:
 
 
 class SuperpixelBackend(ABC):
-    """Turns a batch of RGB uint8 images (H, W, 3) into one partition each."""
+    """Turns a batch of RGB uint8 images (H, W, 3) into one partition each.
+
+    ``timer`` is where the backend charges its own stages (``superpixels``, ``partition``,
+    ``embeddings``), so that the shard record says which of them the time went to.
+    """
+
+    def __init__(self, timer: StageTimer | None = None) -> None:
+        self.timer = timer if timer is not None else StageTimer()
 
     @abstractmethod
     def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]: ...
@@ -108,16 +116,16 @@ class BackendSpec:
     def stores_sam_embeddings(self) -> bool:
         return self.sam is not None and self.sam.store_embeddings
 
-    def build(self, device: str = "cpu") -> SuperpixelBackend:
-        """Instantiate the backend on ``device`` (called once per worker)."""
+    def build(self, device: str = "cpu", timer: StageTimer | None = None) -> SuperpixelBackend:
+        """Instantiate the backend on ``device`` (called once per worker), timing its stages on ``timer``."""
         if self.name == "sam":
             from pipeline.superpixels.sam import SamSuperpixels
 
             assert self.sam is not None
-            return SamSuperpixels(self.sam, self.partition, device=device)
+            return SamSuperpixels(self.sam, self.partition, device=device, timer=timer)
         from pipeline.superpixels.classical import ClassicalSuperpixels
 
-        backend: SuperpixelBackend = ClassicalSuperpixels(self.name, self.partition)
+        backend: SuperpixelBackend = ClassicalSuperpixels(self.name, self.partition, timer)
         if self.stores_sam_embeddings:
             from pipeline.superpixels.sam import WithSamEmbeddings
 

@@ -15,6 +15,7 @@ from skimage.segmentation import felzenszwalb, slic
 
 from pipeline.partition import PartitionConfig, finalize_partition, scaled_config, upsample_partition, working_shape
 from pipeline.superpixels.base import SuperpixelBackend, SuperpixelResult
+from pipeline.timing import StageTimer
 
 CLASSICAL_PARAMS: dict[str, dict] = {
     "felzenszwalb": {"scale": 200.0, "sigma": 0.8, "min_size": 50},
@@ -23,9 +24,10 @@ CLASSICAL_PARAMS: dict[str, dict] = {
 
 
 class ClassicalSuperpixels(SuperpixelBackend):
-    def __init__(self, name: str, partition: PartitionConfig) -> None:
+    def __init__(self, name: str, partition: PartitionConfig, timer: StageTimer | None = None) -> None:
         if name not in CLASSICAL_PARAMS:
             raise ValueError(f"unknown classical backend {name!r}")
+        super().__init__(timer)
         self.partition = partition
         self._segment = {"felzenszwalb": felzenszwalb, "slic": slic}[name]
         self._params = CLASSICAL_PARAMS[name]
@@ -36,7 +38,10 @@ class ClassicalSuperpixels(SuperpixelBackend):
     def _one(self, image: np.ndarray) -> np.ndarray:
         full = image.shape[:2]
         working = working_shape(*full)
-        if working != full:
-            image = np.asarray(Image.fromarray(image).resize((working[1], working[0]), Image.Resampling.BILINEAR))
-        labels = finalize_partition(self._segment(image, **self._params), scaled_config(self.partition, working, full))
-        return upsample_partition(labels, full, self.partition)
+        with self.timer.stage("superpixels"):
+            if working != full:
+                image = np.asarray(Image.fromarray(image).resize((working[1], working[0]), Image.Resampling.BILINEAR))
+            raw = self._segment(image, **self._params)
+        with self.timer.stage("partition"):
+            labels = finalize_partition(raw, scaled_config(self.partition, working, full))
+            return upsample_partition(labels, full, self.partition)

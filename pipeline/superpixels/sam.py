@@ -31,6 +31,7 @@ from torchvision.ops import batched_nms
 
 from pipeline.partition import PartitionConfig, partition_from_masks
 from pipeline.superpixels.base import BackendConfigError, SamOptions, SuperpixelBackend, SuperpixelResult
+from pipeline.timing import StageTimer
 
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
 _UPSAMPLE_CHUNK = 64  # masks upsampled at once: bounds the (n, 1024, 1024) float temporary
@@ -157,6 +158,7 @@ class WithSamEmbeddings(SuperpixelBackend):
     SAM encoder should not run at every step (a classical partition with a SAM mask head)."""
 
     def __init__(self, inner: SuperpixelBackend, options: SamOptions, device: str | torch.device = "cpu") -> None:
+        super().__init__(inner.timer)
         self.inner = inner
         device = torch.device(device)
         self.encoder = SamImageEncoder(build_sam(options.model_type, options.checkpoint, device),
@@ -164,15 +166,18 @@ class WithSamEmbeddings(SuperpixelBackend):
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
         results = self.inner(images)
-        for result, embedding in zip(results, self.encoder(images), strict=True):
-            result.sam_embedding = stored_embedding(embedding)
+        with self.timer.stage("embeddings"):
+            for result, embedding in zip(results, self.encoder(images), strict=True):
+                result.sam_embedding = stored_embedding(embedding)
         return results
 
 
 class SamSuperpixels(SuperpixelBackend):
     """SAM automatic masks → partition, for a batch of images at a time."""
 
-    def __init__(self, options: SamOptions, partition: PartitionConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(self, options: SamOptions, partition: PartitionConfig, device: str | torch.device = "cpu",
+                 timer: StageTimer | None = None) -> None:
+        super().__init__(timer)
         self.options = options
         self.partition = partition
         self.device = torch.device(device)
@@ -182,13 +187,17 @@ class SamSuperpixels(SuperpixelBackend):
         (self.point_grid,) = build_all_layer_point_grids(options.points_per_side, 0, 1)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
-        return [
-            SuperpixelResult(
-                labels=partition_from_masks(masks, self.partition),
-                sam_embedding=stored_embedding(embedding) if self.options.store_embeddings else None,
-            )
-            for masks, embedding in self._generate(images)
-        ]
+        """The encoder and mask decoder count as ``superpixels``; the embedding they share is
+        free here, so ``embeddings`` is only its copy to the host."""
+        results = []
+        for masks, embedding in self.timer.timed("superpixels", self._generate(images)):
+            with self.timer.stage("partition"):
+                result = SuperpixelResult(labels=partition_from_masks(masks, self.partition))
+            if self.options.store_embeddings:
+                with self.timer.stage("embeddings"):
+                    result.sam_embedding = stored_embedding(embedding)
+            results.append(result)
+        return results
 
     def generate_masks(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Each image's kept masks as one (N, H, W) bool tensor, in NMS order (what the partition gets)."""

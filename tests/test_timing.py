@@ -1,0 +1,60 @@
+"""Stage timing: what a worker charges to which stage, and how the manifest sums it up."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline.shards import ShardRecord, index_row, stage_timing
+from pipeline.timing import StageTimer
+
+
+def test_stage_adds_up_and_take_starts_again():
+    timer = StageTimer()
+    for _ in range(2):
+        with timer.stage("decode"):
+            time.sleep(0.02)
+    with pytest.raises(RuntimeError), timer.stage("write"):
+        raise RuntimeError("a failing stage is still charged")
+    seconds = timer.take()
+    assert set(seconds) == {"decode", "write"}
+    assert seconds["decode"] >= 0.04
+    assert timer.take() == {}
+
+
+def test_timed_charges_producing_items_not_consuming_them():
+    def produce():
+        for i in range(2):
+            time.sleep(0.05)
+            yield i
+
+    timer = StageTimer()
+    consumed = []
+    for item in timer.timed("superpixels", produce()):
+        time.sleep(0.1)  # the consumer's time belongs to another stage
+        consumed.append(item)
+    assert consumed == [0, 1]
+    assert 0.1 <= timer.take()["superpixels"] < 0.2
+
+
+def _record(name: str, worker: dict, images: int, seconds: dict[str, float]) -> ShardRecord:
+    rows = [index_row(key=f"d-{i}", image_id=i, file_name=f"{i}.jpg", split="train", shard=name) for i in range(images)]
+    return ShardRecord(name, "train", None, rows, seconds=seconds, worker=worker)
+
+
+def test_manifest_timing_sums_per_worker_and_in_total():
+    a, b = {"host": "n1", "pid": 7}, {"host": "n2", "pid": 7}
+    records = [
+        _record("train-000000.tar", a, 2, {"decode": 1.0, "superpixels": 4.0, "write": 0.5}),
+        _record("train-000001.tar", a, 3, {"decode": 2.0, "superpixels": 6.0, "embeddings": 1.25}),
+        _record("train-000002.tar", b, 1, {"decode": 0.5, "superpixels": 1.0}),
+        _record("train-000003.tar", {}, 4, {}),  # its worker kept dying: no times to report
+    ]
+    timing = stage_timing(records)
+    assert timing["per_worker"] == {
+        "n1:7": {"shards": 2, "images": 5, "seconds": {"decode": 3.0, "embeddings": 1.25, "superpixels": 10.0, "write": 0.5}},
+        "n2:7": {"shards": 1, "images": 1, "seconds": {"decode": 0.5, "superpixels": 1.0}},
+    }
+    assert timing["total"] == {"shards": 3, "images": 6,
+                               "seconds": {"decode": 3.5, "embeddings": 1.25, "superpixels": 11.0, "write": 0.5}}
