@@ -180,6 +180,6 @@ def test_job_asking_for_gpus_the_cluster_lacks_fails_fast_and_says_why(cluster, 
     result = cluster.submit("svp-no-gpus", *_precompute(synth_root, out, "--workers", "2", "--gpus-per-worker", "1"))
     job = cluster.get("/api/jobs/svp-no-gpus")
     assert result.returncode == 1 and job["status"] == "FAILED" and job["driver_exit_code"] == 2, job
-    assert "needs 2 GPUs, but the Ray cluster has 0" in result.stdout
+    assert "needs 2 GPU, but the Ray cluster has at most 0" in result.stdout
     assert time.monotonic() - started < JOB_TIMEOUT_S / 2, "refused up front, not after waiting for GPUs"
     assert not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
