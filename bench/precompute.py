@@ -1,11 +1,13 @@
 """SAM superpixels, ours vs the reference: ``python -m bench.precompute``.
 
-Both sides get the same SAM, the same points grid, the same thresholds and the same images, and
-end in the same ``partition_from_masks`` step, so the timing difference is the mask generator:
+Both sides get the same SAM, the same points grid, the same thresholds, the same images and the
+same partition clean-up (``PartitionConfig``):
 
-- reference: ``SamAutomaticMaskGenerator(output_mode="binary_mask")``, one image at a time;
-- ours: :class:`SamSuperpixels` (batched encoder, IoU filter before upsampling, masks kept as
-  tensors on the device).
+- reference: ``SamAutomaticMaskGenerator(output_mode="binary_mask")``, one image at a time, then
+  ``partition_from_masks`` on its full-size masks;
+- ours: :class:`SamSuperpixels` (images batched through the encoder and the decoder, IoU filter
+  before upsampling, masks kept as tensors on the device, partition at the working resolution
+  of at most 1024 px and upsampled). Up to 1024 px both partition at full size.
 
 Without ``--sam-checkpoint`` it runs the random-weight ``tiny`` SAM (saved to a temp dir), which
 measures the pipeline mechanics on a CPU; real speed needs the real weights on a GPU. The tiny
@@ -32,7 +34,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 
 from pipeline.images import decode_image
-from pipeline.partition import PartitionConfig, partition_from_masks
+from pipeline.partition import PartitionConfig, partition_agreement, partition_from_masks
 from pipeline.superpixels.base import SamOptions
 from pipeline.superpixels.sam import SAM_MODEL_TYPES, SamSuperpixels, save_tiny_sam
 from pipeline.synth import synthesize
@@ -45,17 +47,6 @@ def dataset_images(root: Path, count: int, size: int, seed: int = 0) -> list[np.
     sizes = [(size, size * 3 // 4) if i % 2 == 0 else (size * 3 // 4, size) for i in range(count)]
     summary = synthesize(root, images=count, seed=seed, sizes=sizes)
     return [decode_image(path.read_bytes()).rgb for path in sorted(summary.image_dir.glob("*.jpg"))]
-
-
-def partition_agreement(reference: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
-    """(mean, area-weighted mean) IoU of each reference superpixel with its best-matching one of ours."""
-    k_ref, k_ours = int(reference.max()) + 1, int(ours.max()) + 1
-    pairs = reference.astype(np.int64).ravel() * k_ours + ours.ravel()
-    intersection = np.bincount(pairs, minlength=k_ref * k_ours).reshape(k_ref, k_ours)
-    union = intersection.sum(1, keepdims=True) + intersection.sum(0, keepdims=True) - intersection
-    best = (intersection / union).max(1)
-    areas = intersection.sum(1)
-    return float(best.mean()), float((best * areas).sum() / areas.sum())
 
 
 def reference_backend(options: SamOptions, ours: SamSuperpixels) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
