@@ -1,5 +1,6 @@
-# Two commands for a fresh machine: `make demo` and `make test`.
-# Both create .venv if missing and install the project into it first.
+# Two commands for a fresh machine: `make demo` and `make test`; and the benchmarks, `make bench`
+# (CPU, under an hour on 2 cores) and `make bench-gpu` (CUDA). All create .venv if missing and
+# install the project into it first.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo_out
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m bench
+
+bench-gpu: setup
+	$(BIN)/python -m bench --preset gpu
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

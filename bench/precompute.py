@@ -1,27 +1,33 @@
-"""SAM superpixels, ours vs the reference: ``python -m bench.precompute``.
+"""SAM superpixels, ours vs the reference; the precompute job with 1 and 2 workers: ``python -m bench.precompute``.
 
-Both sides get the same SAM, the same points grid, the same thresholds and the same images, and
-end in the same ``partition_from_masks`` step, so the timing difference is the mask generator:
+Both generators get the same SAM, the same points grid, the same thresholds, the same images and
+the same partition clean-up (``PartitionConfig``):
 
-- reference: ``SamAutomaticMaskGenerator(output_mode="binary_mask")``, one image at a time;
-- ours: :class:`SamSuperpixels` (batched encoder, IoU filter before upsampling, masks kept as
-  tensors on the device).
+- reference: ``SamAutomaticMaskGenerator(output_mode="binary_mask")``, one image at a time, then
+  ``partition_from_masks`` on its full-size masks;
+- ours: :class:`SamSuperpixels` (images batched through the encoder and the decoder, IoU filter
+  before upsampling, masks kept as tensors on the device, partition at the working resolution
+  of at most 1024 px and upsampled). Up to 1024 px both partition at full size.
 
-Without ``--sam-checkpoint`` it runs the random-weight ``tiny`` SAM (saved to a temp dir), which
-measures the pipeline mechanics on a CPU; real speed needs the real weights on a GPU. The tiny
-model's predicted IoUs are about 0-0.3 and its logits about ±0.05, so for it the default
-thresholds are lowered (``TINY_THRESHOLDS``) to let masks through; real models default to SAM's.
+Without ``--sam-checkpoint`` the SAM has random weights (``--sam-model``, tiny by default): that
+measures the pipeline mechanics; real speed needs the real weights on a GPU. Random weights give
+predicted IoUs of about 0-0.3 and logits of about ±0.05, so for them the thresholds are lowered
+(``RANDOM_WEIGHT_THRESHOLDS``) to let masks through; real weights get SAM's defaults.
 
-Partition agreement: each reference superpixel is matched to the superpixel of ours with which it
-has the highest IoU; we report the mean of those IoUs (every superpixel counts once) and the
-area-weighted mean (every pixel counts once), averaged over images. 1.0 means identical partitions.
+Partition agreement (``pipeline.partition.partition_agreement``): each reference superpixel is
+matched to the superpixel of ours with which it has the highest IoU; we report the mean of those
+IoUs (every superpixel counts once) and the area-weighted mean (every pixel counts once), averaged
+over images. 1.0 means identical partitions.
+
+The job comparison runs ``svp precompute`` (local Ray, SAM backend, one shard per image) with 1 and
+with 2 workers on the same images: wall time of the whole job, actor start-up and model loading
+included (what a user waits for), but not Ray's own start-up.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -31,13 +37,33 @@ import numpy as np
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 
+from bench.common import Workspace, run_alone, speed_sam_checkpoint
 from pipeline.images import decode_image
-from pipeline.partition import PartitionConfig, partition_from_masks
+from pipeline.partition import PartitionConfig, partition_agreement, partition_from_masks
 from pipeline.superpixels.base import SamOptions
-from pipeline.superpixels.sam import SAM_MODEL_TYPES, SamSuperpixels, save_tiny_sam
+from pipeline.superpixels.sam import SamSuperpixels
 from pipeline.synth import synthesize
 
-TINY_THRESHOLDS = {"pred_iou_thresh": 0.2, "stability_score_thresh": 0.6, "stability_score_offset": 0.01}
+NAME = "precompute"
+PRESETS: dict[str, dict] = {
+    "cpu": {},
+    "quick": {"precompute_images": 2, "image_size": 64, "points_per_side": 2},
+    "gpu": {"precompute_images": 16, "image_size": 1024, "points_per_side": 32, "points_per_batch": 256},
+}
+RANDOM_WEIGHT_THRESHOLDS = {"pred_iou_thresh": 0.2, "stability_score_thresh": 0.6, "stability_score_offset": 0.01}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("precompute: SAM superpixels vs the reference, 1 vs 2 workers")
+    group.add_argument("--precompute-images", type=int, default=8, help="synthetic images (default 8)")
+    group.add_argument("--image-size", type=int, default=256,
+                       help="long side of those images in px (default 256; above 1024 ours partitions at 1024)")
+    group.add_argument("--points-per-side", type=int, default=8,
+                       help="points grid (default 8: a few minutes on 2 CPU cores; SAM's own is 32)")
+    group.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call, both sides (default 64)")
+    group.add_argument("--images-per-batch", type=int, default=4,
+                       help="images per encoder and decoder call, ours only (default 4)")
+    group.add_argument("--skip-workers", action="store_true", help="skip the 1 vs 2 Ray workers job comparison")
 
 
 def dataset_images(root: Path, count: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -47,19 +73,8 @@ def dataset_images(root: Path, count: int, size: int, seed: int = 0) -> list[np.
     return [decode_image(path.read_bytes()).rgb for path in sorted(summary.image_dir.glob("*.jpg"))]
 
 
-def partition_agreement(reference: np.ndarray, ours: np.ndarray) -> tuple[float, float]:
-    """(mean, area-weighted mean) IoU of each reference superpixel with its best-matching one of ours."""
-    k_ref, k_ours = int(reference.max()) + 1, int(ours.max()) + 1
-    pairs = reference.astype(np.int64).ravel() * k_ours + ours.ravel()
-    intersection = np.bincount(pairs, minlength=k_ref * k_ours).reshape(k_ref, k_ours)
-    union = intersection.sum(1, keepdims=True) + intersection.sum(0, keepdims=True) - intersection
-    best = (intersection / union).max(1)
-    areas = intersection.sum(1)
-    return float(best.mean()), float((best * areas).sum() / areas.sum())
-
-
 def reference_backend(options: SamOptions, ours: SamSuperpixels) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
-    """SAM's own generator on our model, one image at a time, then the same partition step."""
+    """SAM's own generator on our model, one image at a time, then the partition at full size."""
     generator = SamAutomaticMaskGenerator(
         ours.sam,
         points_per_side=options.points_per_side,
@@ -83,7 +98,8 @@ def reference_backend(options: SamOptions, ours: SamSuperpixels) -> Callable[[Se
 
 
 def timed(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], images: Sequence[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
-    """Warm up on one image, then time the whole set; returns throughput and the label maps."""
+    """Warm up on one image, then time the whole set; returns throughput and the label maps
+    (which are on the host: the GPU work is done when the timer stops)."""
     run(images[:1])
     start = time.perf_counter()
     labels = run(images)
@@ -96,24 +112,6 @@ def timed(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], images: Seque
     return stats, labels
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.precompute", description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=8, help="synthetic images (default 8)")
-    parser.add_argument("--size", type=int, default=256, help="long side of the images in px (default 256)")
-    parser.add_argument("--points-per-side", type=int, default=8,
-                        help="points grid (default 8: a few minutes on 2 CPU cores; SAM's own is 32)")
-    parser.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call, both sides (default 64)")
-    parser.add_argument("--images-per-batch", type=int, default=4, help="images per encoder call, ours only (default 4)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device of the generator comparison (default: cuda if available)")
-    parser.add_argument("--sam-checkpoint", type=Path, help="SAM .pth; default: a random tiny SAM in a temp dir")
-    parser.add_argument("--sam-model", choices=SAM_MODEL_TYPES, default="tiny", help="architecture of --sam-checkpoint")
-    parser.add_argument("--skip-workers", action="store_true", help="skip the 1 vs 2 Ray workers job comparison")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/precompute.json"),
-                        help="where to write the results (default bench/results/precompute.json)")
-    return parser.parse_args(argv)
-
-
 def compare_generators(options: SamOptions, images: list[np.ndarray], device: str) -> dict:
     """Reference generator vs ours on the same model and images: throughput and agreement."""
     ours = SamSuperpixels(options, PartitionConfig(), device=device)
@@ -121,8 +119,6 @@ def compare_generators(options: SamOptions, images: list[np.ndarray], device: st
     ours_stats, ours_labels = timed(lambda batch: [r.labels for r in ours(batch)], images)
     agreement = np.array([partition_agreement(r, o) for r, o in zip(reference_labels, ours_labels)]).mean(0)
     return {
-        "device": str(ours.device),
-        "torch_threads": torch.get_num_threads(),
         "reference": reference_stats,
         "ours": ours_stats,
         "speedup": ours_stats["images_per_s"] / reference_stats["images_per_s"],
@@ -130,12 +126,9 @@ def compare_generators(options: SamOptions, images: list[np.ndarray], device: st
     }
 
 
-def compare_workers(refer_root: Path, options: SamOptions, scratch: Path) -> dict:
+def compare_workers(refer_root: Path, options: SamOptions, scratch: Path, device: str) -> dict:
     """The precompute job (local Ray, SAM backend, one shard per image) with 1 and with 2 workers.
-
-    Wall time of the whole job, actor start-up and model loading included (what a user waits
-    for), but not Ray's own start-up, which is done once before either is timed.
-    """
+    On a GPU the workers share it (``--gpus-per-worker`` 1/workers)."""
     import ray
 
     from jobs.precompute import main as precompute
@@ -150,40 +143,39 @@ def compare_workers(refer_root: Path, options: SamOptions, scratch: Path) -> dic
              "--stability-score-offset", str(options.stability_score_offset)]
     seconds = {}
     for workers in (1, 2):
+        gpus = ["--gpus-per-worker", str(1 / workers)] if torch.device(device).type == "cuda" else []
         start = time.perf_counter()
-        if precompute([*flags, "--out", str(scratch / f"workers{workers}"), "--workers", str(workers)]) != 0:
+        if precompute([*flags, *gpus, "--out", str(scratch / f"workers{workers}"), "--workers", str(workers)]) != 0:
             raise RuntimeError(f"precompute with {workers} workers failed")
         seconds[workers] = time.perf_counter() - start
     return {"seconds_1_worker": seconds[1], "seconds_2_workers": seconds[2], "speedup": seconds[1] / seconds[2]}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Run both comparisons and return (and print) the results."""
-    args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch_dir:
-        scratch = Path(scratch_dir)
-        checkpoint = args.sam_checkpoint or save_tiny_sam(scratch / "sam_tiny.pth")
-        options = SamOptions(
-            str(checkpoint),
-            args.sam_model,
-            points_per_side=args.points_per_side,
-            points_per_batch=args.points_per_batch,
-            images_per_batch=args.images_per_batch,
-            **(TINY_THRESHOLDS if args.sam_model == "tiny" else {}),
-        )
-        images = dataset_images(scratch / "refer", args.images, args.size)
-        results = {
-            "images": len(images),
-            "image_size": args.size,
-            "sam": {k: v for k, v in asdict(options).items() if k != "checkpoint"},
-            "partition": PartitionConfig().as_dict(),
-            "generators": compare_generators(options, images, args.device),
-        }
-        if not args.skip_workers:
-            results["workers"] = compare_workers(scratch / "refer", options, scratch)
-    print(format_table(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+def run(args: argparse.Namespace, workspace: Workspace) -> dict:
+    scratch = workspace.root / "precompute"
+    options = SamOptions(
+        str(speed_sam_checkpoint(args, workspace)),
+        args.sam_model,
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        images_per_batch=args.images_per_batch,
+        **(RANDOM_WEIGHT_THRESHOLDS if args.sam_checkpoint is None else {}),
+    )
+    images = dataset_images(scratch / "refer", args.precompute_images, args.image_size)
+    generators = compare_generators(options, images, args.device)
+    results = {
+        "images": len(images),
+        "image_size": args.image_size,
+        "sam": {k: v for k, v in asdict(options).items() if k != "checkpoint"},
+        "random_weights": args.sam_checkpoint is None,
+        "partition": PartitionConfig().as_dict(),
+        "generators": generators,
+        "headline": {"precompute_speedup_vs_reference": generators["speedup"],
+                     "partition_agreement": generators["agreement"]["mean_iou"], "workers2_speedup": None},
+    }
+    if not args.skip_workers:
+        results["workers"] = compare_workers(scratch / "refer", options, scratch, args.device)
+        results["headline"]["workers2_speedup"] = results["workers"]["speedup"]
     return results
 
 
@@ -191,8 +183,9 @@ def format_table(results: dict) -> str:
     sam, generators = results["sam"], results["generators"]
     rows = [("reference: SamAutomaticMaskGenerator + partition", generators["reference"]),
             ("ours: SamSuperpixels", generators["ours"])]
+    weights = "random weights" if results["random_weights"] else "checkpoint"
     lines = [
-        f"SAM {sam['model_type']} on {generators['device']} ({generators['torch_threads']} threads), {results['images']} images "
+        f"SAM {sam['model_type']} ({weights}) on {results['device']}, {results['images']} images "
         f"≤{results['image_size']} px, {sam['points_per_side']}² points, pred_iou>{sam['pred_iou_thresh']}, "
         f"stability≥{sam['stability_score_thresh']} (offset {sam['stability_score_offset']}), NMS {sam['box_nms_thresh']}",
         f"{'method':<52}{'images/s':>10}{'s/image':>10}{'superpixels/image':>19}",
@@ -212,6 +205,10 @@ def format_table(results: dict) -> str:
         lines.append(f"precompute job (local Ray, SAM backend): 1 worker {w['seconds_1_worker']:.1f} s, "
                      f"2 workers {w['seconds_2_workers']:.1f} s, speedup {w['speedup']:.2f}x")
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return run_alone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,131 +1,160 @@
-"""Train-step time and inference latency per projector: ``python -m bench.train_step``.
+"""Train-step time and inference latency per projector, at two LLM sizes: ``python -m bench.train_step``.
 
-Side by side in one process, on the same tiny LLM, the same batch (synthetic images, felzenszwalb
-superpixels, SAM embeddings precomputed by the real precompute job) and the same thread count:
+Side by side in one process, on the same LLM, the same batch (the shared synthetic dataset:
+felzenszwalb superpixels and SAM embeddings written by the real precompute job) and the same
+device and thread count:
 
-- for ``mlp`` (one token per patch), ``pool`` (fixed grid) and ``svp`` (one token per superpixel):
-  visual tokens per sample, forward+backward+optimizer step time, inference latency (one sample),
-  and each as a ratio to ``mlp``;
-- the ``svp`` step with precomputed ``sam.npy`` against the step that runs the SAM encoder.
+- for ``mlp`` (one token per patch), ``pool`` (fixed grid, at svp's mean token budget) and ``svp``
+  (one token per superpixel): visual tokens per sample, forward+backward+optimizer step time,
+  inference latency (one sample), each also as a ratio to ``mlp``;
+- at each LLM size of ``--llm-sizes``: ``tiny`` (the trainer's 2-layer, 64-wide test model) and
+  larger Llama-style decoders built from a transformers config with random weights
+  (``HIDDENxLAYERS``, see ``bench.common.LlmSize``), saved and loaded as a local model;
+- the ``svp`` step with precomputed ``sam.npy`` against the step that runs the SAM encoder
+  (``--sam-model``: random weights of that architecture unless ``--sam-checkpoint``).
+
+``--dtype bf16`` runs steps and latency under bf16 autocast with the LLM stored in bf16, as a
+bf16 training run does (its frozen base in bf16, the trained parts in fp32 under autocast).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import tempfile
-import time
+import sys
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from jobs.precompute import main as precompute
+from bench.common import DTYPES, LlmSize, Workspace, median_seconds, run_alone, speed_sam_checkpoint
+from bench.tokens import pool_budget
 from pipeline.shards import read_manifest, split_shard_urls
-from pipeline.superpixels.sam import save_tiny_sam
-from pipeline.synth import synthesize
 from trainer.data import DataConfig, make_loader
 from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, SegmentationMLLM
 
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, default=8, help="training batch (default 8)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (default 5)")
-    parser.add_argument("--vision-size", type=int, default=224, help="vision input (default 224: 16x16 patches)")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/train_step.json"), help="results file")
-    return parser.parse_args(argv)
+NAME = "train_step"
+PRESETS: dict[str, dict] = {
+    "cpu": {},
+    "quick": {"step_batch_size": 2, "repeats": 1, "llm_sizes": "tiny,64x2"},
+    "gpu": {"step_batch_size": 16, "repeats": 10, "llm_sizes": "tiny,1536x24"},
+}
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("train_step: step time and latency per projector")
+    group.add_argument("--step-batch-size", type=int, default=8, help="training batch of the step (default 8)")
+    group.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (default 5)")
+    group.add_argument("--vision-size", type=int, default=224, help="vision input (default 224: 16x16 patches)")
+    group.add_argument("--llm-sizes", default="tiny,768x12",
+                       help="comma-separated LLM sizes, 'tiny' or HIDDENxLAYERS (random Llama-style decoder); "
+                            "default tiny,768x12 (85M parameters: about a minute on 2 CPU cores; 1536x24, 0.7B, "
+                            "for the gpu preset)")
 
 
-def batches(workdir: Path, checkpoint: Path, data_config: DataConfig, batch_size: int) -> tuple[dict, dict]:
-    """One training batch with SAM embeddings and the same batch with SAM pixels instead."""
-    synthesize(workdir / "refer", images=batch_size * 2, seed=0)
-    if precompute(["--refer-root", str(workdir / "refer"), "--dataset", "refcoco", "--split-by", "unc",
-                   "--out", str(workdir / "shards"), "--backend", "felzenszwalb", "--store-sam-embeddings",
-                   "--sam-checkpoint", str(checkpoint), "--sam-model", "tiny", "--shard-size", str(batch_size * 2)]) != 0:
-        raise RuntimeError("precompute failed")
-    urls = split_shard_urls(workdir / "shards", read_manifest(workdir / "shards"), "train")
+def batches(shards: Path, data_config: DataConfig, batch_size: int) -> tuple[dict, dict]:
+    """A training batch (one sentence of each of ``batch_size`` images, as training draws them) with
+    SAM embeddings, and the same batch with SAM pixels instead."""
+    urls = split_shard_urls(shards, read_manifest(shards), "train")
 
     def first(config: DataConfig) -> dict:
-        return next(iter(make_loader(urls, config, train=False, batch_size=batch_size)))
+        return next(iter(make_loader(urls, config, train=True, resampled=False, batch_size=batch_size)))
 
     return first(data_config), first(DataConfig(**{**vars(data_config), "use_sam_embeddings": False}))
 
 
-def step_time(model: SegmentationMLLM, batch: dict, repeats: int) -> float:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+class Timer:
+    """Step and latency of one model on one device, under autocast when asked."""
 
-    def step() -> None:
-        model(batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    def __init__(self, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
+        self.device, self.dtype, self.repeats = device, dtype, repeats
 
-    model.train()
-    return median_seconds(step, repeats)
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def step(self, model: SegmentationMLLM, batch: dict) -> float:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step() -> None:
+            with self.autocast():
+                loss = model(batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        model.train()
+        return median_seconds(step, self.repeats, self.device)
+
+    def latency(self, model: SegmentationMLLM, batch: dict) -> float:
+        one = {k: v[:1] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
+        model.eval()
+
+        def predict() -> None:
+            with self.autocast():
+                model.predict_masks(one)
+
+        return median_seconds(predict, self.repeats, self.device)
 
 
-def latency(model: SegmentationMLLM, batch: dict, repeats: int) -> float:
-    one = {k: v[:1] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
-    model.eval()
-    with torch.no_grad():
-        return median_seconds(lambda: model.predict_masks(one), repeats)
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
-        workdir = Path(scratch)
-        checkpoint = save_tiny_sam(workdir / "sam_tiny.pth")
-        config = lambda kind: ModelConfig(vision_size=args.vision_size, sam_checkpoint=str(checkpoint),  # noqa: E731
-                                          sam_model="tiny", projector=ProjectorConfig(kind=kind))
-        data_config = DataConfig(**SegmentationMLLM(config("svp")).data_config_fields())
-        with_embeddings, with_pixels = batches(workdir, checkpoint, data_config, args.batch_size)
-        rows = {}
-        for kind in PROJECTORS:
-            model = SegmentationMLLM(config(kind))
-            rows[kind] = {
-                "tokens_mean": float(model.predict_masks(with_embeddings)[1].float().mean()),
-                "step_s": step_time(model, with_embeddings, args.repeats),
-                "latency_s": latency(model, with_embeddings, args.repeats),
-            }
-            if kind == "svp":
-                sam_encoder_step = step_time(model, with_pixels, args.repeats)
+def measure_size(size: LlmSize, args: argparse.Namespace, workspace: Workspace, timer: Timer,
+                 with_sam_encoder: bool) -> dict:
+    """Every projector on one LLM size; with ``with_sam_encoder`` also the svp step that runs SAM's encoder."""
+    shards, sam = workspace.shards(), speed_sam_checkpoint(args, workspace)
+    llm = size.materialise(workspace.root, timer.dtype)
+    rows, result, data = {}, {}, None
+    for kind in PROJECTORS:
+        config = ModelConfig(llm=llm, vision_size=args.vision_size, sam_checkpoint=str(sam), sam_model=args.sam_model,
+                             projector=ProjectorConfig(kind=kind, pool_tokens=pool_budget(shards)))
+        model = SegmentationMLLM(config).to(timer.device)
+        data = data or batches(shards, DataConfig(**model.data_config_fields()), args.step_batch_size)
+        with_embeddings, with_pixels = data
+        rows[kind] = {"tokens_mean": float(model.predict_masks(with_embeddings)[1].float().mean()),
+                      "step_s": timer.step(model, with_embeddings), "latency_s": timer.latency(model, with_embeddings)}
+        if kind == "svp" and with_sam_encoder:
+            result["svp_step_with_sam_encoder_s"] = timer.step(model, with_pixels)
+            result["svp_step_with_sam_embeddings_s"] = rows[kind]["step_s"]
+        result["llm_parameters"] = sum(p.numel() for p in model.llm.parameters())
+        del model
     for row in rows.values():
         for name in ("tokens_mean", "step_s", "latency_s"):
             row[f"{name}_ratio_to_mlp"] = row[name] / rows["mlp"][name]
-    results = {
-        "device": "cpu", "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
-        "vision_size": args.vision_size, "projectors": rows,
-        "svp_step_with_sam_embeddings_s": rows["svp"]["step_s"], "svp_step_with_sam_encoder_s": sam_encoder_step,
-        "sam_embedding_step_ratio": rows["svp"]["step_s"] / sam_encoder_step,
+    return {**result, "projectors": rows}
+
+
+def run(args: argparse.Namespace, workspace: Workspace) -> dict:
+    timer = Timer(torch.device(args.device), DTYPES[args.dtype], args.repeats)
+    names = [name for name in args.llm_sizes.split(",") if name]
+    sizes = {name: measure_size(LlmSize(name), args, workspace, timer, with_sam_encoder=i == 0)
+             for i, name in enumerate(names)}
+    first, last = sizes[names[0]], sizes[names[-1]]["projectors"]
+    ratio = first["svp_step_with_sam_embeddings_s"] / first["svp_step_with_sam_encoder_s"]
+    return {
+        "batch_size": args.step_batch_size, "vision_size": args.vision_size, "dtype": args.dtype,
+        "sam_model": args.sam_model, "sizes": sizes,
+        "headline": {"train_step_ratio_svp_to_mlp": last["svp"]["step_s_ratio_to_mlp"],
+                     "infer_latency_ratio_svp_to_mlp": last["svp"]["latency_s_ratio_to_mlp"],
+                     "sam_embedding_step_ratio": ratio},
     }
-    print(format_table(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return results
 
 
 def format_table(results: dict) -> str:
-    lines = [f"tiny LLM, batch {results['batch_size']}, vision {results['vision_size']} px, "
-             f"{results['device']} ({results['torch_threads']} threads); ratios are to mlp",
-             f"{'projector':<10}{'tokens':>8}{'ratio':>8}{'step s':>9}{'ratio':>8}{'latency s':>11}{'ratio':>8}"]
-    for kind, r in results["projectors"].items():
-        lines.append(f"{kind:<10}{r['tokens_mean']:>8.1f}{r['tokens_mean_ratio_to_mlp']:>8.3f}{r['step_s']:>9.3f}"
-                     f"{r['step_s_ratio_to_mlp']:>8.3f}{r['latency_s']:>11.4f}{r['latency_s_ratio_to_mlp']:>8.3f}")
-    lines.append(f"svp step with precomputed sam.npy {results['svp_step_with_sam_embeddings_s']:.3f} s vs running the "
-                 f"SAM encoder {results['svp_step_with_sam_encoder_s']:.3f} s: ratio {results['sam_embedding_step_ratio']:.3f}")
+    lines = [f"train step and latency, batch {results['batch_size']}, vision {results['vision_size']} px, "
+             f"{results['dtype']}, SAM {results['sam_model']}, {results['device']}; ratios are to mlp"]
+    for name, size in results["sizes"].items():
+        lines += [f"LLM {name} ({size['llm_parameters'] / 1e6:.1f}M parameters)",
+                  f"{'projector':<10}{'tokens':>8}{'ratio':>8}{'step s':>9}{'ratio':>8}{'latency s':>11}{'ratio':>8}"]
+        for kind, r in size["projectors"].items():
+            lines.append(f"{kind:<10}{r['tokens_mean']:>8.1f}{r['tokens_mean_ratio_to_mlp']:>8.3f}{r['step_s']:>9.3f}"
+                         f"{r['step_s_ratio_to_mlp']:>8.3f}{r['latency_s']:>11.4f}{r['latency_s_ratio_to_mlp']:>8.3f}")
+        if "svp_step_with_sam_encoder_s" in size:
+            lines.append(f"svp step with precomputed sam.npy {size['svp_step_with_sam_embeddings_s']:.3f} s vs running "
+                         f"the SAM encoder {size['svp_step_with_sam_encoder_s']:.3f} s: "
+                         f"ratio {results['headline']['sam_embedding_step_ratio']:.3f}")
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return run_alone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

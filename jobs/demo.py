@@ -16,13 +16,13 @@ from pathlib import Path
 
 import webdataset as wds
 
-from jobs import entry, precompute, synth
-from jobs import train as train_job
+from jobs import entry, workflow
 from jobs.eval import run_eval
 from pipeline.images import decode_image
 from pipeline.shards import decode_label_map, read_manifest, split_shard_urls
 from pipeline.superpixels.sam import save_tiny_sam
 from trainer.checkpoint import load_trained_model
+from trainer.model import ModelConfig
 from trainer.predict import predict_mask, render_overlay
 
 DEMO_OUTPUTS = ("refer", "shards", "run_svp", "overlays")
@@ -46,32 +46,21 @@ def run(args: argparse.Namespace) -> int:
     for stale in DEMO_OUTPUTS:  # the demo starts afresh: its own outputs only, nothing else in DIR
         shutil.rmtree(out / stale, ignore_errors=True)
 
-    def step(name: str, status: int) -> None:
-        if status != 0:
-            raise SystemExit(f"svp demo: the {name} step failed (exit {status})")
-
+    sam = out / "sam_tiny.pth"
     start = time.perf_counter()
-    step("synth", synth.main(["--out", str(out / "refer"), "--images", str(args.images), "--seed", str(args.seed)]))
-    timings["synth_s"] = time.perf_counter() - start
-    # One random tiny SAM serves both the precompute (its encoder's embeddings go into the shards,
-    # so training never runs the encoder) and the trainer's mask head.
-    sam = str(save_tiny_sam(out / "sam_tiny.pth", seed=args.seed))
-    start = time.perf_counter()
-    step("precompute", precompute.main(["--refer-root", str(out / "refer"), "--dataset", "refcoco", "--split-by", "unc",
-                                        "--out", str(out / "shards"), "--backend", "felzenszwalb",
-                                        "--store-sam-embeddings", "--sam-checkpoint", sam, "--sam-model", "tiny",
-                                        "--workers", str(args.workers), "--shard-size", "8"]))
-    timings["precompute_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    run_dir = out / "run_svp"
-    step("train", train_job.main(["--shards", str(out / "shards"), "--run-dir", str(run_dir), "--projector", "svp",
-                                  "--sam-checkpoint", sam, "--sam-model", "tiny",
-                                  "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                                  "--warmup-steps", str(max(1, args.steps // 20)), "--save-every", str(args.steps),
-                                  "--seed", str(args.seed)]))
+    try:
+        shards = workflow.synthetic_shards(out, images=args.images, seed=args.seed,
+                                           sam_checkpoint=save_tiny_sam(sam, seed=args.seed), workers=args.workers)
+        timings["data_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        run_dir = workflow.train_on_shards(shards, out / "run_svp",
+                                           ModelConfig(sam_checkpoint=str(sam), sam_model="tiny", seed=args.seed),
+                                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    except workflow.StepFailed as error:
+        raise SystemExit(f"svp demo: {error}") from error
     timings["train_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    results, table = run_eval(run_dir, str(out / "shards"), ["val"])
+    results, table = run_eval(run_dir, str(shards), ["val"])
     timings["eval_s"] = time.perf_counter() - start
     val = results["splits"]["val"]
     report = {
@@ -83,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     }
     report["tokens_ratio_svp_to_mlp"] = report["tokens_mean"] / report["tokens_mlp"]
     _overlays(run_dir, out, args.overlays)
-    _histogram(out / "shards", out / "tokens_histogram.png", report["tokens_mlp"])
+    _histogram(shards, out / "tokens_histogram.png", report["tokens_mlp"])
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table)
     print(f"\ndemo: svp cIoU {report['ciou']:.3f} (all-foreground {report['all_foreground_ciou']:.3f}), "
@@ -116,21 +105,11 @@ def _overlays(run_dir: Path, out: Path, count: int) -> None:
 
 
 def _histogram(shards: Path, path: Path, mlp_tokens: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pyarrow.parquet as pq
 
     tokens = [n for n in pq.read_table(shards / "index.parquet").column("num_superpixels").to_pylist() if n is not None]
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.hist(tokens, bins=range(0, max(tokens) + 2), color="tab:blue")
-    axis.set_xlabel("visual tokens per image (svp = superpixels)")
-    axis.set_ylabel("images")
-    axis.set_title(f"svp: mean {sum(tokens) / len(tokens):.1f} tokens per image; mlp: {mlp_tokens}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    workflow.tokens_histogram(path, {"svp = superpixels": tokens},
+                              f"svp: mean {sum(tokens) / len(tokens):.1f} tokens per image; mlp: {mlp_tokens}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,12 +141,19 @@ def test_label_permutation_permutes_tokens():
 # ----------------------------------------------------------------------------------- token counts
 
 
+@pytest.mark.parametrize("budget, grid", [(1, (1, 1)), (2, (1, 2)), (16, (4, 4)), (17, (4, 4)), (18, (4, 4)),
+                                          (19, (4, 5)), (31, (5, 6)), (35, (6, 6))])
+def test_pool_grid_is_the_near_square_grid_closest_to_the_budget(budget, grid):
+    assert ProjectorConfig(kind="pool", pool_tokens=budget).pool_grid == grid
+
+
 @pytest.mark.parametrize(
     "config, expected",
     [
         (ProjectorConfig(kind="mlp"), 6 * 5),
         (ProjectorConfig(kind="pool", pool_tokens=16), 16),
         (ProjectorConfig(kind="pool", pool_tokens=10), 9),
+        (ProjectorConfig(kind="pool", pool_tokens=12), 12),
         (ProjectorConfig(kind="svp"), 8),
     ],
 )

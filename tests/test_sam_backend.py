@@ -13,9 +13,24 @@ import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 
-from pipeline.partition import PartitionConfig, finalize_partition, paint_masks, partition_from_masks
+from pipeline.partition import (
+    PartitionConfig,
+    finalize_partition,
+    paint_masks,
+    partition_agreement,
+    partition_at_working_resolution,
+    partition_from_masks,
+    working_shape,
+)
 from pipeline.superpixels.base import BackendConfigError, BackendSpec, SamOptions
-from pipeline.superpixels.sam import SamCheckpointError, SamSuperpixels, build_sam, save_tiny_sam, validate_sam_checkpoint
+from pipeline.superpixels.sam import (
+    SamCheckpointError,
+    SamSuperpixels,
+    build_sam,
+    decode_prompts,
+    save_tiny_sam,
+    validate_sam_checkpoint,
+)
 
 # Random weights give predicted IoUs around 0.0-0.3 and logits around ±0.05: these thresholds let
 # some masks through and reject others, so the filters are exercised rather than bypassed.
@@ -151,6 +166,35 @@ def test_masks_agree_with_the_reference_generator(tiny_sam_checkpoint: Path, box
         assert best_iou.min() > 0.95 and best_iou.mean() > 0.99
 
 
+def test_one_decoder_call_for_several_images_gives_each_image_its_own_masks(tiny_sam_checkpoint: Path) -> None:
+    """decode_prompts (prompts of two images in one call) = SAM's predict_masks called per image."""
+    sam = build_sam("tiny", tiny_sam_checkpoint)
+    torch.manual_seed(0)
+    embeddings = torch.randn(2, 256, 64, 64)
+    points = torch.rand(5, 1, 2) * 1024
+    owner = torch.tensor([0, 1, 1, 0, 1])
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=(points, torch.ones(5, 1, dtype=torch.int)), boxes=None, masks=None)
+        pe = sam.prompt_encoder.get_dense_pe()
+        masks, iou = decode_prompts(sam.mask_decoder, embeddings, owner, pe, sparse, dense)
+        for image in (0, 1):
+            mine = owner == image
+            expected_masks, expected_iou = sam.mask_decoder.predict_masks(embeddings[image : image + 1], pe,
+                                                                          sparse[mine], dense[mine])
+            torch.testing.assert_close(masks[mine], expected_masks, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(iou[mine], expected_iou, rtol=1e-4, atol=1e-4)
+
+
+def test_large_image_is_partitioned_at_working_resolution(tiny_sam_checkpoint: Path) -> None:
+    """A 1300×1100 image: its masks stay at 1024×866 (SAM's own frame), its partition is full size."""
+    ours = SamSuperpixels(sam_options(tiny_sam_checkpoint, points_per_side=2), PartitionConfig())
+    image = shapes_image(1100, 1300, 5)
+    (masks,) = ours.generate_masks([image])
+    assert masks.shape[1:] == working_shape(1100, 1300) == (866, 1024) and len(masks) >= 1
+    (result,) = ours([image])
+    assert_partition(result.labels, (1100, 1300), PartitionConfig())
+
+
 # --- partition.py -----------------------------------------------------------------------------
 
 
@@ -196,3 +240,42 @@ def test_image_smaller_than_min_area_is_one_region(shape: tuple[int, int]) -> No
 def test_no_masks_is_one_region() -> None:
     out = partition_from_masks(torch.zeros((0, 6, 9), dtype=torch.bool), PartitionConfig())
     assert out.shape == (6, 9) and (out == 0).all()
+
+
+def object_masks(shape: tuple[int, int]) -> torch.Tensor:
+    """Smooth, object-like masks (as real SAM gives) of a fixed scene drawn at ``shape``: discs and
+    boxes, nested and overlapping, placed in relative coordinates."""
+    h, w = shape
+    y, x = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    discs = [(0.3, 0.3, 0.2), (0.3, 0.3, 0.08), (0.7, 0.6, 0.25), (0.75, 0.55, 0.1), (0.2, 0.8, 0.12)]
+    boxes = [(0.05, 0.5, 0.45, 0.95), (0.5, 0.0, 0.95, 0.4), (0.6, 0.05, 0.7, 0.15)]
+    masks = [((x - cx) * w) ** 2 + ((y - cy) * h) ** 2 < (r * min(h, w)) ** 2 for cy, cx, r in discs]
+    masks += [(y >= y0) & (y < y1) & (x >= x0) & (x < x1) for y0, x0, y1, x1 in boxes]
+    return torch.stack(masks)
+
+
+def test_partition_at_working_resolution_agrees_with_the_full_size_one() -> None:
+    """The masks of a 1500×2000 scene partitioned at 768×1024 and upsampled ≈ partitioned at full size."""
+    full, working = (1500, 2000), working_shape(1500, 2000)
+    config = PartitionConfig(min_area=400)
+    reference = partition_from_masks(object_masks(full), config)
+    ours = partition_at_working_resolution(paint_masks(object_masks(working)).numpy(), full, config)
+    assert_partition(ours, full, config)
+    assert int(ours.max()) == int(reference.max()) >= 8
+    mean, area_weighted = partition_agreement(reference, ours)
+    assert mean > 0.98 and area_weighted > 0.99
+
+
+def test_partition_agreement() -> None:
+    reference = np.zeros((4, 8), np.uint16)
+    reference[:, 4:] = 1
+    assert partition_agreement(reference, reference) == (1.0, 1.0)
+    assert partition_agreement(reference, 1 - reference) == (1.0, 1.0)  # labels may differ, regions not
+    merged = np.zeros_like(reference)  # one region where the reference has two halves: IoU 0.5 each
+    assert partition_agreement(reference, merged) == (0.5, 0.5)
+    shifted = reference.copy()
+    shifted[:, 3] = 1  # left 12 px of which 12 match its best (IoU 12/16), right 16 of which 16 (IoU 16/20)
+    mean, area_weighted = partition_agreement(reference, shifted)
+    assert mean == pytest.approx((12 / 16 + 16 / 20) / 2) and area_weighted == pytest.approx((12 / 16 * 16 + 16 / 20 * 16) / 32)
+    with pytest.raises(ValueError, match="different shapes"):
+        partition_agreement(reference, reference[:, :4])

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from skimage.segmentation import felzenszwalb, slic
 
-from pipeline.partition import PartitionConfig, finalize_partition, scaled_config, upsample_partition, working_shape
+from pipeline.partition import PartitionConfig, partition_at_working_resolution, working_shape
 from pipeline.superpixels.base import SuperpixelBackend, SuperpixelResult
 from pipeline.timing import StageTimer
 
@@ -43,5 +43,4 @@ class ClassicalSuperpixels(SuperpixelBackend):
                 image = np.asarray(Image.fromarray(image).resize((working[1], working[0]), Image.Resampling.BILINEAR))
             raw = self._segment(image, **self._params)
         with self.timer.stage("partition"):
-            labels = finalize_partition(raw, scaled_config(self.partition, working, full))
-            return upsample_partition(labels, full, self.partition)
+            return partition_at_working_resolution(raw, full, self.partition)

@@ -4,10 +4,16 @@ The masks follow ``segment_anything.SamAutomaticMaskGenerator`` with ``crop_n_la
 grid, three multimask outputs per point, predicted-IoU filter, stability score, box NMS); only the
 *mechanics* differ, because the reference spends most of its time outside the model:
 
-- the image encoder runs on a batch of images, not one at a time;
+- the image encoder runs on a batch of images, not one at a time, and so does the mask decoder:
+  one call takes the point prompts of every image of the encoder batch (``decode_prompts``);
 - the predicted-IoU filter runs on the 256×256 low-res logits, so only survivors are upsampled;
+- survivors are upsampled to the *working resolution* (the image itself up to 1024 px on the long
+  side, SAM's own input frame beyond), never to a 3000×2000 photo's full size: the stability
+  score, boxes, NMS and partition run there, and only the finished label map is brought to full
+  size (``pipeline.partition.upsample_partition``, as the classical backends do);
 - masks stay tensors on the device from the decoder to the partition: no RLE round trip, no
-  ``MaskData.cat`` copies, no Python loop over masks.
+  ``MaskData.cat`` copies, no Python loop over masks; on a GPU the encoder and decoder run under
+  bf16 autocast.
 
 ``tiny`` is SAM's architecture with a 2-block, 32-wide image encoder: it has the real prompt
 encoder, mask decoder and 256×64×64 embedding, but random weights. It exists for tests, the demo
@@ -24,12 +30,12 @@ import numpy as np
 import torch
 from segment_anything import sam_model_registry
 from segment_anything.build_sam import _build_sam
-from segment_anything.modeling import Sam
+from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.utils.amg import batched_mask_to_box, build_all_layer_point_grids, calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
 
-from pipeline.partition import PartitionConfig, partition_from_masks
+from pipeline.partition import PartitionConfig, paint_masks, partition_at_working_resolution, working_shape
 from pipeline.superpixels.base import BackendConfigError, SamOptions, SuperpixelBackend, SuperpixelResult
 from pipeline.timing import StageTimer
 
@@ -129,13 +135,23 @@ class SamImageEncoder:
         self.sam, self.images_per_batch, self.device = sam, images_per_batch, device
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
 
-    @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
         """One (256, 64, 64) embedding per image, on the device, in input order."""
+        for _, embeddings in self.batches(images):
+            yield from embeddings
+
+    @torch.inference_mode()
+    def batches(self, images: Sequence[np.ndarray]) -> Iterator[tuple[Sequence[np.ndarray], torch.Tensor]]:
+        """(images, their (b, 256, 64, 64) embeddings) for each run of ``images_per_batch`` images.
+
+        Autocast ends before each yield: a generator suspended inside the ``with`` would leave it
+        on for whatever code the consumer runs in between.
+        """
         for start in range(0, len(images), self.images_per_batch):
             chunk = images[start : start + self.images_per_batch]
             with self.autocast():
-                yield from self.sam.image_encoder(torch.cat([self._preprocess(image) for image in chunk]))
+                embeddings = self.sam.image_encoder(torch.cat([self._preprocess(image) for image in chunk]))
+            yield chunk, embeddings
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -172,6 +188,35 @@ class WithSamEmbeddings(SuperpixelBackend):
         return results
 
 
+def decode_prompts(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    owner: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.predict_masks`` for prompts of several images in one call.
+
+    SAM's decoder repeats *one* image's embedding for every prompt (``repeat_interleave``), so one
+    call serves one image. Here prompt ``i`` reads the embedding of image ``owner[i]`` instead;
+    the rest is ``predict_masks`` of segment-anything 1.0, step for step (a test checks that both
+    give the same masks). Returns all ``1 + num_multimask_outputs`` masks and IoU predictions.
+    """
+    prompts = len(sparse)
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.expand(prompts, -1, -1), sparse), dim=1)
+    src = image_embeddings[owner] + dense
+    positions = image_pe.expand(prompts, -1, -1, -1)
+    _, channels, height, width = src.shape
+    hs, src = decoder.transformer(src, positions, tokens)
+    mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).view(prompts, channels, height, width))
+    hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+    masks = (hyper_in @ upscaled.flatten(2)).view(prompts, -1, *upscaled.shape[2:])
+    return masks, decoder.iou_prediction_head(hs[:, 0, :])
+
+
 class SamSuperpixels(SuperpixelBackend):
     """SAM automatic masks → partition, for a batch of images at a time."""
 
@@ -190,9 +235,10 @@ class SamSuperpixels(SuperpixelBackend):
         """The encoder and mask decoder count as ``superpixels``; the embedding they share is
         free here, so ``embeddings`` is only its copy to the host."""
         results = []
-        for masks, embedding in self.timer.timed("superpixels", self._generate(images)):
+        for image, masks, embedding in self.timer.timed("superpixels", self._generate(images)):
             with self.timer.stage("partition"):
-                result = SuperpixelResult(labels=partition_from_masks(masks, self.partition))
+                painted = paint_masks(masks).cpu().numpy()
+                result = SuperpixelResult(labels=partition_at_working_resolution(painted, image.shape[:2], self.partition))
             if self.options.store_embeddings:
                 with self.timer.stage("embeddings"):
                     result.sam_embedding = stored_embedding(embedding)
@@ -200,47 +246,65 @@ class SamSuperpixels(SuperpixelBackend):
         return results
 
     def generate_masks(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Each image's kept masks as one (N, H, W) bool tensor, in NMS order (what the partition gets)."""
-        return [masks for masks, _ in self._generate(images)]
+        """Each image's kept masks as one (N, h, w) bool tensor at its working resolution
+        (``working_shape``), in NMS order: what the partition gets."""
+        return [masks for _, masks, _ in self._generate(images)]
 
     @torch.inference_mode()
-    def _generate(self, images: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(masks, embedding) per image; the encoder sees ``images_per_batch`` images at once."""
-        for image, embedding in zip(images, self.encoder(images)):
-            yield self._masks(embedding[None], image.shape[:2]), embedding
+    def _generate(self, images: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """(image, masks, embedding) per image; the encoder and the decoder see ``images_per_batch`` images at once."""
+        for chunk, embeddings in self.encoder.batches(images):
+            yield from zip(chunk, self._masks(embeddings, [image.shape[:2] for image in chunk]), embeddings)
 
-    def _masks(self, embedding: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Points grid → decoder → IoU filter → upsample survivors → stability → boxes → NMS."""
+    def _masks(self, embeddings: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """Points grids → decoder → IoU filter → upsample survivors → stability → boxes → NMS, per image."""
+        points, owner = self._prompts(sizes)
+        frames = [(self.transform.get_preprocess_shape(h, w, self.transform.target_length), working_shape(h, w))
+                  for h, w in sizes]
+        candidates = [[(torch.zeros((0, *working), dtype=torch.bool, device=self.device),
+                        torch.zeros(0, device=self.device))] for _, working in frames]
+        for batch, batch_owner in zip(points.split(self.options.points_per_batch), owner.split(self.options.points_per_batch)):
+            low_res, scores, mask_owner = self._decode(embeddings, batch, batch_owner)
+            passing = (scores > self.options.pred_iou_thresh) | (self.options.pred_iou_thresh <= 0.0)  # 0 disables, as in SAM
+            for image in mask_owner[passing].unique().tolist():
+                mine = passing & (mask_owner == image)
+                candidates[image] += self._stable_masks(low_res[mine], scores[mine], *frames[image])
+        return [self._nms(*map(torch.cat, zip(*found))) for found in candidates]
+
+    def _prompts(self, sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image's points grid in its resized frame, image after image, and whose each point is."""
+        points = [self.transform.apply_coords(self.point_grid * [w, h], (h, w)) for h, w in sizes]
+        owner = np.repeat(np.arange(len(sizes)), len(self.point_grid))
+        return (torch.as_tensor(np.concatenate(points), dtype=torch.float32, device=self.device),
+                torch.as_tensor(owner, device=self.device))
+
+    def _stable_masks(self, low_res: torch.Tensor, scores: torch.Tensor, input_size: tuple[int, int],
+                      working: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """IoU-passing low-res logits → (bool masks at ``working`` size, scores) that pass the stability filter."""
         options, threshold = self.options, self.sam.mask_threshold
-        h, w = size
-        input_size = self.transform.get_preprocess_shape(h, w, self.transform.target_length)
-        points = self.transform.apply_coords(self.point_grid * [w, h], size)  # the grid in the resized frame
-        points = torch.as_tensor(points, dtype=torch.float32, device=self.device)
-        kept_masks, kept_scores = [], []
-        for batch in points.split(options.points_per_batch):
-            low_res, scores = self._decode(embedding, batch)
-            passing = (scores > options.pred_iou_thresh) | (options.pred_iou_thresh <= 0.0)  # 0 disables, as in SAM
-            for logits, score in zip(low_res[passing].split(_UPSAMPLE_CHUNK), scores[passing].split(_UPSAMPLE_CHUNK)):
-                logits = self.sam.postprocess_masks(logits[:, None], input_size, size)[:, 0]
-                stability = calculate_stability_score(logits, threshold, options.stability_score_offset)
-                stable = (stability >= options.stability_score_thresh) | (options.stability_score_thresh <= 0.0)
-                kept_masks.append(logits[stable] > threshold)
-                kept_scores.append(score[stable])
-        # Never empty lists: there is at least one point batch, and splitting nothing gives one empty chunk.
-        masks, scores = torch.cat(kept_masks), torch.cat(kept_scores)
-        keep = batched_nms(batched_mask_to_box(masks).float(), scores, torch.zeros_like(scores), options.box_nms_thresh)
+        kept = []
+        for logits, score in zip(low_res.split(_UPSAMPLE_CHUNK), scores.split(_UPSAMPLE_CHUNK)):
+            logits = self.sam.postprocess_masks(logits[:, None], input_size, working)[:, 0]
+            stability = calculate_stability_score(logits, threshold, options.stability_score_offset)
+            stable = (stability >= options.stability_score_thresh) | (options.stability_score_thresh <= 0.0)
+            kept.append((logits[stable] > threshold, score[stable]))
+        return kept
+
+    def _nms(self, masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        boxes = batched_mask_to_box(masks).float()
+        keep = batched_nms(boxes, scores, torch.zeros_like(scores), self.options.box_nms_thresh)
         return masks[keep]
 
-    def _decode(self, embedding: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One positive click per prompt → (3·n, 256, 256) float32 low-res logits and their predicted IoU."""
+    def _decode(self, embeddings: torch.Tensor, points: torch.Tensor,
+                owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One positive click per prompt → (3·n, 256, 256) float32 low-res logits, their predicted IoU
+        and the image each belongs to (SAM's three multimask outputs, as ``multimask_output=True``)."""
         labels = torch.ones((len(points), 1), dtype=torch.int, device=self.device)
         with self.encoder.autocast():
             sparse, dense = self.sam.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
-            low_res, scores = self.sam.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
-            )
-        return low_res.flatten(0, 1).float(), scores.flatten().float()
+            low_res, scores = decode_prompts(self.sam.mask_decoder, embeddings, owner,
+                                             self.sam.prompt_encoder.get_dense_pe(), sparse, dense)
+        multimask = slice(1, None)
+        outputs = low_res.shape[1] - 1
+        return (low_res[:, multimask].flatten(0, 1).float(), scores[:, multimask].flatten().float(),
+                owner.repeat_interleave(outputs))

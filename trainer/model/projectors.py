@@ -32,7 +32,7 @@ class ProjectorConfig:
     """Which projector, and the knobs of the ablation ladder; part of the resolved run config."""
 
     kind: str = "svp"  # mlp | pool | svp
-    pool_tokens: int = 16  # pool: token budget, realised as a g×g grid with g = round(sqrt(pool_tokens))
+    pool_tokens: int = 16  # pool: token budget, realised as the near-square grid closest to it (see pool_grid)
     sspe: bool = True  # svp: semantic superpixel positional embedding
     ssa: bool = True  # svp: semantic superpixel aggregator
     ssa_layers: int = 1
@@ -47,9 +47,14 @@ class ProjectorConfig:
             raise ValueError(f"ssa needs ssa_layers >= 1 and ssa_heads >= 1, got {self.ssa_layers}, {self.ssa_heads}")
 
     @property
-    def pool_grid(self) -> int:
-        """Side g of the pooled grid: the square closest to the requested budget."""
-        return max(1, round(math.sqrt(self.pool_tokens)))
+    def pool_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the pooled grid: of the squares and the g×(g+1) grids, the one whose token
+        count is closest to the budget (the smaller on a tie). A square alone can miss a budget by
+        √budget tokens (17 → 16 or 25), which matters when ``pool`` is compared with ``svp`` at the
+        same mean token count; a near-square grid keeps the pooling cells near-square too."""
+        side = math.isqrt(self.pool_tokens)
+        grids = [(side, side), (side, side + 1), (side + 1, side + 1)]
+        return min(grids, key=lambda grid: (abs(grid[0] * grid[1] - self.pool_tokens), grid[0] * grid[1]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,17 +329,17 @@ class MLPProjector(Projector):
 
 
 class PoolProjector(Projector):
-    """``pool``: average-pool the patch grid to a fixed g×g — compression blind to image content."""
+    """``pool``: average-pool the patch grid to a fixed rows×cols — compression blind to image content."""
 
-    def __init__(self, vision_dim: int, llm_dim: int, side: int) -> None:
+    def __init__(self, vision_dim: int, llm_dim: int, grid: tuple[int, int]) -> None:
         super().__init__(vision_dim, llm_dim)
-        self.side = side
+        self.grid = grid
 
     def compress(
         self, features: Tensor, grid: tuple[int, int], superpixels: Tensor, num_superpixels: Tensor
     ) -> tuple[Tensor, Tensor]:
         image = features.transpose(1, 2).unflatten(2, grid)  # (B, Dv, h, w)
-        tokens = F.adaptive_avg_pool2d(image, self.side).flatten(2).transpose(1, 2)
+        tokens = F.adaptive_avg_pool2d(image, self.grid).flatten(2).transpose(1, 2)
         return tokens, tokens.new_ones(tokens.shape[:2], dtype=torch.bool)
 
 

@@ -1,0 +1,119 @@
+"""Accuracy at an equal training budget, per projector and along the ablation ladder: ``python -m bench.accuracy``.
+
+Every configuration trains with the same steps, batch, learning rate and seeds on the shared
+synthetic dataset (``trainer.loop.train`` through ``jobs.workflow``, tiny random-initialised models,
+felzenszwalb superpixels) and is evaluated by ``svp eval``'s code on val, testA and testB:
+
+- ``mlp`` (one token per patch) and ``pool`` at svp's mean token budget (``bench.tokens.pool_budget``);
+- the ladder: ``svp-pool`` (superpixel pooling only: ``--no-sspe --no-ssa``), ``svp+sspe``,
+  ``svp+ssa``, and ``svp`` (both: the full projector).
+
+Each figure is reported over ``--seeds`` seeds (model initialisation and data order; the dataset
+is the same) as mean, std, min and max. With tiny random models and a CPU budget these numbers show
+how the projectors compare when they learn from scratch, not what they reach with DINOv2 and a
+pretrained LLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+
+from bench.common import Workspace, run_alone, spread
+from bench.tokens import pool_budget
+from jobs.eval import run_eval
+from jobs.workflow import train_on_shards
+from trainer.model import ModelConfig, ProjectorConfig
+
+NAME = "accuracy"
+PRESETS: dict[str, dict] = {
+    "cpu": {},
+    "quick": {"steps": 2, "seeds": 1, "batch_size": 2},
+    "gpu": {"steps": 1500, "batch_size": 16},
+}
+SPLITS = ("val", "testA", "testB")
+LADDER = ("mlp", "pool", "svp-pool", "svp+sspe", "svp+ssa", "svp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("accuracy: cIoU/gIoU at an equal training budget")
+    group.add_argument("--steps", type=int, default=150, help="training steps of every run (default 150)")
+    group.add_argument("--seeds", type=int, default=3, help="runs per configuration, seeds 0..N-1 (default 3)")
+    group.add_argument("--batch-size", type=int, default=8, help="training batch (default 8)")
+    group.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3, as the demo)")
+    group.add_argument("--configs", default=",".join(LADDER),
+                       help=f"configurations to train, comma-separated (default all: {','.join(LADDER)})")
+
+
+def projector(name: str, pool_tokens: int) -> ProjectorConfig:
+    """The projector of a configuration of ``LADDER``."""
+    if name in ("mlp", "pool"):
+        return ProjectorConfig(kind=name, pool_tokens=pool_tokens)
+    parts = {"svp-pool": (False, False), "svp+sspe": (True, False), "svp+ssa": (False, True), "svp": (True, True)}
+    if name not in parts:
+        raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(LADDER)}")
+    sspe, ssa = parts[name]
+    return ProjectorConfig(kind="svp", sspe=sspe, ssa=ssa)
+
+
+def train_and_evaluate(args: argparse.Namespace, workspace: Workspace, name: str, seed: int) -> dict:
+    """One run: train configuration ``name`` with ``seed``, then {split: metrics}."""
+    shards = workspace.shards()
+    run_dir = workspace.root / "accuracy" / name / f"seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun in the same --work starts over
+    model = ModelConfig(sam_checkpoint=str(workspace.sam_checkpoint), sam_model="tiny",
+                        projector=projector(name, pool_budget(shards)), seed=seed)
+    train_on_shards(shards, run_dir, model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                    mixed_precision="bf16" if args.dtype == "bf16" else "no")
+    return run_eval(run_dir, str(shards), list(SPLITS))[0]["splits"]
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per split: cIoU and gIoU over seeds (mean, std, min, max), tokens, the all-foreground floor."""
+    return {
+        split: {
+            "ciou": spread([run[split]["ciou"] for run in runs]),
+            "giou": spread([run[split]["giou"] for run in runs]),
+            "tokens_mean": runs[0][split]["tokens_mean"],
+            "all_foreground_ciou": runs[0][split]["all_foreground_ciou"],
+            "samples": runs[0][split]["samples"],
+        }
+        for split in SPLITS
+    }
+
+
+def run(args: argparse.Namespace, workspace: Workspace) -> dict:
+    names = [name for name in args.configs.split(",") if name]
+    for name in names:
+        projector(name, 1)  # an unknown name fails before any training
+    configs = {name: summarise([train_and_evaluate(args, workspace, name, seed) for seed in range(args.seeds)])
+               for name in names}
+    headline = {f"ciou_{name}": configs[name]["val"]["ciou"]["mean"] if name in configs else None
+                for name in ("svp", "mlp", "pool")}
+    return {"steps": args.steps, "seeds": args.seeds, "batch_size": args.batch_size, "lr": args.lr, "dtype": args.dtype,
+            "pool_tokens": pool_budget(workspace.shards()), "configs": configs, "headline": headline}
+
+
+def format_table(results: dict) -> str:
+    lines = [f"cIoU / gIoU after {results['steps']} steps (batch {results['batch_size']}, lr {results['lr']:g}), "
+             f"{results['seeds']} seeds: mean ± std [min, max]; pool asked for {results['pool_tokens']} tokens",
+             f"{'config':<10}{'tokens':>7}" + "".join(f"{split + ' cIoU':>26}" for split in SPLITS) + f"{'val gIoU':>16}"]
+    for name, splits in results["configs"].items():
+        cells = [f"{s['ciou']['mean']:.3f}±{s['ciou']['std']:.3f} [{s['ciou']['min']:.3f},{s['ciou']['max']:.3f}]"
+                 for s in splits.values()]
+        val = splits["val"]
+        lines.append(f"{name:<10}{val['tokens_mean']:>7.1f}" + "".join(f"{cell:>26}" for cell in cells)
+                     + f"{val['giou']['mean']:>9.3f}±{val['giou']['std']:.3f}")
+    floor = "  ".join(f"{split} {s['all_foreground_ciou']:.3f}" for split, s in next(iter(results["configs"].values())).items())
+    lines.append(f"all-foreground cIoU (the floor): {floor}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return run_alone(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    main()

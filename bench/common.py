@@ -1,0 +1,238 @@
+"""What every benchmark part shares: presets, the command line, the workspace (one synthetic
+dataset for all parts), random models of a chosen size, timing, and where results go.
+
+Presets pick the sizes; any flag overrides its preset's value:
+
+- ``cpu`` (``make bench``): what a 2-core CPU does in under an hour;
+- ``quick``: the same code paths at toy sizes, in a couple of minutes (the test of the plumbing);
+- ``gpu`` (``make bench-gpu``): CUDA, bf16, a SAM ViT-H-sized model and a ~0.7B-parameter LLM,
+  both with random weights (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+PRESETS = ("cpu", "quick", "gpu")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RESULTS = Path("bench/results")
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    common = parser.add_argument_group("every part")
+    common.add_argument("--preset", choices=PRESETS, default="cpu",
+                        help="sizes of everything: cpu (make bench, under an hour on 2 cores), quick (toy sizes, "
+                             "minutes), gpu (make bench-gpu: CUDA, bf16, SAM ViT-H and a ~0.7B LLM); default cpu")
+    common.add_argument("--device", default=None,
+                        help="torch device of the speed measurements; default cuda for the gpu preset, else cpu "
+                             "(accuracy trains where the trainer does: on the GPU if there is one)")
+    common.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="fp32, or bf16: train steps and latency under bf16 autocast with the LLM stored in "
+                             "bf16, accuracy runs with bf16 mixed precision; default fp32 (bf16 for the gpu preset)")
+    common.add_argument("--results", type=Path, default=RESULTS, help=f"where results go; default {RESULTS}")
+    common.add_argument("--work", type=Path, default=None,
+                        help="working directory (data, runs, models); default a temporary one, removed at the end")
+    common.add_argument("--images", type=int, default=120,
+                        help="images of the synthetic dataset that tokens, train_step and accuracy share; default 120")
+    common.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset; default 0")
+    common.add_argument("--sam-model", choices=("tiny", "vit_b", "vit_l", "vit_h"), default="tiny",
+                        help="SAM of the speed measurements (precompute, train_step); default tiny (vit_h for the gpu "
+                             "preset); random weights unless --sam-checkpoint")
+    common.add_argument("--sam-checkpoint", type=Path, default=None,
+                        help="real SAM weights of --sam-model for the speed measurements; default: random weights")
+
+
+def parse_args(parts: Sequence[ModuleType], argv: Sequence[str] | None, prog: str, description: str) -> argparse.Namespace:
+    """One parser for ``parts`` (each adds its flags and names its presets' values), with the
+    preset's values as defaults: an explicit flag always wins."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_common_arguments(parser)
+    for part in parts:
+        part.add_arguments(parser)
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**COMMON_PRESETS[preset])
+    for part in parts:
+        parser.set_defaults(**part.PRESETS[preset])
+    args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if preset == "gpu" else "cpu")
+    return args
+
+
+COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16}, "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
+
+
+# ------------------------------------------------------------------------------------ workspace
+
+
+@dataclass
+class Workspace:
+    """The working directory of one benchmark run and the dataset its parts share, made on first use."""
+
+    root: Path
+    images: int
+    seed: int
+    _shards: Path | None = field(default=None, init=False)
+
+    @property
+    def sam_checkpoint(self) -> Path:
+        """The random tiny SAM of the shared dataset: its embeddings are in the shards' ``sam.npy``."""
+        path = self.root / "sam_tiny.pth"
+        if not path.exists():
+            from pipeline.superpixels.sam import save_tiny_sam
+
+            save_tiny_sam(path, seed=self.seed)
+        return path
+
+    def shards(self) -> Path:
+        """Synthetic REFER data → felzenszwalb superpixels + SAM embeddings, by the precompute job."""
+        if self._shards is None:
+            from jobs.workflow import synthetic_shards
+
+            self._shards = synthetic_shards(self.root / "data", images=self.images, seed=self.seed,
+                                            sam_checkpoint=self.sam_checkpoint)
+        return self._shards
+
+
+def speed_sam_checkpoint(args: argparse.Namespace, workspace: Workspace) -> Path:
+    """The SAM of the speed measurements: ``--sam-checkpoint``, or random weights of ``--sam-model``.
+
+    Not the dataset's SAM even for ``tiny``: the same code path serves ``tiny`` on a CPU and
+    ``vit_h`` on a GPU, and a step's cost does not depend on what the ``sam.npy`` it reads holds.
+    """
+    if args.sam_checkpoint is not None:
+        return args.sam_checkpoint
+    return save_random_sam(workspace.root / f"sam_{args.sam_model}_random.pth", args.sam_model)
+
+
+def run_parts(parts: Sequence[ModuleType], args: argparse.Namespace) -> dict[str, dict]:
+    """Run each part in a workspace (``--work`` or a temporary one); {part name: its results}."""
+    with tempfile.TemporaryDirectory(prefix="svp-bench-") as scratch:
+        root = args.work or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        workspace = Workspace(root, args.images, args.seed)
+        results = {}
+        for part in parts:
+            start = time.perf_counter()
+            results[part.NAME] = part.run(args, workspace)
+            results[part.NAME]["seconds"] = time.perf_counter() - start
+            results[part.NAME]["device"] = describe_device(args.device)
+            write_json(args.results / f"{part.NAME}.json", results[part.NAME])
+            print(part.format_table(results[part.NAME]) + "\n", flush=True)
+    return results
+
+
+def run_alone(part: ModuleType, argv: Sequence[str] | None) -> dict:
+    """``python -m bench.<part>``: that part alone, with the same flags and presets as in ``python -m bench``."""
+    args = parse_args([part], argv, f"python -m bench.{part.NAME}", part.__doc__.split("\n")[0])
+    return run_parts([part], args)[part.NAME]
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def describe_device(device: str | torch.device) -> str:
+    """What the timings ran on, for the results and the tables."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"cpu: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued GPU work, so that a timer measures the work and not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], object], repeats: int, device: str | torch.device) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """mean, std (sample; 0 for one value), min, max."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+# ------------------------------------------------------------------------------------ random models
+
+
+def save_random_sam(path: Path, model_type: str) -> Path:
+    """A SAM of ``model_type`` (tiny, vit_b, vit_l, vit_h) with segment-anything's random init, saved
+    as a checkpoint: the shape and cost of the real model for benchmarks, with nothing downloaded."""
+    from pipeline.superpixels.sam import build_sam
+
+    if not path.exists():
+        torch.save(build_sam(model_type).state_dict(), path)
+    return path
+
+
+@dataclass(frozen=True)
+class LlmSize:
+    """A Llama-style decoder by width and depth (``"HIDDENxLAYERS"``, e.g. ``1536x24``): heads of
+    64 dims, an 8/3-wide SwiGLU MLP (Llama's ratio, rounded up to 64); ``tiny`` is the trainer's own."""
+
+    name: str
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name == "tiny"
+
+    def config_fields(self) -> dict:
+        try:
+            hidden, layers = (int(v) for v in self.name.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"an LLM size is 'tiny' or HIDDENxLAYERS such as 512x8, got {self.name!r}") from None
+        if hidden % 64 or hidden <= 0 or layers <= 0:
+            raise ValueError(f"LLM size {self.name!r}: the width must be a positive multiple of 64")
+        intermediate = -(-hidden * 8 // 3 // 64) * 64
+        return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                    num_key_value_heads=hidden // 64, intermediate_size=intermediate, max_position_embeddings=2048,
+                    tie_word_embeddings=False)
+
+    def materialise(self, root: Path, dtype: torch.dtype) -> str:
+        """The ``--llm`` value of this size: ``tiny``, or a directory holding a random-weight model
+        of it (in ``dtype``) and the tiny tokenizer, loaded by the trainer like any local model."""
+        if self.is_tiny:
+            return "tiny"
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from trainer.model.tokenizer import tiny_tokenizer
+
+        path = root / f"llm-{self.name}-{str(dtype).removeprefix('torch.')}"
+        if not (path / "config.json").exists():
+            tokenizer = tiny_tokenizer()
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **self.config_fields()))
+            model.to(dtype).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        return str(path)

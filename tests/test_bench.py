@@ -1,0 +1,90 @@
+"""``make bench`` plumbing: every part at toy sizes (``--preset quick``) and the headline figures
+in ``latest.json``; the code paths of ``make bench-gpu`` (bf16 autocast, an LLM built from a config
+and stored in bf16, the gpu preset's sizes) on the CPU at toy sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from bench import train_step
+from bench.__main__ import PARTS
+from bench.__main__ import main as bench
+from bench.common import LlmSize, parse_args
+
+HEADLINE = ("tokens_ratio_svp_to_mlp", "ciou_svp", "ciou_mlp", "ciou_pool", "train_step_ratio_svp_to_mlp",
+            "infer_latency_ratio_svp_to_mlp", "precompute_speedup_vs_reference", "partition_agreement",
+            "workers2_speedup", "sam_embedding_step_ratio")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, ray_local) -> tuple[Path, dict]:
+    """``python -m bench --preset quick`` (what ``make bench`` runs, at toy sizes): (results dir, its return)."""
+    results = tmp_path_factory.mktemp("bench")
+    return results, bench(["--preset", "quick", "--results", str(results), "--work", str(results / "work")])
+
+
+def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
+    results, returned = quick
+    latest = json.loads((results / "latest.json").read_text())
+    assert latest == json.loads(json.dumps(returned))
+    assert set(HEADLINE) <= set(latest) and latest["device"].startswith("cpu")
+    assert all(isinstance(latest[key], float) and math.isfinite(latest[key]) for key in HEADLINE)
+    assert 0 < latest["tokens_ratio_svp_to_mlp"] < 1  # svp: tens of superpixels, mlp: 256 patches
+    assert all(0 <= latest[f"ciou_{kind}"] <= 1 for kind in ("svp", "mlp", "pool"))
+    assert latest["partition_agreement"] >= 0.95  # ≤1024 px: the same partition as the reference
+    # Timings: positive and finite (above); how large depends on the machine and on what else runs on it.
+    assert all(latest[key] > 0 for key in ("train_step_ratio_svp_to_mlp", "infer_latency_ratio_svp_to_mlp",
+                                            "precompute_speedup_vs_reference", "workers2_speedup", "sam_embedding_step_ratio"))
+
+    parts = latest["parts"]
+    assert {name: json.loads((results / f"{name}.json").read_text()) for name in parts} == parts
+    tokens = parts["tokens"]["projectors"]
+    assert tokens["mlp"]["max"] == tokens["mlp"]["mean"] == 256
+    assert tokens["pool"]["mean"] == parts["accuracy"]["pool_tokens"] == round(tokens["svp"]["mean"])
+    assert tokens["svp"]["median"] <= tokens["svp"]["max"] and tokens["svp"]["p95"] <= tokens["svp"]["max"]
+    assert Image.open(parts["tokens"]["histogram"]).size[0] > 0
+    assert list(parts["train_step"]["sizes"]) == ["tiny", "64x2"]
+    accuracy = parts["accuracy"]["configs"]
+    assert list(accuracy) == ["mlp", "pool", "svp-pool", "svp+sspe", "svp+ssa", "svp"]
+    for config in accuracy.values():
+        assert list(config) == ["val", "testA", "testB"]
+        assert all(s["ciou"]["min"] <= s["ciou"]["mean"] <= s["ciou"]["max"] and s["ciou"]["std"] == 0 for s in config.values())
+
+
+def test_bf16_train_step_with_an_llm_built_from_a_config(quick, tmp_path) -> None:
+    """What ``make bench-gpu`` times, at toy sizes on the CPU: bf16 autocast, the LLM stored in bf16."""
+    work = quick[0] / "work"
+    results = train_step.main(["--preset", "quick", "--dtype", "bf16", "--llm-sizes", "64x2", "--step-batch-size", "1",
+                               "--results", str(tmp_path), "--work", str(work)])
+    assert results["dtype"] == "bf16" and list(results["sizes"]) == ["64x2"]
+    rows = results["sizes"]["64x2"]["projectors"]
+    assert all(row["step_s"] > 0 and row["latency_s"] > 0 for row in rows.values())
+    assert rows["svp"]["tokens_mean"] < rows["mlp"]["tokens_mean"] == 256
+    with safe_open(str(work / "llm-64x2-bfloat16" / "model.safetensors"), "pt") as stored:
+        assert {stored.get_tensor(name).dtype for name in stored.keys()} == {torch.bfloat16}
+
+
+def test_gpu_preset_sizes_and_explicit_flags_win() -> None:
+    args = parse_args(PARTS, ["--preset", "gpu"], "bench", "")
+    assert (args.device, args.dtype, args.sam_model) == ("cuda", "bf16", "vit_h")
+    large = LlmSize(args.llm_sizes.split(",")[-1])
+    with torch.device("meta"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        parameters = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(vocab_size=128, **large.config_fields())).parameters())
+    assert 0.5e9 < parameters < 1e9
+    args = parse_args(PARTS, ["--preset", "gpu", "--device", "cpu", "--sam-model", "tiny", "--steps", "3"], "bench", "")
+    assert (args.device, args.sam_model, args.steps, args.dtype) == ("cpu", "tiny", 3, "bf16")
+
+
+@pytest.mark.parametrize("name", ["big", "100x2", "64x0", "64"])
+def test_llm_sizes_are_refused_unless_hidden_x_layers(name) -> None:
+    with pytest.raises(ValueError, match="LLM size"):
+        LlmSize(name).config_fields()
