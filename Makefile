@@ -1,5 +1,5 @@
 # Two commands for a fresh machine: `make demo` and `make test`; and the benchmarks, `make bench`
-# (CPU, under an hour on 2 cores) and `make bench-gpu` (CUDA). All create .venv if missing and
+# (CPU, sized for about an hour on 2 cores) and `make bench-gpu` (CUDA). All create .venv if missing and
 # install the project into it first.
 PYTHON ?= python3
 VENV   := .venv
