@@ -44,6 +44,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--preset", choices=PRESETS, default="cpu",
                         help="sizes of everything: cpu (make bench, under an hour on 2 cores), quick (toy sizes, "
                              "minutes), gpu (make bench-gpu: CUDA, bf16, SAM ViT-H and a ~0.7B LLM); default cpu")
+    common.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the same as --preset quick")
     common.add_argument("--device", default=None,
                         help="torch device of the speed measurements; default cuda for the gpu preset, else cpu "
                              "(accuracy trains where the trainer does: on the GPU if there is one)")

@@ -26,9 +26,9 @@ HEADLINE = ("tokens_ratio_svp_to_mlp", "ciou_svp", "ciou_mlp", "ciou_pool", "tra
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, ray_local) -> tuple[Path, dict]:
-    """``python -m bench --preset quick`` (what ``make bench`` runs, at toy sizes): (results dir, its return)."""
+    """``python -m bench --quick`` (what ``make bench`` runs, at toy sizes): (results dir, its return)."""
     results = tmp_path_factory.mktemp("bench")
-    return results, bench(["--preset", "quick", "--results", str(results), "--work", str(results / "work")])
+    return results, bench(["--quick", "--results", str(results), "--work", str(results / "work")])
 
 
 def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
