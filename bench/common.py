@@ -28,10 +28,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from jobs.workflow import synthetic_shards
-from pipeline.superpixels.sam import build_sam, save_tiny_sam
+from pipeline.superpixels.sam import SAM_MODEL_TYPES, build_sam, save_tiny_sam
 from trainer.model.tokenizer import tiny_tokenizer
 
 PRESETS = ("cpu", "quick", "gpu")
+# The shared flags' values per preset; each part names its own in its PRESETS.
+COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16}, "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESULTS = Path("bench/results")
 
@@ -57,7 +59,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--images", type=int, default=120,
                         help="images of the synthetic dataset that tokens, train_step and accuracy share; default 120")
     common.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset; default 0")
-    common.add_argument("--sam-model", choices=("tiny", "vit_b", "vit_l", "vit_h"), default="tiny",
+    common.add_argument("--sam-model", choices=SAM_MODEL_TYPES, default="tiny",
                         help="SAM of the speed measurements (precompute, train_step); default tiny (vit_h for the gpu "
                              "preset); random weights unless --sam-checkpoint")
     common.add_argument("--sam-checkpoint", type=Path, default=None,
@@ -78,9 +80,6 @@ def parse_args(parts: Sequence[ModuleType], argv: Sequence[str] | None, prog: st
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if preset == "gpu" else "cpu")
     return args
-
-
-COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16}, "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
 
 
 # ------------------------------------------------------------------------------------ workspace
