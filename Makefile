@@ -1,12 +1,13 @@
 # Two commands for a fresh machine: `make demo` and `make test`; and the benchmarks, `make bench`
-# (CPU, sized for about an hour on 2 cores) and `make bench-gpu` (CUDA). All create .venv if missing and
-# install the project into it first.
+# (CPU, estimated ~50 min on 2 cores; `make bench BENCH_FLAGS=--quick` in a minute or two) and
+# `make bench-gpu` (CUDA). All create .venv if missing and install the project into it first.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # The torch builds our CI machines carry; installed first so that nothing else pulls another build.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo_out
+BENCH_FLAGS ?=
 
 .PHONY: setup demo test bench bench-gpu clean
 
@@ -27,10 +28,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_FLAGS)
 
 bench-gpu: setup
-	$(BIN)/python -m bench --preset gpu
+	$(BIN)/python -m bench --preset gpu $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -13,18 +13,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from jobs.workflow import synthetic_shards
+from pipeline.superpixels.sam import SAM_MODEL_TYPES, build_sam, save_tiny_sam
+from trainer.model.tokenizer import tiny_tokenizer
 
 PRESETS = ("cpu", "quick", "gpu")
+# The shared flags' values per preset; each part names its own in its PRESETS.
+COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16}, "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESULTS = Path("bench/results")
 
@@ -37,6 +46,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--preset", choices=PRESETS, default="cpu",
                         help="sizes of everything: cpu (make bench, under an hour on 2 cores), quick (toy sizes, "
                              "minutes), gpu (make bench-gpu: CUDA, bf16, SAM ViT-H and a ~0.7B LLM); default cpu")
+    common.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the same as --preset quick")
     common.add_argument("--device", default=None,
                         help="torch device of the speed measurements; default cuda for the gpu preset, else cpu "
                              "(accuracy trains where the trainer does: on the GPU if there is one)")
@@ -49,7 +59,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--images", type=int, default=120,
                         help="images of the synthetic dataset that tokens, train_step and accuracy share; default 120")
     common.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset; default 0")
-    common.add_argument("--sam-model", choices=("tiny", "vit_b", "vit_l", "vit_h"), default="tiny",
+    common.add_argument("--sam-model", choices=SAM_MODEL_TYPES, default="tiny",
                         help="SAM of the speed measurements (precompute, train_step); default tiny (vit_h for the gpu "
                              "preset); random weights unless --sam-checkpoint")
     common.add_argument("--sam-checkpoint", type=Path, default=None,
@@ -72,9 +82,6 @@ def parse_args(parts: Sequence[ModuleType], argv: Sequence[str] | None, prog: st
     return args
 
 
-COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16}, "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
-
-
 # ------------------------------------------------------------------------------------ workspace
 
 
@@ -92,16 +99,12 @@ class Workspace:
         """The random tiny SAM of the shared dataset: its embeddings are in the shards' ``sam.npy``."""
         path = self.root / "sam_tiny.pth"
         if not path.exists():
-            from pipeline.superpixels.sam import save_tiny_sam
-
             save_tiny_sam(path, seed=self.seed)
         return path
 
     def shards(self) -> Path:
         """Synthetic REFER data → felzenszwalb superpixels + SAM embeddings, by the precompute job."""
         if self._shards is None:
-            from jobs.workflow import synthetic_shards
-
             self._shards = synthetic_shards(self.root / "data", images=self.images, seed=self.seed,
                                             sam_checkpoint=self.sam_checkpoint)
         return self._shards
@@ -120,10 +123,9 @@ def speed_sam_checkpoint(args: argparse.Namespace, workspace: Workspace) -> Path
 
 def run_parts(parts: Sequence[ModuleType], args: argparse.Namespace) -> dict[str, dict]:
     """Run each part in a workspace (``--work`` or a temporary one); {part name: its results}."""
-    with tempfile.TemporaryDirectory(prefix="svp-bench-") as scratch:
-        root = args.work or Path(scratch)
-        root.mkdir(parents=True, exist_ok=True)
-        workspace = Workspace(root, args.images, args.seed)
+    with nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="svp-bench-") as root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        workspace = Workspace(Path(root), args.images, args.seed)
         results = {}
         for part in parts:
             start = time.perf_counter()
@@ -185,13 +187,13 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------ random models
 
 
-def save_random_sam(path: Path, model_type: str) -> Path:
-    """A SAM of ``model_type`` (tiny, vit_b, vit_l, vit_h) with segment-anything's random init, saved
-    as a checkpoint: the shape and cost of the real model for benchmarks, with nothing downloaded."""
-    from pipeline.superpixels.sam import build_sam
-
+def save_random_sam(path: Path, model_type: str, seed: int = 0) -> Path:
+    """A SAM of ``model_type`` (tiny, vit_b, vit_l, vit_h) with segment-anything's random init (seeded,
+    so runs compare), saved as a checkpoint: the shape and cost of the real model, nothing downloaded."""
     if not path.exists():
-        torch.save(build_sam(model_type).state_dict(), path)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            torch.save(build_sam(model_type).state_dict(), path)
     return path
 
 
@@ -212,8 +214,8 @@ class LlmSize:
         except ValueError:
             raise ValueError(f"an LLM size is 'tiny' or HIDDENxLAYERS such as 512x8, got {self.name!r}") from None
         if hidden % 64 or hidden <= 0 or layers <= 0:
-            raise ValueError(f"LLM size {self.name!r}: the width must be a positive multiple of 64")
-        intermediate = -(-hidden * 8 // 3 // 64) * 64
+            raise ValueError(f"LLM size {self.name!r}: the width must be a positive multiple of 64, the depth positive")
+        intermediate = math.ceil(hidden * 8 / 3 / 64) * 64
         return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
                     num_key_value_heads=hidden // 64, intermediate_size=intermediate, max_position_embeddings=2048,
                     tie_word_embeddings=False)
@@ -223,10 +225,6 @@ class LlmSize:
         of it (in ``dtype``) and the tiny tokenizer, loaded by the trainer like any local model."""
         if self.is_tiny:
             return "tiny"
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        from trainer.model.tokenizer import tiny_tokenizer
-
         path = root / f"llm-{self.name}-{str(dtype).removeprefix('torch.')}"
         if not (path / "config.json").exists():
             tokenizer = tiny_tokenizer()

@@ -97,10 +97,15 @@ def reference_backend(options: SamOptions, ours: SamSuperpixels) -> Callable[[Se
     return run
 
 
-def timed(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], images: Sequence[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
-    """Warm up on one image, then time the whole set; returns throughput and the label maps
-    (which are on the host: the GPU work is done when the timer stops)."""
+def timed(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], images: Sequence[np.ndarray],
+          device: str) -> tuple[dict, list[np.ndarray]]:
+    """Warm up on one image, then time the whole set; returns throughput (and on a GPU the peak
+    memory allocated) and the label maps, which are on the host: the GPU work is done when the
+    timer stops."""
     run(images[:1])
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     labels = run(images)
     seconds = time.perf_counter() - start
@@ -108,6 +113,7 @@ def timed(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], images: Seque
         "seconds": seconds,
         "images_per_s": len(images) / seconds,
         "superpixels_per_image": float(np.mean([int(x.max()) + 1 for x in labels])),
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
     }
     return stats, labels
 
@@ -115,8 +121,8 @@ def timed(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], images: Seque
 def compare_generators(options: SamOptions, images: list[np.ndarray], device: str) -> dict:
     """Reference generator vs ours on the same model and images: throughput and agreement."""
     ours = SamSuperpixels(options, PartitionConfig(), device=device)
-    reference_stats, reference_labels = timed(reference_backend(options, ours), images)
-    ours_stats, ours_labels = timed(lambda batch: [r.labels for r in ours(batch)], images)
+    reference_stats, reference_labels = timed(reference_backend(options, ours), images, device)
+    ours_stats, ours_labels = timed(lambda batch: [r.labels for r in ours(batch)], images, device)
     agreement = np.array([partition_agreement(r, o) for r, o in zip(reference_labels, ours_labels)]).mean(0)
     return {
         "reference": reference_stats,
@@ -188,10 +194,11 @@ def format_table(results: dict) -> str:
         f"SAM {sam['model_type']} ({weights}) on {results['device']}, {results['images']} images "
         f"≤{results['image_size']} px, {sam['points_per_side']}² points, pred_iou>{sam['pred_iou_thresh']}, "
         f"stability≥{sam['stability_score_thresh']} (offset {sam['stability_score_offset']}), NMS {sam['box_nms_thresh']}",
-        f"{'method':<52}{'images/s':>10}{'s/image':>10}{'superpixels/image':>19}",
+        f"{'method':<52}{'images/s':>10}{'s/image':>10}{'superpixels/image':>19}{'peak GPU GiB':>14}",
     ]
     lines += [
         f"{name:<52}{s['images_per_s']:>10.3f}{s['seconds'] / results['images']:>10.3f}{s['superpixels_per_image']:>19.1f}"
+        + (f"{s['peak_gpu_memory_gib']:>14.2f}" if s["peak_gpu_memory_gib"] is not None else f"{'-':>14}")
         for name, s in rows
     ]
     agreement = generators["agreement"]

@@ -46,7 +46,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--ssa", action=argparse.BooleanOptionalAction, default=True,
                        help="svp: superpixel aggregator (detail inside, context outside each superpixel)")
     model.add_argument("--ssa-layers", type=int, default=1, help="svp: aggregator blocks; default 1")
-    model.add_argument("--pool-tokens", type=int, default=16, help="pool: token budget per image; default 16")
+    model.add_argument("--pool-tokens", type=int, default=16,
+                       help="pool: token budget per image, realised as the closest near-square grid; default 16")
     model.add_argument("--lora-r", type=int, default=8, help="LoRA rank; default 8")
     model.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha; default 16")
     model.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout; default 0.05")

@@ -30,12 +30,16 @@ def _check(step: str, status: int) -> None:
 def synthetic_shards(out: Path, *, images: int, seed: int, sam_checkpoint: Path, workers: int = 2,
                      shard_size: int = 8) -> Path:
     """``OUT/refer`` (a synthetic REFER root) → ``OUT/shards`` (felzenszwalb superpixels and the
-    SAM's image embeddings), through the precompute job on a local Ray; returns the shards directory."""
+    SAM's image embeddings), through the precompute job on a local Ray; returns the shards directory.
+
+    The workers run on CPUs even where there is a GPU: the work is classical superpixels and a tiny
+    encoder, and ``workers`` one-GPU actors would not fit on a one-GPU machine.
+    """
     _check("synth", synth.main(["--out", str(out / "refer"), "--images", str(images), "--seed", str(seed)]))
     _check("precompute", precompute.main([
         "--refer-root", str(out / "refer"), "--dataset", "refcoco", "--split-by", "unc", "--out", str(out / "shards"),
         "--backend", "felzenszwalb", "--store-sam-embeddings", "--sam-checkpoint", str(sam_checkpoint),
-        "--sam-model", "tiny", "--workers", str(workers), "--shard-size", str(shard_size)]))
+        "--sam-model", "tiny", "--workers", str(workers), "--gpus-per-worker", "0", "--shard-size", str(shard_size)]))
     return out / "shards"
 
 

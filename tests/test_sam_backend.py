@@ -274,8 +274,9 @@ def test_partition_agreement() -> None:
     merged = np.zeros_like(reference)  # one region where the reference has two halves: IoU 0.5 each
     assert partition_agreement(reference, merged) == (0.5, 0.5)
     shifted = reference.copy()
-    shifted[:, 3] = 1  # left 12 px of which 12 match its best (IoU 12/16), right 16 of which 16 (IoU 16/20)
+    shifted[:, 3] = 1  # a column moves from the left region to the right one: IoU 12/16 and 16/20
     mean, area_weighted = partition_agreement(reference, shifted)
-    assert mean == pytest.approx((12 / 16 + 16 / 20) / 2) and area_weighted == pytest.approx((12 / 16 * 16 + 16 / 20 * 16) / 32)
+    assert mean == pytest.approx((12 / 16 + 16 / 20) / 2)
+    assert area_weighted == pytest.approx((12 / 16 * 16 + 16 / 20 * 16) / 32)
     with pytest.raises(ValueError, match="different shapes"):
         partition_agreement(reference, reference[:, :4])

@@ -238,7 +238,8 @@ class SamSuperpixels(SuperpixelBackend):
         for image, masks, embedding in self.timer.timed("superpixels", self._generate(images)):
             with self.timer.stage("partition"):
                 painted = paint_masks(masks).cpu().numpy()
-                result = SuperpixelResult(labels=partition_at_working_resolution(painted, image.shape[:2], self.partition))
+                labels = partition_at_working_resolution(painted, image.shape[:2], self.partition)
+                result = SuperpixelResult(labels=labels)
             if self.options.store_embeddings:
                 with self.timer.stage("embeddings"):
                     result.sam_embedding = stored_embedding(embedding)
@@ -252,20 +253,23 @@ class SamSuperpixels(SuperpixelBackend):
 
     @torch.inference_mode()
     def _generate(self, images: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-        """(image, masks, embedding) per image; the encoder and the decoder see ``images_per_batch`` images at once."""
+        """(image, masks, embedding) per image; encoder and decoder see ``images_per_batch`` images at once."""
         for chunk, embeddings in self.encoder.batches(images):
             yield from zip(chunk, self._masks(embeddings, [image.shape[:2] for image in chunk]), embeddings)
 
     def _masks(self, embeddings: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """Points grids → decoder → IoU filter → upsample survivors → stability → boxes → NMS, per image."""
+        options = self.options
         points, owner = self._prompts(sizes)
         frames = [(self.transform.get_preprocess_shape(h, w, self.transform.target_length), working_shape(h, w))
                   for h, w in sizes]
+        # Each image's (masks, scores) chunks start with an empty one: an image none of whose masks
+        # survive still ends with a (0, h, w) tensor, which the partition turns into one region.
         candidates = [[(torch.zeros((0, *working), dtype=torch.bool, device=self.device),
                         torch.zeros(0, device=self.device))] for _, working in frames]
-        for batch, batch_owner in zip(points.split(self.options.points_per_batch), owner.split(self.options.points_per_batch)):
+        for batch, batch_owner in zip(points.split(options.points_per_batch), owner.split(options.points_per_batch)):
             low_res, scores, mask_owner = self._decode(embeddings, batch, batch_owner)
-            passing = (scores > self.options.pred_iou_thresh) | (self.options.pred_iou_thresh <= 0.0)  # 0 disables, as in SAM
+            passing = (scores > options.pred_iou_thresh) | (options.pred_iou_thresh <= 0.0)  # 0 disables, as in SAM
             for image in mask_owner[passing].unique().tolist():
                 mine = passing & (mask_owner == image)
                 candidates[image] += self._stable_masks(low_res[mine], scores[mine], *frames[image])
