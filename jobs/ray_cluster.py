@@ -69,10 +69,16 @@ def require(resource: str, per_worker: float, workers: int, request: str) -> Non
 
 
 def gpus_per_worker(requested: float | None, workers: int, workers_flag: str) -> float:
-    """``--gpus-per-worker``: by default 1 where the cluster has GPUs, else 0 (CPU workers)."""
-    if requested is None:
-        return 1.0 if capacity("GPU") >= 1 else 0.0
+    """``--gpus-per-worker``: by default 1 where the cluster has GPUs, else 0 (CPU workers).
+
+    The default is checked like an explicit value: N one-GPU workers on a cluster with fewer GPUs
+    would wait for resources forever, so they are refused, naming the flags to change.
+    """
+    default = requested is None
+    if default:
+        requested = 1.0 if capacity("GPU") >= 1 else 0.0
     if requested < 0:
         raise ClusterResourceError(f"--gpus-per-worker must be >= 0, got {requested:g}")
-    require("GPU", requested, workers, f"{workers_flag} {workers} x --gpus-per-worker {requested:g}")
+    flag = f"--gpus-per-worker {requested:g}{' (the default on a cluster with GPUs)' if default else ''}"
+    require("GPU", requested, workers, f"{workers_flag} {workers} x {flag}")
     return requested
