@@ -27,13 +27,13 @@ from types import ModuleType
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from jobs.workflow import synthetic_shards
-from pipeline.superpixels.sam import SAM_MODEL_TYPES, build_sam, save_tiny_sam
+from jobs.workflow import SAM_PRETRAIN_STEPS, SyntheticData, synthetic_data
+from pipeline.superpixels.sam import SAM_MODEL_TYPES, build_sam
 from trainer.model.tokenizer import tiny_tokenizer
 
 PRESETS = ("cpu", "quick", "gpu")
 # The shared flags' values per preset; each part names its own in its PRESETS.
-COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16}, "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
+COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16, "sam_pretrain_steps": 10}, "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESULTS = Path("bench/results")
 
@@ -59,6 +59,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--images", type=int, default=120,
                         help="images of the synthetic dataset that tokens, train_step and accuracy share; default 120")
     common.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset; default 0")
+    common.add_argument("--sam-pretrain-steps", type=int, default=SAM_PRETRAIN_STEPS,
+                        help="promptable pretraining steps of the dataset's tiny SAM (its embeddings are in the "
+                             f"shards; the accuracy part's mask head); default {SAM_PRETRAIN_STEPS} as in the demo")
     common.add_argument("--sam-model", choices=SAM_MODEL_TYPES, default="tiny",
                         help="SAM of the speed measurements (precompute, train_step); default tiny (vit_h for the gpu "
                              "preset); random weights unless --sam-checkpoint")
@@ -92,22 +95,24 @@ class Workspace:
     root: Path
     images: int
     seed: int
-    _shards: Path | None = field(default=None, init=False)
+    sam_pretrain_steps: int
+    _data: SyntheticData | None = field(default=None, init=False)
+
+    def data(self) -> SyntheticData:
+        """Synthetic REFER data → a tiny SAM pretrained on its train images → felzenszwalb
+        superpixels + that SAM's embeddings, by the demo's chain (``jobs.workflow``)."""
+        if self._data is None:
+            self._data = synthetic_data(self.root / "data", images=self.images, seed=self.seed,
+                                        sam_pretrain_steps=self.sam_pretrain_steps)
+        return self._data
+
+    def shards(self) -> Path:
+        return self.data().shards
 
     @property
     def sam_checkpoint(self) -> Path:
-        """The random tiny SAM of the shared dataset: its embeddings are in the shards' ``sam.npy``."""
-        path = self.root / "sam_tiny.pth"
-        if not path.exists():
-            save_tiny_sam(path, seed=self.seed)
-        return path
-
-    def shards(self) -> Path:
-        """Synthetic REFER data → felzenszwalb superpixels + SAM embeddings, by the precompute job."""
-        if self._shards is None:
-            self._shards = synthetic_shards(self.root / "data", images=self.images, seed=self.seed,
-                                            sam_checkpoint=self.sam_checkpoint)
-        return self._shards
+        """The tiny SAM of the shared dataset: its embeddings are in the shards' ``sam.npy``."""
+        return self.data().sam_checkpoint
 
 
 def speed_sam_checkpoint(args: argparse.Namespace, workspace: Workspace) -> Path:
@@ -125,7 +130,7 @@ def run_parts(parts: Sequence[ModuleType], args: argparse.Namespace) -> dict[str
     """Run each part in a workspace (``--work`` or a temporary one); {part name: its results}."""
     with nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="svp-bench-") as root:
         Path(root).mkdir(parents=True, exist_ok=True)
-        workspace = Workspace(Path(root), args.images, args.seed)
+        workspace = Workspace(Path(root), args.images, args.seed, args.sam_pretrain_steps)
         results = {}
         for part in parts:
             start = time.perf_counter()

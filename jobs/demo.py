@@ -20,7 +20,6 @@ from jobs import entry, workflow
 from jobs.eval import run_eval
 from pipeline.images import decode_image
 from pipeline.shards import decode_label_map, read_manifest, split_shard_urls
-from pipeline.superpixels.sam import save_tiny_sam
 from trainer.checkpoint import load_trained_model
 from trainer.model import ModelConfig
 from trainer.predict import predict_mask, render_overlay
@@ -31,6 +30,9 @@ DEMO_OUTPUTS = ("refer", "shards", "run_svp", "overlays")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory; default demo_out/")
     parser.add_argument("--images", type=int, default=80, help="synthetic images; default 80")
+    parser.add_argument("--sam-pretrain-steps", type=int, default=workflow.SAM_PRETRAIN_STEPS,
+                        help="steps of the tiny SAM's promptable pretraining on the train images (the stand-in "
+                             f"for SAM's released weights; 0: a random SAM); default {workflow.SAM_PRETRAIN_STEPS}")
     parser.add_argument("--steps", type=int, default=400, help="training steps; default 400")
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="peak learning rate; default 1e-3 (tiny models trained from scratch)")
@@ -46,15 +48,15 @@ def run(args: argparse.Namespace) -> int:
     for stale in DEMO_OUTPUTS:  # the demo starts afresh: its own outputs only, nothing else in DIR
         shutil.rmtree(out / stale, ignore_errors=True)
 
-    sam = out / "sam_tiny.pth"
     start = time.perf_counter()
     try:
-        shards = workflow.synthetic_shards(out, images=args.images, seed=args.seed,
-                                           sam_checkpoint=save_tiny_sam(sam, seed=args.seed), workers=args.workers)
+        data = workflow.synthetic_data(out, images=args.images, seed=args.seed,
+                                       sam_pretrain_steps=args.sam_pretrain_steps, workers=args.workers)
+        shards = data.shards
         timings["data_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        run_dir = workflow.train_on_shards(shards, out / "run_svp",
-                                           ModelConfig(sam_checkpoint=str(sam), sam_model="tiny", seed=args.seed),
+        model = ModelConfig(sam_checkpoint=str(data.sam_checkpoint), sam_model="tiny", seed=args.seed)
+        run_dir = workflow.train_on_shards(shards, out / "run_svp", model,
                                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     except workflow.StepFailed as error:
         raise SystemExit(f"svp demo: {error}") from error

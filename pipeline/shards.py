@@ -33,7 +33,6 @@ from pipeline.storage import OutputStore
 FORMAT_VERSION = 1
 RECORDS_DIR = "_shards"
 CONFIG_FILE = "config.json"
-SAM_EMBEDDING_SHAPE = (256, 64, 64)
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -90,8 +89,9 @@ def decode_label_map(data: bytes) -> np.ndarray:
 
 
 def encode_sam_embedding(embedding: np.ndarray) -> bytes:
-    if embedding.shape != SAM_EMBEDDING_SHAPE:
-        raise ValueError(f"SAM embedding must be {SAM_EMBEDDING_SHAPE}, got {embedding.shape}")
+    """(C, G, G) float16: (256, 64, 64) for SAM; the trainer checks the shape against its own SAM."""
+    if embedding.ndim != 3 or embedding.shape[1] != embedding.shape[2]:
+        raise ValueError(f"SAM embedding must be (channels, grid, grid), got {embedding.shape}")
     buffer = io.BytesIO()
     np.save(buffer, embedding.astype(np.float16), allow_pickle=False)
     return buffer.getvalue()

@@ -24,7 +24,7 @@ from trainer.model.mllm import tiny_causal_lm
 from trainer.model.tokenizer import tiny_tokenizer
 from trainer.model.vision import IMAGENET_MEAN, IMAGENET_STD, load_vision
 
-V, S = 112, 1024  # tiny DINOv2 at 112 px → 8×8 patch grid; tiny SAM keeps SAM's 1024 px frame
+V, S, C = 112, 512, 64  # tiny DINOv2 at 112 px → 8×8 patch grid; tiny SAM: 512 px frame, 64 wide
 GRID_PATCHES = 64
 
 
@@ -41,7 +41,7 @@ def make_batch(counts: tuple[int, ...] = (3, 7), sentences: tuple[str, ...] | No
         "superpixels": superpixels,
         "num_superpixels": torch.tensor(counts),
         "sentences": list(sentences or default[: len(counts)]),
-        "sam_embeddings": torch.randn(len(counts), 256, S // 16, S // 16, generator=g),
+        "sam_embeddings": torch.randn(len(counts), C, S // 16, S // 16, generator=g),
         "gt_masks": gt,
     }
 
@@ -87,6 +87,22 @@ def test_sam_pixels_run_the_frozen_encoder_like_precomputed_embeddings() -> None
     del from_pixels["sam_embeddings"]
     batch["sam_embeddings"] = model.mask_head.image_embeddings(batch["sam_pixels"])
     assert torch.allclose(model(from_pixels).mask_logits, model(batch).mask_logits, atol=1e-5)
+
+
+def test_mask_head_decodes_a_batch_like_sam_decodes_each_image() -> None:
+    """One decoder call for the batch = SAM's own single-mask forward, image by image."""
+    head = SegmentationMLLM(ModelConfig(vision_size=V)).mask_head
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(3, C, S // 16, S // 16, generator=generator)
+    prompts = torch.randn(3, 1, C, generator=generator)
+    _, no_mask = head.sam.prompt_encoder(points=None, boxes=None, masks=None)
+    expected = torch.cat([
+        head.sam.mask_decoder(image_embeddings=embedding[None], image_pe=head.sam.prompt_encoder.get_dense_pe(),
+                              sparse_prompt_embeddings=prompt[None], dense_prompt_embeddings=no_mask,
+                              multimask_output=False)[0]
+        for embedding, prompt in zip(embeddings, prompts)
+    ])
+    torch.testing.assert_close(head(embeddings, prompts), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_padding_does_not_leak_into_a_shorter_sample() -> None:
@@ -260,7 +276,8 @@ def test_config_round_trips_through_json_and_data_fields_match_the_model() -> No
     config = ModelConfig(vision_size=V, projector=ProjectorConfig(kind="pool", pool_tokens=9))
     assert ModelConfig(**json.loads(json.dumps(asdict(config)))) == config
     fields = SegmentationMLLM(config).data_config_fields()
-    assert fields == {"vision_size": V, "vision_mean": IMAGENET_MEAN, "vision_std": IMAGENET_STD, "sam_size": S}
+    assert fields == {"vision_size": V, "vision_mean": IMAGENET_MEAN, "vision_std": IMAGENET_STD, "sam_size": S,
+                      "sam_channels": C}
 
 
 def test_describe_counts_trainable_and_total_parameters() -> None:

@@ -130,7 +130,7 @@ def test_sam_backend_job_writes_partitions_and_embeddings_from_a_saved_checkpoin
         assert meta["backend"] == "sam"
         _check_partition(np.asarray(Image.open(io.BytesIO(sample["spx.png"]))), meta["height"], meta["width"])
         embedding = np.load(io.BytesIO(sample["sam.npy"]), allow_pickle=False)
-        assert embedding.dtype == np.float16 and embedding.shape == (256, 64, 64) and np.isfinite(embedding).all()
+        assert embedding.dtype == np.float16 and embedding.shape == (64, 32, 32) and np.isfinite(embedding).all()
     _check_timing(out, {"decode", "superpixels", "partition", "embeddings", "write"}, max_workers=2)
 
 
@@ -145,7 +145,7 @@ def test_classical_backend_can_store_sam_embeddings_for_the_trainer(tiny_sam_che
     assert len(config["sam"]["checkpoint_sha256"]) == 64
     for sample in _samples(out).values():
         assert json.loads(sample["meta.json"])["backend"] == "felzenszwalb"
-        assert np.load(io.BytesIO(sample["sam.npy"]), allow_pickle=False).shape == (256, 64, 64)
+        assert np.load(io.BytesIO(sample["sam.npy"]), allow_pickle=False).shape == (64, 32, 32)
     _check_timing(out, {"decode", "superpixels", "partition", "embeddings", "write"}, max_workers=1)
 
 

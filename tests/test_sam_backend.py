@@ -118,7 +118,7 @@ def test_sam_superpixels_are_partitions(tiny_sam_checkpoint: Path) -> None:
     assert len(results) == len(images)
     for image, result in zip(images, results):
         assert_partition(result.labels, image.shape[:2], config)
-        assert result.sam_embedding.dtype == np.float16 and result.sam_embedding.shape == (256, 64, 64)
+        assert result.sam_embedding.dtype == np.float16 and result.sam_embedding.shape == (64, 32, 32)
 
 
 def test_no_surviving_mask_still_gives_a_partition(tiny_sam_checkpoint: Path) -> None:
@@ -170,8 +170,9 @@ def test_one_decoder_call_for_several_images_gives_each_image_its_own_masks(tiny
     """decode_prompts (prompts of two images in one call) = SAM's predict_masks called per image."""
     sam = build_sam("tiny", tiny_sam_checkpoint)
     torch.manual_seed(0)
-    embeddings = torch.randn(2, 256, 64, 64)
-    points = torch.rand(5, 1, 2) * 1024
+    frame = sam.image_encoder.img_size
+    embeddings = torch.randn(2, sam.prompt_encoder.embed_dim, frame // 16, frame // 16)
+    points = torch.rand(5, 1, 2) * frame
     owner = torch.tensor([0, 1, 1, 0, 1])
     with torch.inference_mode():
         sparse, dense = sam.prompt_encoder(points=(points, torch.ones(5, 1, dtype=torch.int)), boxes=None, masks=None)

@@ -42,6 +42,8 @@ def test_sam_embedding_round_trips_and_never_unpickles():
     embedding = np.ones((256, 64, 64), np.float32)
     decoded = decode_sam_embedding(encode_sam_embedding(embedding))
     assert decoded.dtype == np.float16 and decoded.shape == (256, 64, 64)
+    with pytest.raises(ValueError, match="channels, grid, grid"):
+        encode_sam_embedding(np.ones((256, 64), np.float32))
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):

@@ -17,7 +17,7 @@ and this reader cannot disagree about the format.
 A batch (the contract with the model; B items, V = vision_size, S = sam_size):
 ``keys``, ``sentences`` (REFER's normalised ``sent``), ``ref_ids``, ``sent_ids``, ``splits``: lists;
 ``pixel_values`` float32 (B,3,V,V); ``superpixels`` int64 (B,V,V) with labels 0..K'-1 and
-``num_superpixels`` int64 (B,) = K'; ``sam_embeddings`` float32 (B,256,S/16,S/16) when every item
+``num_superpixels`` int64 (B,) = K'; ``sam_embeddings`` float32 (B,C,S/16,S/16) when every item
 has a stored embedding of that shape, else ``sam_pixels`` float32 (B,3,S,S); ``gt_masks`` float32
 (B,S/4,S/4) binary; ``input_sizes`` / ``original_sizes`` int64 (B,2) as (h, w); ``full_masks``: list
 of uint8 (H,W) tensors; ``skipped``: corrupt samples this worker skipped since its previous batch.
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 # segment_anything's Sam.pixel_mean / pixel_std (0-255 RGB).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-SAM_EMBEDDING_CHANNELS = 256
 SAM_MASK_STRIDE = 4  # SAM's mask decoder predicts masks at a quarter of its input frame
 REQUIRED_MEMBERS = ("jpg", "spx.png", "refs.json", "meta.json")
 LOGGED_SKIPS = 5  # per worker: the first few corrupt samples are named, the rest only counted
@@ -76,6 +75,7 @@ class DataConfig:
     vision_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     vision_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     sam_size: int = 1024  # S: SAM's input frame (longest side S, zero padded to S×S)
+    sam_channels: int = 256  # C: SAM's embedding width (its prompt and decoder width too)
     use_sam_embeddings: bool = True  # read sam.npy when present (only valid if it came from the trainer's SAM)
     shuffle_buffer: int = 256
     seed: int = 0
@@ -87,7 +87,7 @@ class DataConfig:
 
     @property
     def sam_embedding_shape(self) -> tuple[int, int, int]:
-        return (SAM_EMBEDDING_CHANNELS, self.sam_size // 16, self.sam_size // 16)
+        return (self.sam_channels, self.sam_size // 16, self.sam_size // 16)
 
 
 # ---------------------------------------------------------------------------------------------

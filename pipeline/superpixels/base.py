@@ -31,7 +31,7 @@ class SuperpixelResult:
     """One image's output: the partition, and SAM's image embedding when it was asked for."""
 
     labels: np.ndarray  # (H, W) uint16, labels 0..K-1, H×W of the displayed image
-    sam_embedding: np.ndarray | None = None  # (256, 64, 64) float16
+    sam_embedding: np.ndarray | None = None  # (C, S/16, S/16) float16: (256, 64, 64) for SAM
 
     @property
     def num_superpixels(self) -> int:

@@ -15,22 +15,26 @@ grid, three multimask outputs per point, predicted-IoU filter, stability score, 
   ``MaskData.cat`` copies, no Python loop over masks; on a GPU the encoder and decoder run under
   bf16 autocast.
 
-``tiny`` is SAM's architecture with a 2-block, 32-wide image encoder: it has the real prompt
-encoder, mask decoder and 256×64×64 embedding, but random weights. It exists for tests, the demo
-and CPU benchmarks, where the real ViT-H weights (2.5 GB, never downloaded by us) are not at hand;
-its masks mean nothing.
+``tiny`` is SAM's architecture at toy sizes: every module of SAM (ViT image encoder with a neck,
+prompt encoder, two-way-transformer mask decoder, SAM's 256-wide IoU head), with a 2-block,
+32-wide encoder on a 512 px frame and a 64-wide prompt encoder and decoder, so its embedding is
+64×32×32 instead of 256×64×64. The decoder is what a training step spends most of its time in,
+and the tiny one costs a small fraction of SAM's, which is what lets the demo train on a CPU. It
+exists for tests, the demo and CPU benchmarks, where the real ViT-H weights (2.5 GB, never
+downloaded by us) are not at hand. Random, its masks mean nothing; ``svp tiny-sam --pretrain-on``
+teaches it clicks → masks first (``trainer.sam_pretraining``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from segment_anything import sam_model_registry
-from segment_anything.build_sam import _build_sam
-from segment_anything.modeling import MaskDecoder, Sam
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.amg import batched_mask_to_box, build_all_layer_point_grids, calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
@@ -53,8 +57,29 @@ def _architecture(model_type: str) -> Sam:
     if model_type not in SAM_MODEL_TYPES:
         raise SamCheckpointError(f"unknown SAM model type {model_type!r}; choose one of {', '.join(SAM_MODEL_TYPES)}")
     if model_type == "tiny":
-        return _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
+        return _tiny_architecture()
     return sam_model_registry[model_type](checkpoint=None)
+
+
+def _tiny_architecture(image_size: int = 512, width: int = 64) -> Sam:
+    """SAM's modules wired as ``segment_anything.build_sam._build_sam`` wires them, at toy sizes."""
+    grid = image_size // 16
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=2, embed_dim=32, img_size=image_size, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16, qkv_bias=True,
+            use_rel_pos=True, global_attn_indexes=(1,), window_size=14, out_chans=width,
+        ),
+        prompt_encoder=PromptEncoder(embed_dim=width, image_embedding_size=(grid, grid),
+                                     input_image_size=(image_size, image_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=4 * width, num_heads=4),
+            transformer_dim=width, iou_head_depth=3, iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
 
 
 def _load_state_dict(path: str | Path, model_type: str) -> Mapping[str, torch.Tensor]:
@@ -136,13 +161,13 @@ class SamImageEncoder:
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
 
     def __call__(self, images: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
-        """One (256, 64, 64) embedding per image, on the device, in input order."""
+        """One (C, S/16, S/16) embedding per image ((256, 64, 64) for SAM), on the device, in input order."""
         for _, embeddings in self.batches(images):
             yield from embeddings
 
     @torch.inference_mode()
     def batches(self, images: Sequence[np.ndarray]) -> Iterator[tuple[Sequence[np.ndarray], torch.Tensor]]:
-        """(images, their (b, 256, 64, 64) embeddings) for each run of ``images_per_batch`` images.
+        """(images, their (b, C, S/16, S/16) embeddings) for each run of ``images_per_batch`` images.
 
         Autocast ends before each yield: a generator suspended inside the ``with`` would leave it
         on for whatever code the consumer runs in between.

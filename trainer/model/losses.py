@@ -22,12 +22,21 @@ def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def mask_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-pixel BCE with logits, mean per sample, then over the batch."""
-    per_pixel = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return per_pixel.flatten(1).mean(1).mean()
+    return mask_bce_per_sample(logits, targets).mean()
 
 
 def mask_dice(logits: torch.Tensor, targets: torch.Tensor, eps: float = DICE_EPS) -> torch.Tensor:
     """1 − soft Dice on sigmoid probabilities, per sample, then over the batch."""
+    return mask_dice_per_sample(logits, targets, eps).mean()
+
+
+def mask_bce_per_sample(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, ...) logits and targets → (N,) mean per-pixel BCE of each."""
+    per_pixel = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    return per_pixel.flatten(1).mean(1)
+
+
+def mask_dice_per_sample(logits: torch.Tensor, targets: torch.Tensor, eps: float = DICE_EPS) -> torch.Tensor:
+    """(N, ...) logits and targets → (N,) 1 − soft Dice of each."""
     probs, targets = logits.float().sigmoid().flatten(1), targets.float().flatten(1)
-    dice = (2 * (probs * targets).sum(1) + eps) / (probs.sum(1) + targets.sum(1) + eps)
-    return (1 - dice).mean()
+    return 1 - (2 * (probs * targets).sum(1) + eps) / (probs.sum(1) + targets.sum(1) + eps)

@@ -2,7 +2,7 @@
 
 The ``[SEG]`` embedding is the only prompt: it takes the place of SAM's sparse (point/box)
 embeddings, and the prompt encoder contributes what it would for "no mask given" (its learned
-dense embedding) plus the positional encoding of the 64×64 grid. The image encoder is the same
+dense embedding) plus the positional encoding of the embedding grid (64×64 for SAM). The image encoder is the same
 frozen SAM the pipeline ran, so a batch may carry its precomputed embedding and skip it.
 """
 
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from segment_anything.modeling import Sam
 from torch import nn
+
+from pipeline.superpixels.sam import decode_prompts
 
 
 class MaskHead(nn.Module):
@@ -31,6 +33,11 @@ class MaskHead(nn.Module):
     def image_size(self) -> int:
         return self.sam.image_encoder.img_size
 
+    @property
+    def prompt_dim(self) -> int:
+        """Width of a sparse prompt embedding (256 for SAM), which is also the image embedding's."""
+        return self.sam.prompt_encoder.embed_dim
+
     def train(self, mode: bool = True) -> MaskHead:
         """Only the decoder follows ``mode``: the frozen encoders keep their eval behaviour."""
         super().train(False)
@@ -45,23 +52,17 @@ class MaskHead(nn.Module):
     def forward(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """One mask per image (``multimask_output=False``: the prompt is not ambiguous like a click).
 
-        SAM's decoder repeats its image embedding for every prompt *of one image*, so the batch is
-        decoded one image at a time (as LISA/GLaMM do); B is small and the decoder is light.
+        SAM's decoder repeats *one* image's embedding for every prompt, so it would decode a batch
+        one image at a time (as LISA/GLaMM do); ``decode_prompts`` is the same computation for the
+        prompts of many images in one call, prompt ``i`` reading image ``i``.
         """
-        dtype = self.sam.mask_decoder.iou_token.weight.dtype  # shards store float16 embeddings
-        positions = self.sam.prompt_encoder.get_dense_pe()
+        decoder = self.sam.mask_decoder
+        dtype = decoder.iou_token.weight.dtype  # shards store float16 embeddings
         _, no_mask = self.sam.prompt_encoder(points=None, boxes=None, masks=None)
-        logits = [
-            self.sam.mask_decoder(
-                image_embeddings=embedding[None].to(dtype),
-                image_pe=positions,
-                sparse_prompt_embeddings=prompt[None].to(dtype),
-                dense_prompt_embeddings=no_mask,
-                multimask_output=False,
-            )[0]
-            for embedding, prompt in zip(image_embeddings, prompts)
-        ]
-        return torch.cat(logits)
+        owner = torch.arange(len(prompts), device=prompts.device)
+        masks, _ = decode_prompts(decoder, image_embeddings.to(dtype), owner, self.sam.prompt_encoder.get_dense_pe(),
+                                  prompts.to(dtype), no_mask)
+        return masks[:, :1]  # SAM's single-mask output is its first mask token
 
     def postprocess(
         self, low_res: torch.Tensor, input_sizes: Sequence[Sequence[int]], original_sizes: Sequence[Sequence[int]]

@@ -37,7 +37,6 @@ from trainer.model.vision import TINY, ModelLoadError, load_vision, pretrained_s
 SEG_TOKEN, IMAGE_TOKEN = "[SEG]", "<image>"
 PROMPT = IMAGE_TOKEN + " please segment : {sentence} . answer :"
 ANSWER = "it is " + SEG_TOKEN + " ."
-SAM_PROMPT_DIM = 256  # width of SAM's sparse prompt embeddings
 # initializer_range 0.3 (not HF's 0.02): with 0.02 a random 2-layer LM attends almost uniformly,
 # so the [SEG] state barely depends on the sentence and the mask head learns to ignore the text.
 _TINY_LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -170,8 +169,8 @@ class SegmentationMLLM(nn.Module):
             llm_dim = llm.get_input_embeddings().embedding_dim
             self.llm = _add_lora(llm, config, self.seg_id)
             self.projector = build_projector(config.projector, vision_dim, llm_dim)
-            self.seg_mlp = nn.Sequential(nn.Linear(llm_dim, llm_dim), nn.ReLU(), nn.Linear(llm_dim, SAM_PROMPT_DIM))
             self.mask_head = MaskHead(build_sam(config.sam_model, config.sam_checkpoint))
+            self.seg_mlp = nn.Sequential(nn.Linear(llm_dim, llm_dim), nn.ReLU(), nn.Linear(llm_dim, self.mask_head.prompt_dim))
         answer = self.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         self.answer_ids = answer + ([eos] if eos is not None else [])
@@ -271,6 +270,7 @@ class SegmentationMLLM(nn.Module):
             "vision_mean": tuple(self.vision.mean),
             "vision_std": tuple(self.vision.std),
             "sam_size": self.mask_head.image_size,
+            "sam_channels": self.mask_head.prompt_dim,
         }
 
     def num_patches(self) -> int:
