@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from bench.common import Workspace, run_alone, spread
 from bench.tokens import pool_budget
 from jobs.eval import run_eval
-from jobs.workflow import train_on_shards
-from trainer.model import ModelConfig, ProjectorConfig
+from jobs.workflow import tiny_model, train_on_shards
+from trainer.model import ProjectorConfig
 
 NAME = "accuracy"
 PRESETS: dict[str, dict] = {
@@ -63,8 +63,7 @@ def train_and_evaluate(args: argparse.Namespace, workspace: Workspace, name: str
     shards = workspace.shards()
     run_dir = workspace.root / "accuracy" / name / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a rerun in the same --work starts over
-    model = ModelConfig(sam_checkpoint=str(workspace.sam_checkpoint), sam_model="tiny",
-                        projector=projector(name, pool_budget(shards)), seed=seed)
+    model = tiny_model(workspace.sam_checkpoint, seed=seed, projector=projector(name, pool_budget(shards)))
     train_on_shards(shards, run_dir, model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
                     mixed_precision="bf16" if args.dtype == "bf16" else "no")
     return run_eval(run_dir, str(shards), list(SPLITS))[0]["splits"]

@@ -11,7 +11,12 @@ device and thread count:
   larger Llama-style decoders built from a transformers config with random weights
   (``HIDDENxLAYERS``, see ``bench.common.LlmSize``), saved and loaded as a local model;
 - the ``svp`` step with precomputed ``sam.npy`` against the step that runs the SAM encoder
-  (``--sam-model``: random weights of that architecture unless ``--sam-checkpoint``).
+  (``--sam-model``: random weights of that architecture unless ``--sam-checkpoint``);
+- at the largest LLM size, one pass of ``svp`` training steps over the train split batched in
+  arrival order against length-grouped batches (``--length-group``): the share of LLM positions
+  that are padding, and the time of the pass;
+- the training loader alone (decode, preprocessing, collate; no DataLoader workers, as the trainer's
+  default) in samples/s against the samples/s of the ``svp`` step it feeds at the largest size.
 
 ``--dtype bf16`` runs steps and latency under bf16 autocast with the LLM stored in bf16, as a
 bf16 training run does (its frozen base in bf16, the trained parts in fp32 under autocast).
@@ -21,22 +26,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 
-from bench.common import DTYPES, LlmSize, Workspace, median_seconds, run_alone, speed_sam_checkpoint
+from bench.common import DTYPES, LlmSize, Workspace, median_seconds, run_alone, speed_sam_checkpoint, synchronize
 from bench.tokens import pool_budget
 from pipeline.shards import read_manifest, split_shard_urls
 from trainer.data import DataConfig, make_loader
+from trainer.loop import TrainConfig
 from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, SegmentationMLLM
 
 NAME = "train_step"
 PRESETS: dict[str, dict] = {
     "cpu": {},
-    "quick": {"step_batch_size": 2, "repeats": 1, "llm_sizes": "tiny,64x2"},
+    "quick": {"step_batch_size": 2, "repeats": 1, "llm_sizes": "tiny,64x2", "loader_batches": 2},
     "gpu": {"step_batch_size": 16, "repeats": 10, "llm_sizes": "tiny,1536x24"},
 }
 
@@ -50,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated LLM sizes, 'tiny' or HIDDENxLAYERS (random Llama-style decoder); "
                             "default tiny,768x12 (85M parameters: about a minute on 2 CPU cores; 1536x24, 0.7B, "
                             "for the gpu preset)")
+    group.add_argument("--length-group", type=int, default=TrainConfig.length_group,
+                       help=f"window (in batches) of the length-grouped pass; default {TrainConfig.length_group}, "
+                            "the trainer's")
+    group.add_argument("--loader-batches", type=int, default=20,
+                       help="batches the loader throughput is measured over (default 20)")
 
 
 def batches(shards: Path, data_config: DataConfig, batch_size: int) -> tuple[dict, dict]:
@@ -63,6 +75,32 @@ def batches(shards: Path, data_config: DataConfig, batch_size: int) -> tuple[dic
     return first(data_config), first(DataConfig(**{**vars(data_config), "use_sam_embeddings": False}))
 
 
+def train_pass(shards: Path, data_config: DataConfig, batch_size: int, length_group: int) -> list[dict]:
+    """The batches of one training pass over the train split (as the trainer's loader cuts them)."""
+    urls = split_shard_urls(shards, read_manifest(shards), "train")
+    config = DataConfig(**{**vars(data_config), "length_group": length_group})
+    return list(make_loader(urls, config, train=True, resampled=False, batch_size=batch_size))
+
+
+def padding_fraction(batches: list[dict]) -> float:
+    """Share of the batches' padded LLM positions (visual tokens and words) that are padding."""
+    used = padded = 0
+    for batch in batches:
+        lengths = [n + len(s.split()) for n, s in zip(batch["num_superpixels"].tolist(), batch["sentences"])]
+        used, padded = used + sum(lengths), padded + len(lengths) * max(lengths)
+    return 1 - used / padded
+
+
+def loader_samples_per_s(urls: list[str], data_config: DataConfig, batch_size: int, batches: int) -> float:
+    """Samples/s of the training loader alone, after one warm-up batch (the first opens the shards)."""
+    stream = iter(make_loader(urls, data_config, train=True, batch_size=batch_size))
+    next(stream)
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    return batches * batch_size / (time.perf_counter() - started)
+
+
 class Timer:
     """Step and latency of one model on one device, under autocast when asked."""
 
@@ -72,18 +110,34 @@ class Timer:
     def autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def step(self, model: SegmentationMLLM, batch: dict) -> float:
+    def _stepper(self, model: SegmentationMLLM) -> Callable[[dict], None]:
+        """One forward+backward+optimizer step of ``model`` (in train mode) on a batch."""
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
 
-        def step() -> None:
+        def step(batch: dict) -> None:
             with self.autocast():
                 loss = model(batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
 
-        model.train()
-        return median_seconds(step, self.repeats, self.device)
+        return step
+
+    def step(self, model: SegmentationMLLM, batch: dict) -> float:
+        step = self._stepper(model)
+        return median_seconds(lambda: step(batch), self.repeats, self.device)
+
+    def one_pass(self, model: SegmentationMLLM, batches: list[dict]) -> float:
+        """Seconds of one step on each batch in turn, after one warm-up step."""
+        step = self._stepper(model)
+        step(batches[0])
+        synchronize(self.device)
+        started = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        synchronize(self.device)
+        return time.perf_counter() - started
 
     def latency(self, model: SegmentationMLLM, batch: dict) -> float:
         one = {k: v[:1] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
@@ -96,9 +150,24 @@ class Timer:
         return median_seconds(predict, self.repeats, self.device)
 
 
+def measure_passes(model: SegmentationMLLM, args: argparse.Namespace, shards: Path, timer: Timer) -> dict:
+    """One svp training pass batched in arrival order vs length-grouped, and the loader's samples/s."""
+    data_config = DataConfig(**model.data_config_fields())
+    passes = {}
+    for name, group in (("arrival_order", 1), ("length_grouped", args.length_group)):
+        batches = train_pass(shards, data_config, args.step_batch_size, group)
+        passes[name] = {"length_group": group, "batches": len(batches), "pass_s": timer.one_pass(model, batches),
+                        "padding_fraction": padding_fraction(batches)}
+    urls = split_shard_urls(shards, read_manifest(shards), "train")
+    return {"passes": passes,
+            "length_grouped_pass_ratio": passes["length_grouped"]["pass_s"] / passes["arrival_order"]["pass_s"],
+            "loader_samples_per_s": loader_samples_per_s(urls, data_config, args.step_batch_size, args.loader_batches)}
+
+
 def measure_size(size: LlmSize, args: argparse.Namespace, workspace: Workspace, timer: Timer,
-                 with_sam_encoder: bool) -> dict:
-    """Every projector on one LLM size; with ``with_sam_encoder`` also the svp step that runs SAM's encoder."""
+                 with_sam_encoder: bool, with_passes: bool) -> dict:
+    """Every projector on one LLM size; with ``with_sam_encoder`` also the svp step that runs SAM's
+    encoder, with ``with_passes`` the svp passes and the loader (:func:`measure_passes`)."""
     shards, sam = workspace.shards(), speed_sam_checkpoint(args, workspace)
     llm = size.materialise(workspace.root, timer.dtype)
     rows, result, data = {}, {}, None
@@ -113,6 +182,9 @@ def measure_size(size: LlmSize, args: argparse.Namespace, workspace: Workspace, 
         if kind == "svp" and with_sam_encoder:
             result["svp_step_with_sam_encoder_s"] = timer.step(model, with_pixels)
             result["svp_step_with_sam_embeddings_s"] = rows[kind]["step_s"]
+        if kind == "svp" and with_passes:
+            result["svp_training"] = measure_passes(model, args, shards, timer)
+            result["svp_training"]["step_samples_per_s"] = args.step_batch_size / rows[kind]["step_s"]
         result["llm_parameters"] = sum(p.numel() for p in model.llm.parameters())
         del model
     for row in rows.values():
@@ -124,16 +196,20 @@ def measure_size(size: LlmSize, args: argparse.Namespace, workspace: Workspace, 
 def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     timer = Timer(torch.device(args.device), DTYPES[args.dtype], args.repeats)
     names = [name for name in args.llm_sizes.split(",") if name]
-    sizes = {name: measure_size(LlmSize(name), args, workspace, timer, with_sam_encoder=i == 0)
+    sizes = {name: measure_size(LlmSize(name), args, workspace, timer, with_sam_encoder=i == 0,
+                                with_passes=i == len(names) - 1)
              for i, name in enumerate(names)}
     first, last = sizes[names[0]], sizes[names[-1]]["projectors"]
     ratio = first["svp_step_with_sam_embeddings_s"] / first["svp_step_with_sam_encoder_s"]
+    training = sizes[names[-1]]["svp_training"]
     return {
         "batch_size": args.step_batch_size, "vision_size": args.vision_size, "dtype": args.dtype,
         "sam_model": args.sam_model, "sizes": sizes,
         "headline": {"train_step_ratio_svp_to_mlp": last["svp"]["step_s_ratio_to_mlp"],
                      "infer_latency_ratio_svp_to_mlp": last["svp"]["latency_s_ratio_to_mlp"],
-                     "sam_embedding_step_ratio": ratio},
+                     "sam_embedding_step_ratio": ratio,
+                     "length_grouped_pass_ratio": training["length_grouped_pass_ratio"],
+                     "loader_to_step_samples_ratio": training["loader_samples_per_s"] / training["step_samples_per_s"]},
     }
 
 
@@ -150,6 +226,15 @@ def format_table(results: dict) -> str:
             lines.append(f"svp step with precomputed sam.npy {size['svp_step_with_sam_embeddings_s']:.3f} s vs running "
                          f"the SAM encoder {size['svp_step_with_sam_encoder_s']:.3f} s: "
                          f"ratio {results['headline']['sam_embedding_step_ratio']:.3f}")
+        if "svp_training" in size:
+            training = size["svp_training"]
+            for name, row in training["passes"].items():
+                lines.append(f"svp pass, {name} (length group {row['length_group']}): {row['batches']} batches "
+                             f"in {row['pass_s']:.2f} s, {row['padding_fraction']:.1%} of LLM positions padding")
+            lines.append(f"length-grouped pass / arrival-order pass: {training['length_grouped_pass_ratio']:.3f}")
+            lines.append(f"loader {training['loader_samples_per_s']:.1f} samples/s vs svp step "
+                         f"{training['step_samples_per_s']:.1f} samples/s: ratio "
+                         f"{results['headline']['loader_to_step_samples_ratio']:.2f} (above 1: the loader keeps up)")
     return "\n".join(lines)
 
 

@@ -21,7 +21,6 @@ from jobs.eval import run_eval
 from pipeline.images import decode_image
 from pipeline.shards import decode_label_map, read_manifest, split_shard_urls
 from trainer.checkpoint import load_trained_model
-from trainer.model import ModelConfig
 from trainer.predict import predict_mask, render_overlay
 
 DEMO_OUTPUTS = ("refer", "shards", "run_svp", "overlays")
@@ -55,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
         shards = data.shards
         timings["data_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        model = ModelConfig(sam_checkpoint=str(data.sam_checkpoint), sam_model="tiny", seed=args.seed)
-        run_dir = workflow.train_on_shards(shards, out / "run_svp", model,
+        run_dir = workflow.train_on_shards(shards, out / "run_svp", workflow.tiny_model(data.sam_checkpoint, seed=args.seed),
                                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     except workflow.StepFailed as error:
         raise SystemExit(f"svp demo: {error}") from error

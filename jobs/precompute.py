@@ -197,9 +197,9 @@ def _timing_lines(timing: dict) -> list[str]:
         return []
     shares = ", ".join(f"{stage} {s:.2f}s ({100 * s / spent:.0f}%)" for stage, s in _in_stage_order(total["seconds"]))
     lines = [f"time by stage (seconds, all workers together): {shares}"]
-    for worker, entry in timing["per_worker"].items():
-        stages = ", ".join(f"{stage} {s:.2f}s" for stage, s in _in_stage_order(entry["seconds"]))
-        lines.append(f"  worker {worker}: {entry['shards']} shards, {entry['images']} images: {stages}")
+    for worker, record in timing["per_worker"].items():
+        stages = ", ".join(f"{stage} {s:.2f}s" for stage, s in _in_stage_order(record["seconds"]))
+        lines.append(f"  worker {worker}: {record['shards']} shards, {record['images']} images: {stages}")
     return lines
 
 

@@ -25,7 +25,7 @@ from pipeline.shards import ManifestError, read_manifest, split_shard_urls
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError
 from trainer.loop import TrainConfig, resume_point, train
-from trainer.model import PROJECTORS, ModelConfig, ModelLoadError, ProjectorConfig
+from trainer.model import LLM_TRAINING, PROJECTORS, ModelConfig, ModelLoadError, ProjectorConfig
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha; default 16")
     model.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout; default 0.05")
     model.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated LLM modules that get LoRA")
+    model.add_argument("--llm-training", choices=LLM_TRAINING, default="lora",
+                       help="lora: LoRA adapters on --lora-targets, the LLM frozen (default; for pretrained LLMs); "
+                            "full: every LLM weight trains, in float32, no LoRA (for a random-initialised LLM such "
+                            "as tiny, which has nothing for adapters to adapt)")
     model.add_argument("--ce-weight", type=float, default=1.0, help="weight of the text cross-entropy; default 1.0")
     model.add_argument("--bce-weight", type=float, default=2.0, help="weight of the mask BCE; default 2.0")
     model.add_argument("--dice-weight", type=float, default=0.5, help="weight of the mask Dice loss; default 0.5")
@@ -64,7 +68,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         projector=ProjectorConfig(kind=args.projector, pool_tokens=args.pool_tokens, sspe=args.sspe, ssa=args.ssa,
                                   ssa_layers=args.ssa_layers),
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+        lora_targets=tuple(t for t in args.lora_targets.split(",") if t), llm_training=args.llm_training,
         ce_weight=args.ce_weight, bce_weight=args.bce_weight, dice_weight=args.dice_weight, seed=args.seed,
     )
 
@@ -76,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "a brace pattern 'train-{000000..000009}.tar', a '::'-separated list, or pipe: commands")
     data.add_argument("--train-split", default="train", help="split read from the manifest when --shards is a directory")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per training process")
+    data.add_argument("--length-group", type=int, default=TrainConfig.length_group,
+                      help="batch items of similar length (visual tokens + words): each window of N batches' items "
+                           "is sorted by length, cut into batches and those shuffled, so little of a batch is "
+                           f"padding; 1: no grouping; default {TrainConfig.length_group}")
     add_model_arguments(parser)
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--run-dir", required=True, type=Path, help="where logs, checkpoints and the export go")
@@ -125,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
             max_steps=args.max_steps, warmup_steps=args.warmup_steps, clip_grad=args.clip_grad,
             mixed_precision=args.mixed_precision, save_every=args.save_every, log_every=args.log_every,
-            num_workers=args.num_workers, seed=args.seed, resume=args.resume, record_keys=args.record_keys,
+            num_workers=args.num_workers, length_group=args.length_group, seed=args.seed, resume=args.resume, record_keys=args.record_keys,
         )
         result = _train_on_ray(config, args) if args.ray_workers else train(config)
     except (ManifestError, DataError, CheckpointError, ModelLoadError, ray_cluster.ClusterResourceError) as exc:

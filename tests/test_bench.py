@@ -42,7 +42,8 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
     assert latest["partition_agreement"] >= 0.95  # ≤1024 px: the same partition as the reference
     # Timings: positive and finite (above); how large depends on the machine and on what else runs on it.
     timings = ("train_step_ratio_svp_to_mlp", "infer_latency_ratio_svp_to_mlp", "precompute_speedup_vs_reference",
-               "workers2_speedup", "sam_embedding_step_ratio")
+               "workers2_speedup", "sam_embedding_step_ratio", "length_grouped_pass_ratio",
+               "loader_to_step_samples_ratio")
     assert all(latest[key] > 0 for key in timings)
 
     parts = latest["parts"]
@@ -53,6 +54,10 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
     assert tokens["svp"]["median"] <= tokens["svp"]["max"] and tokens["svp"]["p95"] <= tokens["svp"]["max"]
     assert Image.open(parts["tokens"]["histogram"]).size[0] > 0
     assert list(parts["train_step"]["sizes"]) == ["tiny", "64x2"]
+    passes = parts["train_step"]["sizes"]["64x2"]["svp_training"]["passes"]
+    assert passes["arrival_order"]["batches"] == passes["length_grouped"]["batches"] > 0
+    # The same items either way, and sorted neighbours give the least padding.
+    assert 0 <= passes["length_grouped"]["padding_fraction"] <= passes["arrival_order"]["padding_fraction"] < 1
     accuracy = parts["accuracy"]["configs"]
     assert list(accuracy) == ["mlp", "pool", "svp-pool", "svp+sspe", "svp+ssa", "svp"]
     for config in accuracy.values():

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.refer import encode_mask
 from pipeline.shards import encode_label_map, encode_sample, write_shard
-from trainer.data import DataConfig, DataError, describe_shards, expand_urls, make_loader
+from trainer.data import DataConfig, DataError, _LengthGroupedBatches, describe_shards, expand_urls, item_length, make_loader
 
 SMALL = DataConfig(vision_size=32, sam_size=64)  # V=32, S=64: low-res masks 16×16, embeddings 4×4
 GREY, RED = (128, 128, 128), (255, 0, 0)
@@ -133,6 +133,44 @@ def test_train_draws_one_pair_per_image_per_pass_and_follows_the_seed(tmp_path):
     assert set(first) <= pairs
     assert _train_pass(shards, seed=0) == first
     assert _train_pass(shards, seed=1) != first
+
+
+def _grouped(lengths: list[int], batch_size: int, group: int, seed: int = 0) -> list[list[int]]:
+    """Batches (as lists of item lengths) from items of the given lengths (visual tokens, no words)."""
+    stage = _LengthGroupedBatches(batch_size, group, seed, collate=lambda items: [item_length(i) for i in items])
+    return list(stage.run({"num_superpixels": n, "sentence": ""} for n in lengths))
+
+
+def _padding(batches: list[list[int]]) -> int:
+    return sum(len(batch) * max(batch) - sum(batch) for batch in batches)
+
+
+def test_length_grouped_batches_keep_every_item_and_cut_the_padding() -> None:
+    lengths = [int(n) for n in np.random.default_rng(0).integers(3, 60, size=64)]
+    plain, grouped = _grouped(lengths, 4, group=1), _grouped(lengths, 4, group=8)
+    assert plain == [lengths[i:i + 4] for i in range(0, 64, 4)]  # group 1: arrival order
+    assert sorted(n for b in grouped for n in b) == sorted(lengths) and all(len(b) == 4 for b in grouped)
+    assert _padding(grouped) < 0.25 * _padding(plain), (_padding(grouped), _padding(plain))
+    for window in range(0, 16, 8):  # each window of 8 batches holds exactly its own 32 items
+        assert sorted(n for b in grouped[window:window + 8] for n in b) == sorted(lengths[window * 4:window * 4 + 32])
+    order = [max(b) for b in grouped[:8]]
+    assert order != sorted(order) and order != sorted(order, reverse=True)  # batches leave shuffled
+    assert _grouped(lengths, 4, group=8) == grouped and _grouped(lengths, 4, group=8, seed=1) != grouped
+
+
+def test_length_grouped_training_drops_only_a_last_partial_batch() -> None:
+    batches = _grouped(list(range(1, 12)), 4, group=2)  # 11 items: a window of 8, then 3 left
+    assert len(batches) == 2 and sorted(n for b in batches for n in b) == list(range(1, 9))
+
+
+def test_length_grouping_counts_words_and_keeps_the_draws_of_a_train_pass(tmp_path):
+    assert item_length({"num_superpixels": 5, "sentence": "the red circle"}) == 8
+    shards = _shards(tmp_path, [_sample(i, refs=3, sentences=3) for i in range(1, 9)], per_shard=2)
+    passes = {group: _items(make_loader(shards, DataConfig(vision_size=32, sam_size=64, length_group=group),
+                                        train=True, batch_size=2, resampled=False)) for group in (1, 4)}
+    assert sorted(passes[1]) == sorted(passes[4])  # the same draws, batched in another order
+    with pytest.raises(ValueError, match="length_group"):
+        DataConfig(length_group=0)
 
 
 def test_resampled_training_is_infinite_unless_epoch_samples(tmp_path):

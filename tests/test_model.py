@@ -186,6 +186,20 @@ def test_gradients_reach_the_trained_parts_and_only_them() -> None:
         assert grad_norm(select) > 0, part
 
 
+def test_full_llm_training_trains_every_llm_weight_without_lora() -> None:
+    model = build(llm_training="full")
+    llm = dict(model.llm.named_parameters())
+    assert llm and all(p.requires_grad and p.dtype == torch.float32 for p in llm.values())
+    assert not any("lora" in name for name in llm)
+    model(make_batch()).loss.backward()
+    assert all(llm[name].grad is not None for name in ("model.embed_tokens.weight", "lm_head.weight"))
+    trained = model.trainable_state_dict()
+    assert {f"llm.{name}" for name in llm} <= set(trained)
+    assert not any(name.startswith("vision.") for name in trained)
+    with pytest.raises(ValueError, match="llm_training"):
+        ModelConfig(llm_training="adapters")
+
+
 def test_trainable_state_dict_round_trip_into_a_differently_seeded_model(pretrained_dirs: dict) -> None:
     config = ModelConfig(vision_size=V, seed=0, **pretrained_dirs)
     trained = SegmentationMLLM(config)

@@ -47,6 +47,18 @@ def test_a_run_records_its_full_config_and_exports_only_trained_parts(trained_ru
     assert list((trained_run / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+def test_tensorboard_logs_the_training_metrics_at_every_log_step(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((trained_run / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert {"loss", "train_batch_ciou", "visual_tokens", "samples_per_s", "data_wait_fraction"} <= set(logged)
+    assert all(len(values) == 3 for values in logged.values())  # --log-every 1, 3 steps
+    assert all(0 <= value <= 1 for value in logged["data_wait_fraction"] + logged["train_batch_ciou"])
+    assert all(value > 0 for value in logged["samples_per_s"] + logged["visual_tokens"])
+
+
 def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(shards, tiny_sam_checkpoint, tmp_path):
     run_dir = tmp_path / "run"
     assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "2", "--save-every", "2")) == 0
@@ -57,11 +69,12 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(shards,
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
 
-def test_resume_refuses_a_checkpoint_of_another_projector(trained_run, shards, tiny_sam_checkpoint, capsys):
-    status = svp_train(train_flags(shards, trained_run, tiny_sam_checkpoint, "--max-steps", "5", "--resume",
-                                    "--projector", "mlp"))
+@pytest.mark.parametrize("flags, key", [(["--projector", "mlp"], "projector"), (["--llm-training", "full"], "llm_training")],
+                         ids=["projector", "llm-training"])
+def test_resume_refuses_a_checkpoint_of_another_model(trained_run, shards, tiny_sam_checkpoint, capsys, flags, key):
+    status = svp_train(train_flags(shards, trained_run, tiny_sam_checkpoint, "--max-steps", "5", "--resume", *flags))
     assert status == 2
-    assert "projector" in capsys.readouterr().err
+    assert key in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -153,7 +166,8 @@ def test_accelerate_launch_two_cpu_processes(shards, tiny_sam_checkpoint, tmp_pa
 def test_demo_runs_end_to_end_and_reports(tmp_path, ray_local):
     from jobs.demo import main as demo
 
-    assert demo(["--out", str(tmp_path), "--images", "12", "--steps", "2", "--batch-size", "2", "--overlays", "2"]) == 0
+    assert demo(["--out", str(tmp_path), "--images", "12", "--sam-pretrain-steps", "2", "--steps", "2",
+                 "--batch-size", "2", "--overlays", "2"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert {"projector", "ciou", "giou", "tokens_mean", "all_foreground_ciou", "tokens_mlp"} <= set(report)
     assert report["projector"] == "svp" and 0 < report["all_foreground_ciou"] < 1

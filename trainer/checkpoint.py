@@ -89,7 +89,7 @@ def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
     """Refuse to resume or load a checkpoint made for another model (another projector, flags or LLM)."""
-    keys = ("llm", "vision", "vision_size", "sam_model", "projector", "lora_r", "lora_targets")
+    keys = ("llm", "vision", "vision_size", "sam_model", "projector", "lora_r", "lora_targets", "llm_training")
     differences = [f"{k}: checkpoint {saved.get(k)!r} vs requested {current.get(k)!r}"
                    for k in keys if _normalise(saved.get(k)) != _normalise(current.get(k))]
     if differences:

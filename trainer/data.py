@@ -78,12 +78,17 @@ class DataConfig:
     sam_channels: int = 256  # C: SAM's embedding width (its prompt and decoder width too)
     use_sam_embeddings: bool = True  # read sam.npy when present (only valid if it came from the trainer's SAM)
     shuffle_buffer: int = 256
+    # Training: sort each window of length_group × batch_size items by length and batch neighbours
+    # (HF's group_by_length in a stream); 1 = batches in arrival order.
+    length_group: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
         # SAM's image embedding is S/16 on a side and its masks S/4: both must be whole.
         if self.sam_size % 16:
             raise ValueError(f"sam_size must be a multiple of 16, got {self.sam_size}")
+        if self.length_group < 1:
+            raise ValueError(f"length_group must be >= 1, got {self.length_group}")
 
     @property
     def sam_embedding_shape(self) -> tuple[int, int, int]:
@@ -295,6 +300,47 @@ class _SampleShuffle(wds.PipelineStage):
         return wds.shuffle(self.bufsize, rng=_worker_rng(self.seed, 1, self.epoch))(samples)
 
 
+def item_length(item: dict) -> int:
+    """What an item adds to its batch's padded LLM sequence: its visual tokens (one per superpixel
+    for svp) and its sentence's words; the prompt around them is the same for every item."""
+    return int(item["num_superpixels"]) + len(item["sentence"].split())
+
+
+class _LengthGroupedBatches(wds.PipelineStage):
+    """Training batches of items of similar length, so that the tokens svp saves are not spent
+    again as padding: a batch is as long as its longest item.
+
+    Each window of ``group × batch_size`` items (after the sample shuffle) is sorted by
+    :func:`item_length` and cut into batches, which leave in a shuffled order (seeded per rank,
+    worker and pass), so the step sees no long-to-short trend. As in ``wds.batched(partial=False)``,
+    a last batch that is not full is dropped. ``group == 1`` is plain batching in arrival order.
+    """
+
+    def __init__(self, batch_size: int, group: int, seed: int, collate: Any) -> None:
+        self.batch_size, self.group, self.seed, self.collate = batch_size, group, seed, collate
+        self.epoch = 0
+
+    def run(self, items: Iterable[dict]) -> Iterator[dict]:
+        self.epoch += 1
+        rng = _worker_rng(self.seed, 3, self.epoch)
+        window: list[dict] = []
+        for item in items:
+            window.append(item)
+            if len(window) == self.batch_size * self.group:
+                yield from self._batches(window, rng)
+                window = []
+        yield from self._batches(window[: len(window) - len(window) % self.batch_size], rng)
+
+    def _batches(self, window: list[dict], rng: random.Random) -> Iterator[dict]:
+        if self.group > 1:
+            window = sorted(window, key=item_length)
+        batches = [window[start : start + self.batch_size] for start in range(0, len(window), self.batch_size)]
+        if self.group > 1:
+            rng.shuffle(batches)
+        for batch in batches:
+            yield self.collate(batch)
+
+
 class _Decoder(wds.PipelineStage):
     """Shard samples → items: every (ref, sentence) of an image in order (eval), or one drawn
     uniformly from them per pass (train), so each sentence is equally likely over epochs.
@@ -455,7 +501,8 @@ def make_loader(
     given; that is the number of items per epoch *over all ranks* (like open_clip's
     ``--train-num-samples``), rounded up to whole batches per worker. Without resampling, the shard
     order is shuffled identically on every rank (seed + pass), then split by node and by worker.
-    Evaluation: no shuffle, shards split by node then by worker, every (ref, sentence) once, and
+    Training batches group items of similar length (``config.length_group``, see
+    :class:`_LengthGroupedBatches`). Evaluation: no shuffle, shards split by node then by worker, every (ref, sentence) once, and
     the last partial batch kept. The rank and world size come from ``RANK``/``WORLD_SIZE`` or an
     initialised ``torch.distributed`` (webdataset's ``pytorch_worker_info``), so do not also shard
     this loader with ``accelerator.prepare``.
@@ -480,7 +527,10 @@ def make_loader(
     ]
     if train:
         stages.append(_SampleShuffle(config.shuffle_buffer, config.seed))
-    stages += [decoder, wds.batched(batch_size, collation_fn=decoder.collate, partial=not train)]
+    if train:
+        stages += [decoder, _LengthGroupedBatches(batch_size, config.length_group, config.seed, decoder.collate)]
+    else:
+        stages += [decoder, wds.batched(batch_size, collation_fn=decoder.collate, partial=True)]
     pipeline = wds.DataPipeline(*stages)
     if epoch_samples is not None:
         per_worker = math.ceil(epoch_samples / (batch_size * world_size * max(1, num_workers)))

@@ -52,6 +52,7 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 10
     num_workers: int = 0
+    length_group: int = 16  # trainer.data.DataConfig.length_group
     seed: int = 0
     resume: bool = False
     resume_from: Path | None = None  # with resume: this checkpoint rather than the last one in run_dir
@@ -130,15 +131,18 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
                                                           run.progress)
     # The loader is not given to accelerator.prepare: WebDataset splits shards by node itself.
     data_config = DataConfig(**accelerator.unwrap_model(model).data_config_fields(), seed=config.seed + progress.step,
+                             length_group=config.length_group,
                              use_sam_embeddings=embeddings_match(run.shards, config.model))
     # Not resampled: each process reads its own shards (disjoint across processes), pass after pass.
     loader = make_loader(config.train_shards, data_config, train=True, batch_size=config.batch_size,
                          num_workers=config.num_workers, resampled=False)
     keys_file = _keys_file(config, accelerator)
     skipped, window, started = 0, [], time.perf_counter()
+    waited, ready = 0.0, started  # time blocked on the loader since the last log; when the last step ended
     model.train()
     bar = tqdm(total=config.max_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
     for batch in _passes(loader, accelerator.process_index):
+        waited += time.perf_counter() - ready
         if progress.step >= config.max_steps:
             break
         skipped += batch.get("skipped", 0)
@@ -153,16 +157,17 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
             scheduler.step()
             optimizer.zero_grad()
         window.append(_record(output, batch["gt_masks"]))
+        ready = time.perf_counter()
         if not accelerator.sync_gradients:
             continue
         progress.step += 1
         bar.update()
         metrics, checkpoint = {}, None
         if progress.step % config.log_every == 0 or progress.step == config.max_steps:
-            metrics = _metrics(window, scheduler, skipped, started)
+            metrics = _metrics(window, scheduler, skipped, started, waited)
             accelerator.log(metrics, step=progress.step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", ciou=f"{metrics['train_batch_ciou']:.2f}")
-            window, started = [], time.perf_counter()
+            window, started, waited = [], time.perf_counter(), 0.0
         if progress.step % config.save_every == 0 or progress.step == config.max_steps:
             checkpoint = config.run_dir / CHECKPOINTS / f"step_{progress.step:06d}"
             accelerator.save_state(str(checkpoint))
@@ -247,15 +252,19 @@ def _record(output, gt_masks: torch.Tensor) -> torch.Tensor:
                         tokens.sum().float(), torch.tensor(float(len(tokens)), device=tokens.device)])
 
 
-def _metrics(window: list[torch.Tensor], scheduler, skipped: int, started: float) -> dict:
-    """Means over the micro-batches since the last log; cIoU on the low-res training masks."""
+def _metrics(window: list[torch.Tensor], scheduler, skipped: int, started: float, waited: float) -> dict:
+    """Means over the micro-batches since the last log; cIoU on the low-res training masks;
+    ``data_wait_fraction``: the share of the time the loop waited for the loader (the loader
+    starves the step when it is well above zero: give ``--num-workers``)."""
     totals = dict(zip(_LOGGED, torch.stack(window).sum(0).tolist()))
     mean = lambda name: totals[name] / len(window)  # noqa: E731
+    elapsed = max(time.perf_counter() - started, 1e-9)
     return {
         "loss": mean("loss"), "ce_loss": mean("ce_loss"), "bce_loss": mean("bce_loss"), "dice_loss": mean("dice_loss"),
         "train_batch_ciou": totals["intersection"] / max(totals["union"], 1.0),
         "visual_tokens": totals["tokens"] / totals["samples"], "lr": scheduler.get_last_lr()[0],
-        "skipped_samples": skipped, "samples_per_s": totals["samples"] / max(time.perf_counter() - started, 1e-9),
+        "skipped_samples": skipped, "samples_per_s": totals["samples"] / elapsed,
+        "data_wait_fraction": min(waited / elapsed, 1.0),
     }
 
 

@@ -7,9 +7,12 @@ over the objects per image) and only hundreds of steps later to let the prompt c
 demo cannot wait for; and its automatic masks are noise. So before the demo precomputes anything,
 its tiny SAM learns what SAM's own training teaches, in miniature: a click inside an object →
 that object's mask, with three multimask outputs of which the best one is trained (SAM's
-ambiguity-aware loss) and the IoU head regressed onto the IoU each output really has, so the
-automatic mask generator's predicted-IoU filter means something. Only ``train`` images are used
-and no text: the referring task itself is left to the MLLM.
+ambiguity-aware loss), the single-mask output trained too (it is the one the mask head decodes
+``[SEG]`` with: ``multimask_output=False``; our objects are never parts of one another, so one
+click is no more ambiguous for it than SAM's multi-click prompts), and the IoU head regressed onto
+the IoU each output really has, so the automatic mask generator's predicted-IoU filter means
+something. Only ``train`` images are used and no text: the referring task itself is left to the
+MLLM.
 
 The whole SAM trains here (the encoder too: a random encoder's embedding is a poor basis to
 select from); afterwards it is frozen like any SAM, and the shards' embeddings come from it.
@@ -122,16 +125,16 @@ def _step_loss(sam: Sam, batch: list[PromptableImage], config: PretrainConfig,
                                        boxes=None, masks=None)
     masks, predicted_iou = decode_prompts(sam.mask_decoder, embeddings, owner, sam.prompt_encoder.get_dense_pe(),
                                           sparse, dense)
-    masks, predicted_iou = masks[:, 1:], predicted_iou[:, 1:]  # the three multimask outputs
-    prompts, outputs = masks.shape[:2]
+    prompts, outputs = masks.shape[:2]  # output 0: the single-mask output; 1-3: the multimask outputs
     flat_masks, flat_targets = masks.flatten(0, 1), targets.expand(-1, outputs, -1, -1).flatten(0, 1)
     mask_loss = (config.bce_weight * mask_bce_per_sample(flat_masks, flat_targets)
                  + config.dice_weight * mask_dice_per_sample(flat_masks, flat_targets)).view(prompts, outputs)
     with torch.no_grad():
         predicted, actual = masks > sam.mask_threshold, targets > 0.5
         iou = ((predicted & actual).flatten(2).sum(2) / (predicted | actual).flatten(2).sum(2).clamp(min=1)).float()
-    best = mask_loss.argmin(1)
-    loss = mask_loss.gather(1, best[:, None]).mean() + config.iou_weight * (predicted_iou - iou).square().mean()
+    best = 1 + mask_loss[:, 1:].argmin(1)
+    loss = (mask_loss.gather(1, best[:, None]).mean() + mask_loss[:, 0].mean()
+            + config.iou_weight * (predicted_iou - iou).square().mean())
     return loss, iou.gather(1, best[:, None]).mean().item()
 
 

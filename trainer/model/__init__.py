@@ -3,6 +3,7 @@
 from trainer.model.mask_head import MaskHead
 from trainer.model.mllm import (
     ANSWER,
+    LLM_TRAINING,
     PROMPT,
     ModelConfig,
     ModelOutput,
@@ -14,6 +15,7 @@ from trainer.model.vision import ModelLoadError, load_vision
 
 __all__ = [
     "ANSWER",
+    "LLM_TRAINING",
     "PROJECTORS",
     "PROMPT",
     "MaskHead",

@@ -14,6 +14,10 @@ What trains (everything else is frozen): the projector, LoRA on the LLM, the ``[
 the input (and untied output) embeddings via peft's ``trainable_token_indices``, the ``[SEG]`` →
 prompt MLP and SAM's mask decoder. ``<image>`` is never embedded (it is spliced out) nor
 predicted, so its row would receive no gradient and is not trained.
+
+``llm_training="full"`` trains the whole LLM instead of LoRA adapters (in float32). LoRA adapts
+what a pretrained LLM already knows; a random-initialised LLM (the tiny one of the demo) knows
+nothing, and a low-rank update of random frozen weights learns the words of the sentences slowly.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ PROMPT = IMAGE_TOKEN + " please segment : {sentence} . answer :"
 ANSWER = "it is " + SEG_TOKEN + " ."
 # initializer_range 0.3 (not HF's 0.02): with 0.02 a random 2-layer LM attends almost uniformly,
 # so the [SEG] state barely depends on the sentence and the mask head learns to ignore the text.
+LLM_TRAINING = ("lora", "full")
 _TINY_LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                  intermediate_size=256, max_position_embeddings=2048, tie_word_embeddings=False,
                  initializer_range=0.3)
@@ -58,6 +63,7 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    llm_training: str = "lora"  # "lora" (adapters on lora_targets) or "full" (every LLM weight trains)
     ce_weight: float = 1.0
     bce_weight: float = 2.0
     dice_weight: float = 0.5
@@ -68,6 +74,8 @@ class ModelConfig:
         if isinstance(self.projector, dict):
             self.projector = ProjectorConfig(**self.projector)
         self.lora_targets = tuple(self.lora_targets)
+        if self.llm_training not in LLM_TRAINING:
+            raise ValueError(f"llm_training must be one of {', '.join(LLM_TRAINING)}, got {self.llm_training!r}")
 
 
 @dataclass
@@ -167,7 +175,7 @@ class SegmentationMLLM(nn.Module):
             self.seg_id = self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
             self.image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
             llm_dim = llm.get_input_embeddings().embedding_dim
-            self.llm = _add_lora(llm, config, self.seg_id)
+            self.llm = _add_lora(llm, config, self.seg_id) if config.llm_training == "lora" else llm.float()
             self.projector = build_projector(config.projector, vision_dim, llm_dim)
             self.mask_head = MaskHead(build_sam(config.sam_model, config.sam_checkpoint))
             self.seg_mlp = nn.Sequential(nn.Linear(llm_dim, llm_dim), nn.ReLU(), nn.Linear(llm_dim, self.mask_head.prompt_dim))
