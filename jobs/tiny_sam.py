@@ -7,7 +7,7 @@ Without ``--pretrain-on`` its weights are random and its masks mean nothing (eno
 the mechanics). With ``--pretrain-on`` it first learns what SAM's own training teaches, in
 miniature, on the train images of a REFER root: a click inside an object → that object's mask
 (``trainer.sam_pretraining``). That stands in for the released weights every real run starts
-from; the demo does it on its synthetic data.
+from (``svp demo --sam-pretrain-steps N`` does it on the demo's data).
 """
 
 from __future__ import annotations

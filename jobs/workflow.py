@@ -5,8 +5,9 @@ job) by their command lines, then ``trainer.loop.train`` and ``jobs.eval.run_eva
 the chain once; the accuracy benchmark trains many projectors on one precomputed dataset. Both
 use tiny random-initialised models and the classical ``felzenszwalb`` superpixels, with one tiny
 SAM serving the precompute (its image embeddings go into the shards, so training never runs the
-encoder) and the mask head; that SAM is first pretrained on clicks in the train images, standing
-in for the released SAM weights a real run starts from (``trainer.sam_pretraining``).
+encoder) and the mask head; that SAM can first be pretrained on clicks in the train images
+(``sam_pretrain_steps``, ``trainer.sam_pretraining``), standing in for the released weights a real
+run starts from.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from trainer.loop import TrainConfig, train
 from trainer.model import ModelConfig, ProjectorConfig
 
 
-# Enough for the tiny SAM to pick out the clicked object (IoU ~0.85 on the demo's train images).
-SAM_PRETRAIN_STEPS = 600
+# The demo and the benchmarks leave their tiny SAM random by default: pretraining it on clicks
+# (``trainer.sam_pretraining``) did not change the demo's val cIoU measurably, and costs ~5 min.
+SAM_PRETRAIN_STEPS = 0
 
 
 class StepFailed(RuntimeError):
@@ -65,19 +67,19 @@ def tiny_model(sam_checkpoint: Path, *, seed: int, projector: ProjectorConfig | 
 
     The random tiny LLM trains whole (``llm_training="full"``): LoRA adapts a pretrained LLM, and
     on random frozen weights it learns the sentences' words far more slowly (on the demo's data,
-    train-batch cIoU 0.41 vs 0.28 after 1,000 steps).
+    train-batch cIoU 0.38 vs 0.28 after 900 steps on 400 images, BENCHMARKS.md).
     """
     return ModelConfig(sam_checkpoint=str(sam_checkpoint), sam_model="tiny", llm_training="full", seed=seed,
                        projector=projector or ProjectorConfig())
 
 
 def train_on_shards(shards: Path, run_dir: Path, model: ModelConfig, *, steps: int, batch_size: int, lr: float,
-                    seed: int, mixed_precision: str = "no") -> Path:
+                    seed: int, mixed_precision: str = "no", num_workers: int = 0) -> Path:
     """Train ``model`` on the train split of ``shards`` for ``steps`` steps (warm-up: the first 5 %),
     saving one checkpoint and the export at the end; returns ``run_dir``."""
     train(TrainConfig(train_shards=train_urls(str(shards), "train"), run_dir=run_dir, model=model,
                       batch_size=batch_size, lr=lr, max_steps=steps, warmup_steps=max(1, steps // 20),
-                      save_every=steps, seed=seed, mixed_precision=mixed_precision))
+                      save_every=steps, seed=seed, mixed_precision=mixed_precision, num_workers=num_workers))
     return run_dir
 
 

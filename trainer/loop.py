@@ -138,13 +138,14 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
                          num_workers=config.num_workers, resampled=False)
     keys_file = _keys_file(config, accelerator)
     skipped, window, started = 0, [], time.perf_counter()
-    waited, ready = 0.0, started  # time blocked on the loader since the last log; when the last step ended
+    waited = 0.0  # seconds spent waiting for the loader since the last log
     model.train()
     bar = tqdm(total=config.max_steps, initial=progress.step, desc="train", disable=not accelerator.is_main_process)
-    for batch in _passes(loader, accelerator.process_index):
-        waited += time.perf_counter() - ready
-        if progress.step >= config.max_steps:
-            break
+    batches = _passes(loader, accelerator.process_index)
+    while progress.step < config.max_steps:
+        asked = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - asked
         skipped += batch.get("skipped", 0)
         if keys_file is not None:
             keys_file.write("".join(f"{key}\n" for key in batch["keys"]))
@@ -157,7 +158,6 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
             scheduler.step()
             optimizer.zero_grad()
         window.append(_record(output, batch["gt_masks"]))
-        ready = time.perf_counter()
         if not accelerator.sync_gradients:
             continue
         progress.step += 1

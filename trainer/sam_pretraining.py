@@ -1,21 +1,21 @@
 """Promptable pretraining of a SAM on referring data: the stand-in for SAM's own training.
 
 Every real run starts from SAM's released weights, whose mask decoder already turns a prompt into
-the mask of *one* object. A random-initialised ``tiny`` SAM has not learned that. Fine-tuned with
-``[SEG]`` from scratch, its decoder first learns to paint every object of the image (cIoU ~ one
-over the objects per image) and only hundreds of steps later to let the prompt choose, which a CPU
-demo cannot wait for; and its automatic masks are noise. So before the demo precomputes anything,
-its tiny SAM learns what SAM's own training teaches, in miniature: a click inside an object →
-that object's mask, with three multimask outputs of which the best one is trained (SAM's
-ambiguity-aware loss), the single-mask output trained too (it is the one the mask head decodes
-``[SEG]`` with: ``multimask_output=False``; our objects are never parts of one another, so one
-click is no more ambiguous for it than SAM's multi-click prompts), and the IoU head regressed onto
-the IoU each output really has, so the automatic mask generator's predicted-IoU filter means
-something. Only ``train`` images are used and no text: the referring task itself is left to the
-MLLM.
+the mask of *one* object. A random-initialised ``tiny`` SAM has not learned that, and its
+automatic masks are noise. Here it learns what SAM's own training teaches, in miniature (what
+``svp tiny-sam --pretrain-on`` runs): a click inside an object → that object's mask, with three
+multimask outputs of which the best one is trained (SAM's ambiguity-aware loss), the single-mask
+output trained too (it is the one the mask head decodes ``[SEG]`` with: ``multimask_output=False``;
+our objects are never parts of one another, so one click is no more ambiguous for it than SAM's
+multi-click prompts), and the IoU head regressed onto the IoU each output really has, so the
+automatic mask generator's predicted-IoU filter means something. Only ``train`` images are used
+and no text: the referring task itself is left to the MLLM.
 
-The whole SAM trains here (the encoder too: a random encoder's embedding is a poor basis to
-select from); afterwards it is frozen like any SAM, and the shards' embeddings come from it.
+The whole SAM trains here, the encoder too, so that its automatic masks (``--backend sam
+--sam-model tiny``) are masks of objects; afterwards it is frozen like any SAM, and the shards'
+embeddings come from it. What it does *not* do on the demo's data is speed up the ``[SEG]``
+fine-tuning measurably: after 3,000 steps on 400 images, val cIoU 0.41 with a SAM pretrained for
+600 steps and 0.40 with a random one (BENCHMARKS.md), so the demo leaves it off by default.
 """
 
 from __future__ import annotations
