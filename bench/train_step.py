@@ -230,7 +230,7 @@ def format_table(results: dict) -> str:
             training = size["svp_training"]
             for name, row in training["passes"].items():
                 lines.append(f"svp pass, {name} (length group {row['length_group']}): {row['batches']} batches "
-                             f"in {row['pass_s']:.2f} s, {row['padding_fraction']:.1%} of LLM positions padding")
+                             f"in {row['pass_s']:.2f} s, {row['padding_fraction']:.1%} of visual-token and word positions padding")
             lines.append(f"length-grouped pass / arrival-order pass: {training['length_grouped_pass_ratio']:.3f}")
             lines.append(f"loader {training['loader_samples_per_s']:.1f} samples/s vs svp step "
                          f"{training['step_samples_per_s']:.1f} samples/s: ratio "
