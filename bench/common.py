@@ -33,7 +33,8 @@ from trainer.model.tokenizer import tiny_tokenizer
 
 PRESETS = ("cpu", "quick", "gpu")
 # The shared flags' values per preset; each part names its own in its PRESETS.
-COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16, "sam_pretrain_steps": 10}, "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
+COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16, "sam_pretrain_steps": 10},
+                  "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESULTS = Path("bench/results")
 
@@ -99,8 +100,9 @@ class Workspace:
     _data: SyntheticData | None = field(default=None, init=False)
 
     def data(self) -> SyntheticData:
-        """Synthetic REFER data → a tiny SAM pretrained on its train images → felzenszwalb
-        superpixels + that SAM's embeddings, by the demo's chain (``jobs.workflow``)."""
+        """Synthetic REFER data → a tiny SAM (pretrained on its train images when
+        ``--sam-pretrain-steps`` > 0) → felzenszwalb superpixels + that SAM's embeddings, by the
+        demo's chain (``jobs.workflow``)."""
         if self._data is None:
             self._data = synthetic_data(self.root / "data", images=self.images, seed=self.seed,
                                         sam_pretrain_steps=self.sam_pretrain_steps)

@@ -41,30 +41,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = save_tiny_sam(args.out, seed=args.seed)
-    if args.pretrain_on is not None:
-        if args.steps < 1 or args.images_per_step < 1:
-            raise SystemExit("svp tiny-sam: --steps and --images-per-step must be >= 1")
-        sam = build_sam("tiny", path)
-        try:
-            images = load_promptable_images(args.pretrain_on, sam.image_encoder.img_size)
-        except (ReferError, PretrainingError, OSError) as error:
-            raise SystemExit(f"svp tiny-sam: --pretrain-on {args.pretrain_on}: {error}") from error
-        print(f"pretraining the tiny SAM on {len(images)} train images "
-              f"({sum(len(image.masks) for image in images)} objects), {args.steps} steps")
-        started = time.perf_counter()
+    if args.pretrain_on is None:
+        path = save_tiny_sam(args.out, seed=args.seed)
+        print(f"random tiny SAM written to {path} (use: --sam-checkpoint {path} --sam-model tiny)")
+        return 0
+    if args.steps < 1 or args.images_per_step < 1:
+        raise SystemExit("svp tiny-sam: --steps and --images-per-step must be >= 1")
+    # Written under a temporary name and renamed when trained: an interrupted run leaves no
+    # random checkpoint where a trained one is expected.
+    staging = save_tiny_sam(args.out.with_name(args.out.name + ".partial"), seed=args.seed)
+    sam = build_sam("tiny", staging)
+    try:
+        images = load_promptable_images(args.pretrain_on, sam.image_encoder.img_size)
+    except (ReferError, PretrainingError, OSError) as error:
+        staging.unlink()
+        raise SystemExit(f"svp tiny-sam: --pretrain-on {args.pretrain_on}: {error}") from error
+    print(f"pretraining the tiny SAM on {len(images)} train images "
+          f"({sum(len(image.masks) for image in images)} objects), {args.steps} steps")
+    started = time.perf_counter()
 
-        def progress(step: int, loss: float, iou: float) -> None:
-            print(f"  step {step}/{args.steps}: loss {loss:.3f}, IoU of the best output {iou:.3f} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+    def progress(step: int, loss: float, iou: float) -> None:
+        print(f"  step {step}/{args.steps}: loss {loss:.3f}, IoU of the best output {iou:.3f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
 
-        with torch.random.fork_rng():
-            torch.manual_seed(args.seed)
-            pretrain_sam(sam, images, PretrainConfig(steps=args.steps, images_per_step=args.images_per_step,
-                                                     lr=args.lr, seed=args.seed), progress)
-        torch.save(sam.state_dict(), path)
-    state = "pretrained" if args.pretrain_on is not None else "random"
-    print(f"{state} tiny SAM written to {path} (use: --sam-checkpoint {path} --sam-model tiny)")
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        pretrain_sam(sam, images, PretrainConfig(steps=args.steps, images_per_step=args.images_per_step,
+                                                 lr=args.lr, seed=args.seed), progress)
+    torch.save(sam.state_dict(), staging)
+    path = staging.replace(args.out)
+    print(f"pretrained tiny SAM written to {path} (use: --sam-checkpoint {path} --sam-model tiny)")
     return 0
 
 
