@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
             max_steps=args.max_steps, warmup_steps=args.warmup_steps, clip_grad=args.clip_grad,
             mixed_precision=args.mixed_precision, save_every=args.save_every, log_every=args.log_every,
-            num_workers=args.num_workers, length_group=args.length_group, seed=args.seed, resume=args.resume, record_keys=args.record_keys,
+            num_workers=args.num_workers, length_group=args.length_group, seed=args.seed, resume=args.resume,
+            record_keys=args.record_keys,
         )
         result = _train_on_ray(config, args) if args.ray_workers else train(config)
     except (ManifestError, DataError, CheckpointError, ModelLoadError, ray_cluster.ClusterResourceError) as exc:

@@ -503,9 +503,9 @@ def make_loader(
     order is shuffled identically on every rank (seed + pass), then split by node and by worker.
     Training batches group items of similar length (``config.length_group``, see
     :class:`_LengthGroupedBatches`). Evaluation: no shuffle, shards split by node then by worker,
-    every (ref, sentence) once, and the last partial batch kept. The rank and world size come from ``RANK``/``WORLD_SIZE`` or an
-    initialised ``torch.distributed`` (webdataset's ``pytorch_worker_info``), so do not also shard
-    this loader with ``accelerator.prepare``.
+    every (ref, sentence) once, and the last partial batch kept. The rank and world size come from
+    ``RANK``/``WORLD_SIZE`` or an initialised ``torch.distributed`` (webdataset's
+    ``pytorch_worker_info``), so do not also shard this loader with ``accelerator.prepare``.
     """
     shards = expand_urls(urls)
     resampled = train if resampled is None else resampled

@@ -41,9 +41,9 @@ from trainer.model.vision import TINY, ModelLoadError, load_vision, pretrained_s
 SEG_TOKEN, IMAGE_TOKEN = "[SEG]", "<image>"
 PROMPT = IMAGE_TOKEN + " please segment : {sentence} . answer :"
 ANSWER = "it is " + SEG_TOKEN + " ."
+LLM_TRAINING = ("lora", "full")  # ModelConfig.llm_training
 # initializer_range 0.3 (not HF's 0.02): with 0.02 a random 2-layer LM attends almost uniformly,
 # so the [SEG] state barely depends on the sentence and the mask head learns to ignore the text.
-LLM_TRAINING = ("lora", "full")
 _TINY_LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                  intermediate_size=256, max_position_embeddings=2048, tie_word_embeddings=False,
                  initializer_range=0.3)
