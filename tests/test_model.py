@@ -200,6 +200,16 @@ def test_full_llm_training_trains_every_llm_weight_without_lora() -> None:
         ModelConfig(llm_training="adapters")
 
 
+def test_a_checkpoint_config_from_before_llm_training_counts_as_lora() -> None:
+    from trainer.checkpoint import CheckpointError, check_same_model
+
+    old = asdict(ModelConfig())
+    del old["llm_training"]
+    check_same_model(old, asdict(ModelConfig()), "checkpoint")
+    with pytest.raises(CheckpointError, match="llm_training: checkpoint 'lora' vs requested 'full'"):
+        check_same_model(old, asdict(ModelConfig(llm_training="full")), "checkpoint")
+
+
 def test_trainable_state_dict_round_trip_into_a_differently_seeded_model(pretrained_dirs: dict) -> None:
     config = ModelConfig(vision_size=V, seed=0, **pretrained_dirs)
     trained = SegmentationMLLM(config)

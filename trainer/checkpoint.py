@@ -87,9 +87,15 @@ def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return json.loads(config.read_text()), load_file(str(weights))
 
 
+_ADDED_LATER = {"llm_training": "lora"}  # model keys newer than some run directories, as those runs had them
+
+
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
-    """Refuse to resume or load a checkpoint made for another model (another projector, flags or LLM)."""
+    """Refuse to resume or load a checkpoint made for another model (another projector, flags or LLM).
+
+    A checkpoint written before ``llm_training`` existed trained LoRA: its config lacks the key."""
     keys = ("llm", "vision", "vision_size", "sam_model", "projector", "lora_r", "lora_targets", "llm_training")
+    saved = {**_ADDED_LATER, **saved}
     differences = [f"{k}: checkpoint {saved.get(k)!r} vs requested {current.get(k)!r}"
                    for k in keys if _normalise(saved.get(k)) != _normalise(current.get(k))]
     if differences:
