@@ -13,8 +13,8 @@ device and thread count:
 - the ``svp`` step with precomputed ``sam.npy`` against the step that runs the SAM encoder
   (``--sam-model``: random weights of that architecture unless ``--sam-checkpoint``);
 - at the largest LLM size, one pass of ``svp`` training steps over the train split batched in
-  arrival order against length-grouped batches (``--length-group``): the share of LLM positions
-  that are padding, and the time of the pass;
+  arrival order against length-grouped batches (``--length-group``): the share of the
+  visual-token and word positions that are padding, and the time of the pass;
 - the training loader alone (decode, preprocessing, collate; no DataLoader workers, as the trainer's
   default) in samples/s against the samples/s of the ``svp`` step it feeds at the largest size.
 
@@ -36,7 +36,7 @@ import torch
 from bench.common import DTYPES, LlmSize, Workspace, median_seconds, run_alone, speed_sam_checkpoint, synchronize
 from bench.tokens import pool_budget
 from pipeline.shards import read_manifest, split_shard_urls
-from trainer.data import DataConfig, make_loader
+from trainer.data import DataConfig, item_length, make_loader
 from trainer.loop import TrainConfig
 from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, SegmentationMLLM
 
@@ -75,9 +75,8 @@ def batches(shards: Path, data_config: DataConfig, batch_size: int) -> tuple[dic
     return first(data_config), first(DataConfig(**{**vars(data_config), "use_sam_embeddings": False}))
 
 
-def train_pass(shards: Path, data_config: DataConfig, batch_size: int, length_group: int) -> list[dict]:
-    """The batches of one training pass over the train split (as the trainer's loader cuts them)."""
-    urls = split_shard_urls(shards, read_manifest(shards), "train")
+def train_pass(urls: list[str], data_config: DataConfig, batch_size: int, length_group: int) -> list[dict]:
+    """The batches of one training pass over ``urls`` (as the trainer's loader cuts them)."""
     config = DataConfig(**{**vars(data_config), "length_group": length_group})
     return list(make_loader(urls, config, train=True, resampled=False, batch_size=batch_size))
 
@@ -86,7 +85,8 @@ def padding_fraction(batches: list[dict]) -> float:
     """Share of the batches' padded LLM positions (visual tokens and words) that are padding."""
     used = padded = 0
     for batch in batches:
-        lengths = [n + len(s.split()) for n, s in zip(batch["num_superpixels"].tolist(), batch["sentences"])]
+        lengths = [item_length({"num_superpixels": n, "sentence": sentence})
+                   for n, sentence in zip(batch["num_superpixels"].tolist(), batch["sentences"])]
         used, padded = used + sum(lengths), padded + len(lengths) * max(lengths)
     return 1 - used / padded
 
@@ -153,12 +153,12 @@ class Timer:
 def measure_passes(model: SegmentationMLLM, args: argparse.Namespace, shards: Path, timer: Timer) -> dict:
     """One svp training pass batched in arrival order vs length-grouped, and the loader's samples/s."""
     data_config = DataConfig(**model.data_config_fields())
+    urls = split_shard_urls(shards, read_manifest(shards), "train")
     passes = {}
     for name, group in (("arrival_order", 1), ("length_grouped", args.length_group)):
-        batches = train_pass(shards, data_config, args.step_batch_size, group)
+        batches = train_pass(urls, data_config, args.step_batch_size, group)
         passes[name] = {"length_group": group, "batches": len(batches), "pass_s": timer.one_pass(model, batches),
                         "padding_fraction": padding_fraction(batches)}
-    urls = split_shard_urls(shards, read_manifest(shards), "train")
     return {"passes": passes,
             "length_grouped_pass_ratio": passes["length_grouped"]["pass_s"] / passes["arrival_order"]["pass_s"],
             "loader_samples_per_s": loader_samples_per_s(urls, data_config, args.step_batch_size, args.loader_batches)}
@@ -230,7 +230,8 @@ def format_table(results: dict) -> str:
             training = size["svp_training"]
             for name, row in training["passes"].items():
                 lines.append(f"svp pass, {name} (length group {row['length_group']}): {row['batches']} batches "
-                             f"in {row['pass_s']:.2f} s, {row['padding_fraction']:.1%} of visual-token and word positions padding")
+                             f"in {row['pass_s']:.2f} s, {row['padding_fraction']:.1%} of visual-token and word "
+                             "positions padding")
             lines.append(f"length-grouped pass / arrival-order pass: {training['length_grouped_pass_ratio']:.3f}")
             lines.append(f"loader {training['loader_samples_per_s']:.1f} samples/s vs svp step "
                          f"{training['step_samples_per_s']:.1f} samples/s: ratio "

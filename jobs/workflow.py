@@ -66,8 +66,8 @@ def tiny_model(sam_checkpoint: Path, *, seed: int, projector: ProjectorConfig | 
     """The demo's model: the tiny vision encoder and LLM, the tiny SAM of ``sam_checkpoint``.
 
     The random tiny LLM trains whole (``llm_training="full"``): LoRA adapts a pretrained LLM, and
-    on random frozen weights it learns the sentences' words far more slowly (on the demo's data,
-    train-batch cIoU 0.38 vs 0.28 after 900 steps on 400 images, BENCHMARKS.md).
+    on random frozen weights it learns the sentences' words far more slowly (in exploratory runs
+    on the demo's data, train-batch cIoU 0.38 vs 0.28 after 900 steps on 400 images, BENCHMARKS.md).
     """
     return ModelConfig(sam_checkpoint=str(sam_checkpoint), sam_model="tiny", llm_training="full", seed=seed,
                        projector=projector or ProjectorConfig())

@@ -52,7 +52,7 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 10
     num_workers: int = 0
-    length_group: int = 16  # trainer.data.DataConfig.length_group
+    length_group: int = DataConfig.length_group
     seed: int = 0
     resume: bool = False
     resume_from: Path | None = None  # with resume: this checkpoint rather than the last one in run_dir

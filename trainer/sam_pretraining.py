@@ -14,8 +14,9 @@ and no text: the referring task itself is left to the MLLM.
 The whole SAM trains here, the encoder too, so that its automatic masks (``--backend sam
 --sam-model tiny``) are masks of objects; afterwards it is frozen like any SAM, and the shards'
 embeddings come from it. What it does *not* do on the demo's data is speed up the ``[SEG]``
-fine-tuning measurably: after 3,000 steps on 400 images, val cIoU 0.41 with a SAM pretrained for
-600 steps and 0.40 with a random one (BENCHMARKS.md), so the demo leaves it off by default.
+fine-tuning measurably: in exploratory runs (3,000 steps on 400 images) val cIoU was 0.41 with
+a SAM pretrained for 600 steps and 0.40 with a random one (BENCHMARKS.md), so the demo leaves it
+off by default.
 """
 
 from __future__ import annotations
@@ -31,11 +32,8 @@ from segment_anything.modeling import Sam
 from pipeline.images import decode_image
 from pipeline.refer import load_refer, ref_mask
 from pipeline.superpixels.sam import decode_prompts
-from trainer.data import DataConfig, sam_inputs, sam_mask_target
+from trainer.data import SAM_MASK_STRIDE, DataConfig, sam_inputs, sam_mask_target
 from trainer.model.losses import mask_bce_per_sample, mask_dice_per_sample
-
-MASK_STRIDE = 4  # the decoder's masks are at a quarter of SAM's input frame
-
 
 class PretrainingError(ValueError):
     """The referring data offers nothing to pretrain on."""
@@ -144,5 +142,5 @@ def _clicks(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     choice = torch.multinomial(flat / flat.sum(1, keepdim=True), 1, generator=generator)[:, 0]
     width = masks.shape[2]
     xy = torch.stack([choice % width, choice // width], dim=1).float()
-    return xy * MASK_STRIDE + MASK_STRIDE / 2
+    return xy * SAM_MASK_STRIDE + SAM_MASK_STRIDE / 2
 
