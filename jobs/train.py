@@ -56,6 +56,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="lora: LoRA adapters on --lora-targets, the LLM frozen (default; for pretrained LLMs); "
                             "full: every LLM weight trains, in float32, no LoRA (for a random-initialised LLM such "
                             "as tiny, which has nothing for adapters to adapt)")
+    model.add_argument("--region-prompt", action=argparse.BooleanOptionalAction, default=True,
+                       help="[SEG] also scores every visual token, and the tokens' image regions (superpixels, or "
+                            "grid cells for mlp/pool) painted with those scores become SAM's mask prompt; "
+                            "--no-region-prompt: the [SEG] sparse prompt alone")
+    model.add_argument("--region-weight", type=float, default=1.0,
+                       help="weight of the region prompt's BCE against the target mask; default 1.0")
     model.add_argument("--ce-weight", type=float, default=1.0, help="weight of the text cross-entropy; default 1.0")
     model.add_argument("--bce-weight", type=float, default=2.0, help="weight of the mask BCE; default 2.0")
     model.add_argument("--dice-weight", type=float, default=0.5, help="weight of the mask Dice loss; default 0.5")
@@ -69,6 +75,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                                   ssa_layers=args.ssa_layers),
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t), llm_training=args.llm_training,
+        region_prompt=args.region_prompt, region_weight=args.region_weight,
         ce_weight=args.ce_weight, bce_weight=args.bce_weight, dice_weight=args.dice_weight, seed=args.seed,
     )
 

@@ -43,6 +43,7 @@ def make_batch(counts: tuple[int, ...] = (3, 7), sentences: tuple[str, ...] | No
         "sentences": list(sentences or default[: len(counts)]),
         "sam_embeddings": torch.randn(len(counts), C, S // 16, S // 16, generator=g),
         "gt_masks": gt,
+        "input_sizes": torch.tensor([[S, S]] * len(counts)),  # the image fills SAM's frame
     }
 
 

@@ -87,14 +87,17 @@ def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return json.loads(config.read_text()), load_file(str(weights))
 
 
-_ADDED_LATER = {"llm_training": "lora"}  # model keys newer than some run directories, as those runs had them
+# Model keys newer than some run directories, with the value those runs had.
+_ADDED_LATER = {"llm_training": "lora", "region_prompt": False}
 
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
     """Refuse to resume or load a checkpoint made for another model (another projector, flags or LLM).
 
-    A checkpoint written before ``llm_training`` existed trained LoRA: its config lacks the key."""
-    keys = ("llm", "vision", "vision_size", "sam_model", "projector", "lora_r", "lora_targets", "llm_training")
+    A checkpoint written before ``llm_training`` existed trained LoRA: its config lacks the key
+    (likewise a missing ``region_prompt`` means none, see ``_ADDED_LATER``)."""
+    keys = ("llm", "vision", "vision_size", "sam_model", "projector", "lora_r", "lora_targets", "llm_training",
+            "region_prompt")
     saved = {**_ADDED_LATER, **saved}
     differences = [f"{k}: checkpoint {saved.get(k)!r} vs requested {current.get(k)!r}"
                    for k in keys if _normalise(saved.get(k)) != _normalise(current.get(k))]
@@ -110,7 +113,7 @@ def model_config_from_dict(data: dict[str, Any]):
     """Rebuild a ``ModelConfig`` written with ``asdict`` (nested projector config, tuples)."""
     from trainer.model import ModelConfig, ProjectorConfig
 
-    return ModelConfig(**{**data, "projector": ProjectorConfig(**data["projector"]),
+    return ModelConfig(**{**_ADDED_LATER, **data, "projector": ProjectorConfig(**data["projector"]),
                           "lora_targets": tuple(data["lora_targets"])})
 
 

@@ -238,7 +238,7 @@ def _keys_file(config: TrainConfig, accelerator: Accelerator):
     return open(path, "a")
 
 
-_LOGGED = ("loss", "ce_loss", "bce_loss", "dice_loss", "intersection", "union", "tokens", "samples")
+_LOGGED = ("loss", "ce_loss", "bce_loss", "dice_loss", "region_loss", "intersection", "union", "tokens", "samples")
 
 
 def _record(output, gt_masks: torch.Tensor) -> torch.Tensor:
@@ -248,7 +248,7 @@ def _record(output, gt_masks: torch.Tensor) -> torch.Tensor:
     target = gt_masks.to(predicted.device).flatten(1) > 0.5
     tokens = output.num_visual_tokens
     return torch.stack([output.loss.detach().float(), output.ce_loss.float(), output.bce_loss.float(),
-                        output.dice_loss.float(), (predicted & target).sum().float(), (predicted | target).sum().float(),
+                        output.dice_loss.float(), output.region_loss.float(), (predicted & target).sum().float(), (predicted | target).sum().float(),
                         tokens.sum().float(), torch.tensor(float(len(tokens)), device=tokens.device)])
 
 
@@ -261,6 +261,7 @@ def _metrics(window: list[torch.Tensor], scheduler, skipped: int, started: float
     elapsed = max(time.perf_counter() - started, 1e-9)
     return {
         "loss": mean("loss"), "ce_loss": mean("ce_loss"), "bce_loss": mean("bce_loss"), "dice_loss": mean("dice_loss"),
+        "region_loss": mean("region_loss"),
         "train_batch_ciou": totals["intersection"] / max(totals["union"], 1.0),
         "visual_tokens": totals["tokens"] / totals["samples"], "lr": scheduler.get_last_lr()[0],
         "skipped_samples": skipped, "samples_per_s": totals["samples"] / elapsed,

@@ -1,9 +1,10 @@
 """SAM as the grounding head (DESIGN §1): frozen encoder and prompt encoder, trained mask decoder.
 
-The ``[SEG]`` embedding is the only prompt: it takes the place of SAM's sparse (point/box)
-embeddings, and the prompt encoder contributes what it would for "no mask given" (its learned
-dense embedding) plus the positional encoding of the embedding grid (64×64 for SAM). The image encoder is the same
-frozen SAM the pipeline ran, so a batch may carry its precomputed embedding and skip it.
+The ``[SEG]`` embedding takes the place of SAM's sparse (point/box) embeddings. The dense prompt
+is either what the prompt encoder gives for "no mask given" (its learned dense embedding) or, with
+the region prompt (``trainer.model.region_prompt``), the prompt encoder's embedding of a mask
+prompt; the positional encoding is that of the embedding grid (64×64 for SAM). The image encoder
+is the same frozen SAM the pipeline ran, so a batch may carry its precomputed embedding and skip it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class MaskHead(nn.Module):
         return self.sam.image_encoder.img_size
 
     @property
+    def mask_prompt_size(self) -> int:
+        """Side of a mask prompt (256 for SAM: 4× the embedding grid), also the low-res mask side."""
+        return self.sam.prompt_encoder.mask_input_size[0]
+
+    @property
     def prompt_dim(self) -> int:
         """Width of a sparse prompt embedding (256 for SAM), which is also the image embedding's."""
         return self.sam.prompt_encoder.embed_dim
@@ -49,8 +55,12 @@ class MaskHead(nn.Module):
         """(B, 3, S, S) SAM-normalised, padded pixels → (B, 256, S/16, S/16)."""
         return self.sam.image_encoder(sam_pixels)
 
-    def forward(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_embeddings: torch.Tensor, prompts: torch.Tensor,
+                mask_prompt: torch.Tensor | None = None) -> torch.Tensor:
         """One mask per image (``multimask_output=False``: the prompt is not ambiguous like a click).
+
+        ``mask_prompt``: (B, 1, m, m) logits (``mask_prompt_size``), embedded by SAM's frozen prompt
+        encoder; gradients flow through it to whatever produced the logits.
 
         SAM's decoder repeats *one* image's embedding for every prompt, so it would decode a batch
         one image at a time (as LISA/GLaMM do); ``decode_prompts`` is the same computation for the
@@ -58,10 +68,11 @@ class MaskHead(nn.Module):
         """
         decoder = self.sam.mask_decoder
         dtype = decoder.iou_token.weight.dtype  # shards store float16 embeddings
-        _, no_mask = self.sam.prompt_encoder(points=None, boxes=None, masks=None)
+        encoder = self.sam.prompt_encoder
+        _, dense = encoder(points=None, boxes=None, masks=None if mask_prompt is None else mask_prompt.to(dtype))
         owner = torch.arange(len(prompts), device=prompts.device)
-        masks, _ = decode_prompts(decoder, image_embeddings.to(dtype), owner, self.sam.prompt_encoder.get_dense_pe(),
-                                  prompts.to(dtype), no_mask)
+        masks, _ = decode_prompts(decoder, image_embeddings.to(dtype), owner, encoder.get_dense_pe(),
+                                  prompts.to(dtype), dense)
         return masks[:, :1]  # SAM's single-mask output is its first mask token
 
     def postprocess(

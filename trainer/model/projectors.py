@@ -289,6 +289,16 @@ class SuperpixelAggregator(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def _grid_cells(shape: torch.Size, cells: tuple[int, int], device: torch.device) -> Tensor:
+    """``(B, H, W)`` long: the row-major index of the ``cells`` grid cell holding each pixel's centre
+    (the bins of ``adaptive_avg_pool2d``, up to the pixels it shares between neighbouring cells)."""
+    batch, height, width = shape
+    rows, cols = cells
+    row = (torch.arange(height, device=device) * rows) // height
+    col = (torch.arange(width, device=device) * cols) // width
+    return (row[:, None] * cols + col).expand(batch, height, width)
+
+
 class Projector(nn.Module):
     """Vision features → LLM tokens. Subclasses decide which tokens (:meth:`compress`); all then
     share the same 2-layer MLP to the LLM width, so the kinds differ only in what they compress."""
@@ -318,6 +328,18 @@ class Projector(nn.Module):
         tokens, valid = self.compress(features, grid, superpixels, num_superpixels)
         return self.mlp(tokens).masked_fill(~valid[..., None], 0.0), valid
 
+    def regions(self, grid: tuple[int, int], superpixels: Tensor) -> Tensor:
+        """``(B, H, W)`` long: the token each pixel of the vision frame belongs to, in token order.
+
+        What a token *is* in image space, so that selecting tokens can be drawn as a mask (the
+        region prompt of ``trainer.model.region_prompt``). Grid projectors own grid cells.
+        """
+        return _grid_cells(superpixels.shape, self.token_grid(grid), superpixels.device)
+
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The rows×cols grid of a grid projector's tokens (row-major)."""
+        raise NotImplementedError
+
 
 class MLPProjector(Projector):
     """``mlp``: every patch is a token (LLaVA-1.5) — the uncompressed reference, T = h·w."""
@@ -326,6 +348,9 @@ class MLPProjector(Projector):
         self, features: Tensor, grid: tuple[int, int], superpixels: Tensor, num_superpixels: Tensor
     ) -> tuple[Tensor, Tensor]:
         return features, features.new_ones(features.shape[:2], dtype=torch.bool)
+
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid
 
 
 class PoolProjector(Projector):
@@ -341,6 +366,9 @@ class PoolProjector(Projector):
         image = features.transpose(1, 2).unflatten(2, grid)  # (B, Dv, h, w)
         tokens = F.adaptive_avg_pool2d(image, self.grid).flatten(2).transpose(1, 2)
         return tokens, tokens.new_ones(tokens.shape[:2], dtype=torch.bool)
+
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return self.grid
 
 
 class SemanticProjector(Projector):
@@ -369,6 +397,9 @@ class SemanticProjector(Projector):
         if self.aggregator is not None:
             tokens = self.aggregator(tokens, features, coverage, valid)
         return tokens, valid
+
+    def regions(self, grid: tuple[int, int], superpixels: Tensor) -> Tensor:
+        return superpixels  # token k is superpixel k
 
 
 def build_projector(config: ProjectorConfig, vision_dim: int, llm_dim: int) -> Projector:
