@@ -348,6 +348,6 @@ class SegmentationMLLM(nn.Module):
             total = sum(p.numel() for p in module.parameters())
             trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
             share = 100 * trainable / max(total, 1)
-            lines.append(f"  {name:<10} trainable {trainable:>13,} / {total:>15,} ({share:.2f}%)")
+            lines.append(f"  {name:<13} trainable {trainable:>13,} / {total:>15,} ({share:.2f}%)")
         return "\n".join(lines)
 
