@@ -248,8 +248,9 @@ def _record(output, gt_masks: torch.Tensor) -> torch.Tensor:
     target = gt_masks.to(predicted.device).flatten(1) > 0.5
     tokens = output.num_visual_tokens
     return torch.stack([output.loss.detach().float(), output.ce_loss.float(), output.bce_loss.float(),
-                        output.dice_loss.float(), output.region_loss.float(), (predicted & target).sum().float(), (predicted | target).sum().float(),
-                        tokens.sum().float(), torch.tensor(float(len(tokens)), device=tokens.device)])
+                        output.dice_loss.float(), output.region_loss.float(), (predicted & target).sum().float(),
+                        (predicted | target).sum().float(), tokens.sum().float(),
+                        torch.tensor(float(len(tokens)), device=tokens.device)])
 
 
 def _metrics(window: list[torch.Tensor], scheduler, skipped: int, started: float, waited: float) -> dict:
