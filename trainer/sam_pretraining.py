@@ -35,6 +35,7 @@ from pipeline.superpixels.sam import decode_prompts
 from trainer.data import SAM_MASK_STRIDE, DataConfig, sam_inputs, sam_mask_target
 from trainer.model.losses import mask_bce_per_sample, mask_dice_per_sample
 
+
 class PretrainingError(ValueError):
     """The referring data offers nothing to pretrain on."""
 

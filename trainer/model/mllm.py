@@ -339,12 +339,11 @@ class SegmentationMLLM(nn.Module):
 
     def describe(self) -> str:
         """One line per part: trainable / total parameters (what a run prints at start)."""
-        parts = {"vision": self.vision, "projector": self.projector, "llm": self.llm,
-                 "seg_mlp": self.seg_mlp, "region_prompt": self.region_prompt or nn.Module(),
-                 "mask_head": self.mask_head}
+        parts = {"vision": self.vision, "projector": self.projector, "llm": self.llm, "seg_mlp": self.seg_mlp,
+                 "region_prompt": self.region_prompt, "mask_head": self.mask_head}
         lines = [f"SegmentationMLLM llm={self.config.llm} vision={self.config.vision} "
                  f"projector={self.config.projector.kind} sam={self.config.sam_model}"]
-        for name, module in [*parts.items(), ("total", self)]:
+        for name, module in [*((n, m) for n, m in parts.items() if m is not None), ("total", self)]:
             total = sum(p.numel() for p in module.parameters())
             trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
             share = 100 * trainable / max(total, 1)

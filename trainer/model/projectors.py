@@ -332,12 +332,8 @@ class Projector(nn.Module):
         """``(B, H, W)`` long: the token each pixel of the vision frame belongs to, in token order.
 
         What a token *is* in image space, so that selecting tokens can be drawn as a mask (the
-        region prompt of ``trainer.model.region_prompt``). Grid projectors own grid cells.
+        region prompt of ``trainer.model.region_prompt``).
         """
-        return _grid_cells(superpixels.shape, self.token_grid(grid), superpixels.device)
-
-    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
-        """The rows×cols grid of a grid projector's tokens (row-major)."""
         raise NotImplementedError
 
 
@@ -349,8 +345,8 @@ class MLPProjector(Projector):
     ) -> tuple[Tensor, Tensor]:
         return features, features.new_ones(features.shape[:2], dtype=torch.bool)
 
-    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
-        return grid
+    def regions(self, grid: tuple[int, int], superpixels: Tensor) -> Tensor:
+        return _grid_cells(superpixels.shape, grid, superpixels.device)  # token p is patch p
 
 
 class PoolProjector(Projector):
@@ -367,8 +363,8 @@ class PoolProjector(Projector):
         tokens = F.adaptive_avg_pool2d(image, self.grid).flatten(2).transpose(1, 2)
         return tokens, tokens.new_ones(tokens.shape[:2], dtype=torch.bool)
 
-    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
-        return self.grid
+    def regions(self, grid: tuple[int, int], superpixels: Tensor) -> Tensor:
+        return _grid_cells(superpixels.shape, self.grid, superpixels.device)  # token c is pooled cell c
 
 
 class SemanticProjector(Projector):
