@@ -57,8 +57,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--results", type=Path, default=RESULTS, help=f"where results go; default {RESULTS}")
     common.add_argument("--work", type=Path, default=None,
                         help="working directory (data, runs, models); default a temporary one, removed at the end")
-    common.add_argument("--images", type=int, default=120,
-                        help="images of the synthetic dataset that tokens, train_step and accuracy share; default 120")
+    common.add_argument("--images", type=int, default=400,
+                        help="images of the synthetic dataset that tokens, train_step and accuracy share; default 400")
     common.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset; default 0")
     common.add_argument("--sam-pretrain-steps", type=int, default=SAM_PRETRAIN_STEPS,
                         help="promptable pretraining steps of the dataset's tiny SAM (its embeddings are in the "

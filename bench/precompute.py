@@ -9,10 +9,15 @@ the same partition clean-up (``PartitionConfig``):
   before upsampling, masks kept as tensors on the device, partition at the working resolution
   of at most 1024 px and upsampled). Up to 1024 px both partition at full size.
 
-Without ``--sam-checkpoint`` the SAM has random weights (``--sam-model``, tiny by default): that
-measures the pipeline mechanics; real speed needs the real weights on a GPU. Random weights give
-predicted IoUs of about 0-0.3 and logits of about ±0.05, so for them the thresholds are lowered
-(``RANDOM_WEIGHT_THRESHOLDS``) to let masks through; real weights get SAM's defaults.
+The SAM: ``--sam-checkpoint`` if given. Otherwise a ``tiny`` SAM is first pretrained on the
+bench's own synthetic images (``svp tiny-sam --pretrain-on``, ``--precompute-sam-pretrain-steps``):
+its masks are then masks of objects, so the partitions compared are real ones. Briefly trained, it
+predicts lower IoUs than SAM's released weights, whose default thresholds (0.88, 0.95) would keep
+none of its masks; it gets ``PRETRAINED_TINY_THRESHOLDS``, which keep the objects'. A random SAM's masks are speckle (logits of about ±0.05)
+that the partition clean-up merges into one region per image, which makes any two generators
+"agree" and times a workload no user has. Random weights remain for the other model types (a
+random ViT-H on a GPU: its cost is the real model's) and for ``--precompute-sam-pretrain-steps 0``;
+they get lowered thresholds (``RANDOM_WEIGHT_THRESHOLDS``) to let masks through.
 
 Partition agreement (``pipeline.partition.partition_agreement``): each reference superpixel is
 matched to the superpixel of ours with which it has the highest IoU; we report the mean of those
@@ -20,8 +25,9 @@ IoUs (every superpixel counts once) and the area-weighted mean (every pixel coun
 over images. 1.0 means identical partitions.
 
 The job comparison runs ``svp precompute`` (local Ray, SAM backend, one shard per image) with 1 and
-with 2 workers on the same images: wall time of the whole job, actor start-up and model loading
-included (what a user waits for), but not Ray's own start-up.
+with 2 workers on the same ``--workers-images`` images: wall time of the whole job, actor start-up
+and model loading included (what a user waits for), but not Ray's own start-up. Those fixed
+seconds do not shrink with more workers, so a job of a few images measures them, not the scaling.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 
 from bench.common import Workspace, run_alone, speed_sam_checkpoint
+from jobs import tiny_sam
 from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig, partition_agreement, partition_from_masks
 from pipeline.superpixels.base import SamOptions
@@ -47,15 +54,23 @@ from pipeline.synth import synthesize
 NAME = "precompute"
 PRESETS: dict[str, dict] = {
     "cpu": {},
-    "quick": {"precompute_images": 2, "image_size": 64, "points_per_side": 2},
-    "gpu": {"precompute_images": 16, "image_size": 1024, "points_per_side": 32, "points_per_batch": 256},
+    "quick": {"precompute_images": 2, "workers_images": 2, "image_size": 64, "points_per_side": 2,
+              "precompute_sam_pretrain_steps": 2},
+    "gpu": {"precompute_images": 16, "workers_images": 32, "image_size": 1024, "points_per_side": 32,
+            "points_per_batch": 256},
 }
 RANDOM_WEIGHT_THRESHOLDS = {"pred_iou_thresh": 0.2, "stability_score_thresh": 0.6, "stability_score_offset": 0.01}
+PRETRAINED_TINY_THRESHOLDS = {"pred_iou_thresh": 0.5, "stability_score_thresh": 0.8}
+THRESHOLDS = {"checkpoint": {}, "pretrained": PRETRAINED_TINY_THRESHOLDS, "random": RANDOM_WEIGHT_THRESHOLDS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("precompute: SAM superpixels vs the reference, 1 vs 2 workers")
-    group.add_argument("--precompute-images", type=int, default=8, help="synthetic images (default 8)")
+    group.add_argument("--precompute-images", type=int, default=8,
+                       help="synthetic images both generators segment (default 8)")
+    group.add_argument("--workers-images", type=int, default=64,
+                       help="synthetic images of the 1 vs 2 workers job (default 64: enough work that the job's "
+                            "fixed start-up seconds do not hide the scaling)")
     group.add_argument("--image-size", type=int, default=256,
                        help="long side of those images in px (default 256; above 1024 ours partitions at 1024)")
     group.add_argument("--points-per-side", type=int, default=8,
@@ -63,11 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call, both sides (default 64)")
     group.add_argument("--images-per-batch", type=int, default=4,
                        help="images per encoder and decoder call, ours only (default 4)")
+    group.add_argument("--precompute-sam-pretrain-steps", type=int, default=200,
+                       help="without --sam-checkpoint and with --sam-model tiny: first pretrain the tiny SAM on the "
+                            "synthetic images for this many steps, so that its masks are objects (default 200, "
+                            "about 1.5 min on 2 cores); 0: random weights, whose masks are speckle")
     group.add_argument("--skip-workers", action="store_true", help="skip the 1 vs 2 Ray workers job comparison")
 
 
 def dataset_images(root: Path, count: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    """``count`` images of a synthetic REFER dataset (landscape and portrait alternate), as RGB arrays."""
+    """``count`` images of a synthetic REFER dataset at ``root`` (landscape and portrait alternate), as RGB arrays."""
     sizes = [(size, size * 3 // 4) if i % 2 == 0 else (size * 3 // 4, size) for i in range(count)]
     summary = synthesize(root, images=count, seed=seed, sizes=sizes)
     return [decode_image(path.read_bytes()).rgb for path in sorted(summary.image_dir.glob("*.jpg"))]
@@ -157,30 +176,47 @@ def compare_workers(refer_root: Path, options: SamOptions, scratch: Path, device
     return {"seconds_1_worker": seconds[1], "seconds_2_workers": seconds[2], "speedup": seconds[1] / seconds[2]}
 
 
+def precompute_sam(args: argparse.Namespace, workspace: Workspace, refer_root: Path) -> tuple[Path, str]:
+    """(checkpoint, how its weights came: ``checkpoint``, ``pretrained`` or ``random``); see the module doc."""
+    if args.sam_checkpoint is not None:
+        return Path(args.sam_checkpoint), "checkpoint"
+    steps = args.precompute_sam_pretrain_steps
+    if args.sam_model != "tiny" or steps <= 0:
+        return speed_sam_checkpoint(args, workspace), "random"
+    path = refer_root.parent / f"sam_tiny_pretrained{steps}.pth"
+    if not path.exists() and tiny_sam.main(["--out", str(path), "--pretrain-on", str(refer_root),
+                                            "--steps", str(steps)]) != 0:
+        raise RuntimeError(f"pretraining the tiny SAM on {refer_root} failed")
+    return path, "pretrained"
+
+
 def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     scratch = workspace.root / "precompute"
+    images = dataset_images(scratch / "refer", max(args.precompute_images, args.workers_images), args.image_size)
+    images = images[: args.precompute_images]
+    checkpoint, weights = precompute_sam(args, workspace, scratch / "refer")
     options = SamOptions(
-        str(speed_sam_checkpoint(args, workspace)),
+        str(checkpoint),
         args.sam_model,
         points_per_side=args.points_per_side,
         points_per_batch=args.points_per_batch,
         images_per_batch=args.images_per_batch,
-        **(RANDOM_WEIGHT_THRESHOLDS if args.sam_checkpoint is None else {}),
+        **THRESHOLDS[weights],
     )
-    images = dataset_images(scratch / "refer", args.precompute_images, args.image_size)
     generators = compare_generators(options, images, args.device)
     results = {
         "images": len(images),
         "image_size": args.image_size,
         "sam": {k: v for k, v in asdict(options).items() if k != "checkpoint"},
-        "random_weights": args.sam_checkpoint is None,
+        "sam_weights": weights if weights != "pretrained" else f"pretrained here for {args.precompute_sam_pretrain_steps} steps",
         "partition": PartitionConfig().as_dict(),
         "generators": generators,
         "headline": {"precompute_speedup_vs_reference": generators["speedup"],
                      "partition_agreement": generators["agreement"]["mean_iou"], "workers2_speedup": None},
     }
     if not args.skip_workers:
-        results["workers"] = compare_workers(scratch / "refer", options, scratch, args.device)
+        results["workers"] = {"images": max(args.precompute_images, args.workers_images),
+                              **compare_workers(scratch / "refer", options, scratch, args.device)}
         results["headline"]["workers2_speedup"] = results["workers"]["speedup"]
     return results
 
@@ -189,9 +225,8 @@ def format_table(results: dict) -> str:
     sam, generators = results["sam"], results["generators"]
     rows = [("reference: SamAutomaticMaskGenerator + partition", generators["reference"]),
             ("ours: SamSuperpixels", generators["ours"])]
-    weights = "random weights" if results["random_weights"] else "checkpoint"
     lines = [
-        f"SAM {sam['model_type']} ({weights}) on {results['device']}, {results['images']} images "
+        f"SAM {sam['model_type']} ({results['sam_weights']}) on {results['device']}, {results['images']} images "
         f"≤{results['image_size']} px, {sam['points_per_side']}² points, pred_iou>{sam['pred_iou_thresh']}, "
         f"stability≥{sam['stability_score_thresh']} (offset {sam['stability_score_offset']}), NMS {sam['box_nms_thresh']}",
         f"{'method':<52}{'images/s':>10}{'s/image':>10}{'superpixels/image':>19}{'peak GPU GiB':>14}",
@@ -209,7 +244,7 @@ def format_table(results: dict) -> str:
     ]
     if "workers" in results:
         w = results["workers"]
-        lines.append(f"precompute job (local Ray, SAM backend): 1 worker {w['seconds_1_worker']:.1f} s, "
+        lines.append(f"precompute job (local Ray, SAM backend, {w['images']} images): 1 worker {w['seconds_1_worker']:.1f} s, "
                      f"2 workers {w['seconds_2_workers']:.1f} s, speedup {w['speedup']:.2f}x")
     return "\n".join(lines)
 
