@@ -54,7 +54,9 @@ def tokens_per_image(shards: Path, configs: dict[str, ProjectorConfig]) -> dict[
     projectors = {name: build_projector(config, dim, 8) for name, config in configs.items()}
     manifest = read_manifest(shards)
     urls = [url for split in manifest["samples_by_split"] for url in split_shard_urls(shards, manifest, split)]
-    config = DataConfig(vision_size=VISION_SIZE, vision_mean=tuple(vision.mean), vision_std=tuple(vision.std))
+    # Token counts read no SAM input: leave sam.npy (from the dataset's tiny SAM) unread.
+    config = DataConfig(vision_size=VISION_SIZE, vision_mean=tuple(vision.mean), vision_std=tuple(vision.std),
+                        use_sam_embeddings=False)
     per_image: dict[str, dict[str, int]] = {name: {} for name in configs}
     for batch in make_loader(urls, config, train=False, batch_size=16):
         features = torch.zeros(len(batch["keys"]), grid[0] * grid[1], dim)

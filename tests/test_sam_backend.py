@@ -27,7 +27,6 @@ from pipeline.superpixels.sam import (
     SamCheckpointError,
     SamSuperpixels,
     build_sam,
-    decode_prompts,
     save_tiny_sam,
     validate_sam_checkpoint,
 )
@@ -164,26 +163,6 @@ def test_masks_agree_with_the_reference_generator(tiny_sam_checkpoint: Path, box
         union = (expected[:, None] | masks[None]).flatten(2).sum(2)
         best_iou = (intersection / union).amax(1)
         assert best_iou.min() > 0.95 and best_iou.mean() > 0.99
-
-
-def test_one_decoder_call_for_several_images_gives_each_image_its_own_masks(tiny_sam_checkpoint: Path) -> None:
-    """decode_prompts (prompts of two images in one call) = SAM's predict_masks called per image."""
-    sam = build_sam("tiny", tiny_sam_checkpoint)
-    torch.manual_seed(0)
-    frame = sam.image_encoder.img_size
-    embeddings = torch.randn(2, sam.prompt_encoder.embed_dim, frame // 16, frame // 16)
-    points = torch.rand(5, 1, 2) * frame
-    owner = torch.tensor([0, 1, 1, 0, 1])
-    with torch.inference_mode():
-        sparse, dense = sam.prompt_encoder(points=(points, torch.ones(5, 1, dtype=torch.int)), boxes=None, masks=None)
-        pe = sam.prompt_encoder.get_dense_pe()
-        masks, iou = decode_prompts(sam.mask_decoder, embeddings, owner, pe, sparse, dense)
-        for image in (0, 1):
-            mine = owner == image
-            expected_masks, expected_iou = sam.mask_decoder.predict_masks(embeddings[image : image + 1], pe,
-                                                                          sparse[mine], dense[mine])
-            torch.testing.assert_close(masks[mine], expected_masks, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(iou[mine], expected_iou, rtol=1e-4, atol=1e-4)
 
 
 def test_large_image_is_partitioned_at_working_resolution(tiny_sam_checkpoint: Path) -> None:

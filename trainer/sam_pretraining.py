@@ -31,7 +31,7 @@ from segment_anything.modeling import Sam
 
 from pipeline.images import decode_image
 from pipeline.refer import load_refer, ref_mask
-from pipeline.superpixels.sam import decode_prompts
+from pipeline.superpixels.sam_decoder import decode_prompts
 from trainer.data import SAM_MASK_STRIDE, DataConfig, sam_inputs, sam_mask_target
 from trainer.model.losses import mask_bce_per_sample, mask_dice_per_sample
 
@@ -123,7 +123,7 @@ def _step_loss(sam: Sam, batch: list[PromptableImage], config: PretrainConfig,
     sparse, dense = sam.prompt_encoder(points=(points[:, None], torch.ones(len(points), 1, dtype=torch.int)),
                                        boxes=None, masks=None)
     masks, predicted_iou = decode_prompts(sam.mask_decoder, embeddings, owner, sam.prompt_encoder.get_dense_pe(),
-                                          sparse, dense)
+                                          sparse, dense[:1])  # no mask prompt: the same dense for every click
     prompts, outputs = masks.shape[:2]  # output 0: the single-mask output; 1-3: the multimask outputs
     flat_masks, flat_targets = masks.flatten(0, 1), targets.expand(-1, outputs, -1, -1).flatten(0, 1)
     mask_loss = (config.bce_weight * mask_bce_per_sample(flat_masks, flat_targets)

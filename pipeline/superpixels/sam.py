@@ -5,7 +5,8 @@ grid, three multimask outputs per point, predicted-IoU filter, stability score, 
 *mechanics* differ, because the reference spends most of its time outside the model:
 
 - the image encoder runs on a batch of images, not one at a time, and so does the mask decoder:
-  one call takes the point prompts of every image of the encoder batch (``decode_prompts``);
+  one call takes the point prompts of every image of the encoder batch, and runs its first layer's
+  image side once per image and its attention through fused kernels (``sam_decoder.decode_prompts``);
 - the predicted-IoU filter runs on the 256×256 low-res logits, so only survivors are upsampled;
 - survivors are upsampled to the *working resolution* (the image itself up to 1024 px on the long
   side, SAM's own input frame beyond), never to a 3000×2000 photo's full size: the stability
@@ -41,6 +42,7 @@ from torchvision.ops import batched_nms
 
 from pipeline.partition import PartitionConfig, paint_masks, partition_at_working_resolution, working_shape
 from pipeline.superpixels.base import BackendConfigError, SamOptions, SuperpixelBackend, SuperpixelResult
+from pipeline.superpixels.sam_decoder import decode_prompts
 from pipeline.timing import StageTimer
 
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
@@ -213,35 +215,6 @@ class WithSamEmbeddings(SuperpixelBackend):
         return results
 
 
-def decode_prompts(
-    decoder: MaskDecoder,
-    image_embeddings: torch.Tensor,
-    owner: torch.Tensor,
-    image_pe: torch.Tensor,
-    sparse: torch.Tensor,
-    dense: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``MaskDecoder.predict_masks`` for prompts of several images in one call.
-
-    SAM's decoder repeats *one* image's embedding for every prompt (``repeat_interleave``), so one
-    call serves one image. Here prompt ``i`` reads the embedding of image ``owner[i]`` instead;
-    the rest is ``predict_masks`` of segment-anything 1.0, step for step (a test checks that both
-    give the same masks). Returns all ``1 + num_multimask_outputs`` masks and IoU predictions.
-    """
-    prompts = len(sparse)
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.expand(prompts, -1, -1), sparse), dim=1)
-    src = image_embeddings[owner] + dense
-    positions = image_pe.expand(prompts, -1, -1, -1)
-    _, channels, height, width = src.shape
-    hs, src = decoder.transformer(src, positions, tokens)
-    mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).view(prompts, channels, height, width))
-    hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-    masks = (hyper_in @ upscaled.flatten(2)).view(prompts, -1, *upscaled.shape[2:])
-    return masks, decoder.iou_prediction_head(hs[:, 0, :])
-
-
 class SamSuperpixels(SuperpixelBackend):
     """SAM automatic masks → partition, for a batch of images at a time."""
 
@@ -332,7 +305,7 @@ class SamSuperpixels(SuperpixelBackend):
         with self.encoder.autocast():
             sparse, dense = self.sam.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
             low_res, scores = decode_prompts(self.sam.mask_decoder, embeddings, owner,
-                                             self.sam.prompt_encoder.get_dense_pe(), sparse, dense)
+                                             self.sam.prompt_encoder.get_dense_pe(), sparse, dense[:1])
         multimask = slice(1, None)
         outputs = low_res.shape[1] - 1
         return (low_res[:, multimask].flatten(0, 1).float(), scores[:, multimask].flatten().float(),

@@ -1,0 +1,105 @@
+"""SAM's mask decoder for many prompts in one call: ``MaskDecoder.predict_masks`` made cheaper.
+
+The same modules, weights and arithmetic as segment-anything's decoder (tests compare masks, IoU
+predictions and gradients with ``predict_masks``, to float rounding); three changes of mechanics,
+because the decoder is what the automatic mask generator, SAM's pretraining and the trainer's
+mask head spend their time in, once per prompt:
+
+- prompts of several images in one call: prompt ``i`` reads image ``owner[i]`` (SAM's decoder
+  repeats *one* image's embedding for every prompt, so one call serves one image);
+- every attention runs through ``torch.nn.functional.scaled_dot_product_attention``, one fused
+  kernel, instead of a matmul, a softmax over rows of 7 tokens, a second matmul and the copies of
+  splitting and joining heads (on a CPU those took about half the decoder's time: torch.profiler,
+  BENCHMARKS.md);
+- without mask prompts (``dense`` given once for all prompts), the first layer's image side runs
+  once per image instead of once per prompt: until the first image-to-token attention writes into
+  them, the image tokens of every prompt of an image are the same, and so are their
+  token-to-image keys and values and their image-to-token queries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+
+
+def decode_prompts(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    owner: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``predict_masks`` for ``len(sparse)`` prompts, prompt ``i`` on ``image_embeddings[owner[i]]``.
+
+    ``dense``: (prompts, C, h, w), or (1, C, h, w) when it is the same for every prompt (no mask
+    prompt: SAM's ``no_mask_embed``), which lets the first layer's image side run once per image.
+    Returns all ``1 + num_multimask_outputs`` masks (prompts, M, 4h, 4w) and IoU predictions (prompts, M).
+    """
+    prompts = len(sparse)
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.expand(prompts, -1, -1), sparse), dim=1)
+    if len(dense) == 1:
+        images = image_embeddings + dense
+    else:
+        images, owner = image_embeddings[owner] + dense, torch.arange(prompts, device=owner.device)
+    _, channels, height, width = images.shape
+    hs, src = two_way_transformer(decoder.transformer, images, owner, image_pe, tokens)
+    mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(prompts, channels, height, width))
+    hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+    masks = (hyper_in @ upscaled.flatten(2)).view(prompts, -1, *upscaled.shape[2:])
+    return masks, decoder.iou_prediction_head(hs[:, 0, :])
+
+
+def two_way_transformer(transformer: TwoWayTransformer, images: torch.Tensor, owner: torch.Tensor,
+                        image_pe: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TwoWayTransformer.forward`` for prompt tokens (P, T, C) on images (N, C, h, w), prompt ``i``
+    on image ``owner[i]``: (P, T, C) queries and (P, h·w, C) image tokens."""
+    keys = images.flatten(2).transpose(1, 2)
+    key_pe = image_pe.flatten(2).transpose(1, 2)
+    queries = tokens
+    for index, layer in enumerate(transformer.layers):
+        queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe, owner if index == 0 else None)
+    q = queries + tokens
+    queries = queries + _attention(transformer.final_attn_token_to_image, q, keys + key_pe, keys)
+    return transformer.norm_final_attn(queries), keys
+
+
+def _two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                   key_pe: torch.Tensor, owner: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TwoWayAttentionBlock.forward``. With ``owner``, ``keys`` are per image and prompt ``i``
+    reads ``keys[owner[i]]``: the projections of the image tokens run once per image."""
+    if layer.skip_first_layer_pe:
+        queries = _attention(layer.self_attn, queries, queries, queries)
+    else:
+        q = queries + query_pe
+        queries = queries + _attention(layer.self_attn, q, q, queries)
+    queries = layer.norm1(queries)
+
+    to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    keys_with_pe = keys + key_pe
+    image_k, image_v, image_q = to_image.k_proj(keys_with_pe), to_image.v_proj(keys), to_token.q_proj(keys_with_pe)
+    if owner is not None:
+        image_k, image_v, image_q, keys = image_k[owner], image_v[owner], image_q[owner], keys[owner]
+    queries = layer.norm2(queries + _attend(to_image, to_image.q_proj(queries + query_pe), image_k, image_v))
+    queries = layer.norm3(queries + layer.mlp(queries))
+
+    q = queries + query_pe
+    keys = layer.norm4(keys + _attend(to_token, image_q, to_token.k_proj(q), to_token.v_proj(queries)))
+    return queries, keys
+
+
+def _attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``Attention.forward`` of segment-anything."""
+    return _attend(module, module.q_proj(q), module.k_proj(k), module.v_proj(v))
+
+
+def _attend(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The rest of ``Attention.forward`` once q, k and v are projected: heads, attention, out_proj."""
+    heads = module.num_heads
+    out = F.scaled_dot_product_attention(*(x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v)))
+    return module.out_proj(out.transpose(1, 2).flatten(2))
