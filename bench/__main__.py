@@ -32,13 +32,14 @@ def git_commit() -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(PARTS, argv, "python -m bench", __doc__.split("\n")[0])
+    commit = git_commit()  # the code that runs: read before an hour in which HEAD may move
     started = time.perf_counter()
     parts = run_parts(PARTS, args)
     latest = {
         "device": describe_device(args.device),
         "preset": args.preset,
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "date": time.strftime("%Y-%m-%d"),
         "seconds": time.perf_counter() - started,
     }

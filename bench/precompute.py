@@ -13,9 +13,9 @@ The SAM: ``--sam-checkpoint`` if given. Otherwise a ``tiny`` SAM is first pretra
 bench's own synthetic images (``svp tiny-sam --pretrain-on``, ``--precompute-sam-pretrain-steps``):
 its masks are then masks of objects, so the partitions compared are real ones. Briefly trained, it
 predicts lower IoUs than SAM's released weights, whose default thresholds (0.88, 0.95) would keep
-none of its masks; it gets ``PRETRAINED_TINY_THRESHOLDS``, which keep the objects'. A random SAM's masks are speckle (logits of about ±0.05)
-that the partition clean-up merges into one region per image, which makes any two generators
-"agree" and times a workload no user has. Random weights remain for the other model types (a
+none of its masks; it gets ``PRETRAINED_TINY_THRESHOLDS``, which keep the objects'. A random
+SAM's masks are speckle (logits of about ±0.05) that the partition clean-up merges into one
+region per image, which makes any two generators "agree" and times a workload no user has. Random weights remain for the other model types (a
 random ViT-H on a GPU: its cost is the real model's) and for ``--precompute-sam-pretrain-steps 0``;
 they get lowered thresholds (``RANDOM_WEIGHT_THRESHOLDS``) to let masks through.
 
@@ -192,8 +192,8 @@ def precompute_sam(args: argparse.Namespace, workspace: Workspace, refer_root: P
 
 def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     scratch = workspace.root / "precompute"
-    images = dataset_images(scratch / "refer", max(args.precompute_images, args.workers_images), args.image_size)
-    images = images[: args.precompute_images]
+    dataset_size = max(args.precompute_images, args.workers_images)  # the job's images; the generators get the first
+    images = dataset_images(scratch / "refer", dataset_size, args.image_size)[: args.precompute_images]
     checkpoint, weights = precompute_sam(args, workspace, scratch / "refer")
     options = SamOptions(
         str(checkpoint),
@@ -208,15 +208,15 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
         "images": len(images),
         "image_size": args.image_size,
         "sam": {k: v for k, v in asdict(options).items() if k != "checkpoint"},
-        "sam_weights": weights if weights != "pretrained" else f"pretrained here for {args.precompute_sam_pretrain_steps} steps",
+        "sam_weights": f"pretrained here for {args.precompute_sam_pretrain_steps} steps" if weights == "pretrained"
+                       else weights,
         "partition": PartitionConfig().as_dict(),
         "generators": generators,
         "headline": {"precompute_speedup_vs_reference": generators["speedup"],
                      "partition_agreement": generators["agreement"]["mean_iou"], "workers2_speedup": None},
     }
     if not args.skip_workers:
-        results["workers"] = {"images": max(args.precompute_images, args.workers_images),
-                              **compare_workers(scratch / "refer", options, scratch, args.device)}
+        results["workers"] = {"images": dataset_size, **compare_workers(scratch / "refer", options, scratch, args.device)}
         results["headline"]["workers2_speedup"] = results["workers"]["speedup"]
     return results
 

@@ -11,7 +11,11 @@ device and thread count:
   larger Llama-style decoders built from a transformers config with random weights
   (``HIDDENxLAYERS``, see ``bench.common.LlmSize``), saved and loaded as a local model;
 - the ``svp`` step with precomputed ``sam.npy`` against the step that runs the SAM encoder
-  (``--sam-model``: random weights of that architecture unless ``--sam-checkpoint``);
+  (``--sam-model``: random weights of that architecture unless ``--sam-checkpoint``), at the
+  first LLM size; and the same for each SAM of ``--embedding-sam-models`` (random weights): on a
+  CPU the bench's SAM is the 2-block, 32-wide ``tiny``, whose encoder costs little next to the
+  rest of a step, so what precomputing saves with a real SAM is measured with ViT-B, the smallest
+  (embeddings made by its encoder once, as the precompute job would);
 - at the largest LLM size, one pass of ``svp`` training steps over the train split batched in
   arrival order against length-grouped batches (``--length-group``): the share of the
   visual-token and word positions that are padding, and the time of the pass;
@@ -33,7 +37,16 @@ from pathlib import Path
 
 import torch
 
-from bench.common import DTYPES, LlmSize, Workspace, median_seconds, run_alone, speed_sam_checkpoint, synchronize
+from bench.common import (
+    DTYPES,
+    LlmSize,
+    Workspace,
+    median_seconds,
+    run_alone,
+    save_random_sam,
+    speed_sam_checkpoint,
+    synchronize,
+)
 from bench.tokens import pool_budget
 from pipeline.shards import read_manifest, split_shard_urls
 from trainer.data import DataConfig, item_length, make_loader
@@ -43,8 +56,9 @@ from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, Segmentation
 NAME = "train_step"
 PRESETS: dict[str, dict] = {
     "cpu": {},
-    "quick": {"step_batch_size": 2, "repeats": 1, "llm_sizes": "tiny,64x2", "loader_batches": 2},
-    "gpu": {"step_batch_size": 16, "repeats": 10, "llm_sizes": "tiny,1536x24"},
+    "quick": {"step_batch_size": 2, "repeats": 1, "llm_sizes": "tiny,64x2", "loader_batches": 2,
+              "embedding_sam_models": "tiny"},
+    "gpu": {"step_batch_size": 16, "repeats": 10, "llm_sizes": "tiny,1536x24", "embedding_sam_models": ""},
 }
 
 
@@ -62,17 +76,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "the trainer's")
     group.add_argument("--loader-batches", type=int, default=20,
                        help="batches the loader throughput is measured over (default 20)")
+    group.add_argument("--embedding-sam-models", default="vit_b",
+                       help="comma-separated SAMs (random weights) whose svp step with stored embeddings is also "
+                            "timed against the step that runs their encoder, at the tiny LLM; default vit_b (the "
+                            "gpu preset's --sam-model is vit_h already: none); '' for none")
+    group.add_argument("--embedding-batch-size", type=int, default=2,
+                       help="batch of those steps (default 2: ViT-B's encoder takes seconds per image on a CPU)")
+    group.add_argument("--embedding-repeats", type=int, default=2, help="timed repetitions of those steps (default 2)")
+
+
+def first_batch(shards: Path, data_config: DataConfig, batch_size: int) -> dict:
+    """The first training batch of the train split: one sentence of each of ``batch_size`` images,
+    as training draws them."""
+    urls = split_shard_urls(shards, read_manifest(shards), "train")
+    return next(iter(make_loader(urls, data_config, train=True, resampled=False, batch_size=batch_size)))
+
+
+def without_embeddings(data_config: DataConfig) -> DataConfig:
+    """The same loader, giving SAM pixels (for the step to encode) instead of stored embeddings."""
+    return DataConfig(**{**vars(data_config), "use_sam_embeddings": False})
 
 
 def batches(shards: Path, data_config: DataConfig, batch_size: int) -> tuple[dict, dict]:
-    """A training batch (one sentence of each of ``batch_size`` images, as training draws them) with
-    SAM embeddings, and the same batch with SAM pixels instead."""
-    urls = split_shard_urls(shards, read_manifest(shards), "train")
-
-    def first(config: DataConfig) -> dict:
-        return next(iter(make_loader(urls, config, train=True, resampled=False, batch_size=batch_size)))
-
-    return first(data_config), first(DataConfig(**{**vars(data_config), "use_sam_embeddings": False}))
+    """A training batch with SAM embeddings, and the same batch with SAM pixels instead."""
+    return first_batch(shards, data_config, batch_size), first_batch(shards, without_embeddings(data_config), batch_size)
 
 
 def train_pass(urls: list[str], data_config: DataConfig, batch_size: int, length_group: int) -> list[dict]:
@@ -193,6 +220,24 @@ def measure_size(size: LlmSize, args: argparse.Namespace, workspace: Workspace, 
     return {**result, "projectors": rows}
 
 
+def measure_embedding_step(sam_model: str, args: argparse.Namespace, workspace: Workspace, timer: Timer) -> dict:
+    """The svp step (tiny LLM) with stored SAM embeddings vs the step that runs the encoder of a
+    random-weight SAM of ``sam_model``; the embeddings come from that encoder, once."""
+    sam = save_random_sam(workspace.root / f"sam_{sam_model}_random.pth", sam_model)
+    config = ModelConfig(llm=LlmSize("tiny").materialise(workspace.root, timer.dtype), vision_size=args.vision_size,
+                         sam_checkpoint=str(sam), sam_model=sam_model, projector=ProjectorConfig(kind="svp"))
+    model = SegmentationMLLM(config).to(timer.device)
+    with_pixels = first_batch(workspace.shards(), without_embeddings(DataConfig(**model.data_config_fields())),
+                              args.embedding_batch_size)
+    with torch.no_grad(), timer.autocast():
+        embeddings = model.mask_head.image_embeddings(with_pixels["sam_pixels"].to(timer.device)).float()
+    with_embeddings = {**{k: v for k, v in with_pixels.items() if k != "sam_pixels"}, "sam_embeddings": embeddings}
+    timer = Timer(timer.device, timer.dtype, args.embedding_repeats)
+    with_encoder_s, with_embeddings_s = timer.step(model, with_pixels), timer.step(model, with_embeddings)
+    return {"batch_size": args.embedding_batch_size, "step_with_sam_encoder_s": with_encoder_s,
+            "step_with_sam_embeddings_s": with_embeddings_s, "ratio": with_embeddings_s / with_encoder_s}
+
+
 def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     timer = Timer(torch.device(args.device), DTYPES[args.dtype], args.repeats)
     names = [name for name in args.llm_sizes.split(",") if name]
@@ -202,14 +247,17 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     first, last = sizes[names[0]], sizes[names[-1]]["projectors"]
     ratio = first["svp_step_with_sam_embeddings_s"] / first["svp_step_with_sam_encoder_s"]
     training = sizes[names[-1]]["svp_training"]
+    embedding_steps = {name: measure_embedding_step(name, args, workspace, timer)
+                       for name in args.embedding_sam_models.split(",") if name}
     return {
         "batch_size": args.step_batch_size, "vision_size": args.vision_size, "dtype": args.dtype,
-        "sam_model": args.sam_model, "sizes": sizes,
+        "sam_model": args.sam_model, "sizes": sizes, "embedding_steps": embedding_steps,
         "headline": {"train_step_ratio_svp_to_mlp": last["svp"]["step_s_ratio_to_mlp"],
                      "infer_latency_ratio_svp_to_mlp": last["svp"]["latency_s_ratio_to_mlp"],
                      "sam_embedding_step_ratio": ratio,
                      "length_grouped_pass_ratio": training["length_grouped_pass_ratio"],
-                     "loader_to_step_samples_ratio": training["loader_samples_per_s"] / training["step_samples_per_s"]},
+                     "loader_to_step_samples_ratio": training["loader_samples_per_s"] / training["step_samples_per_s"],
+                     **{f"sam_embedding_step_ratio_{name}": row["ratio"] for name, row in embedding_steps.items()}},
     }
 
 
@@ -236,6 +284,10 @@ def format_table(results: dict) -> str:
             lines.append(f"loader {training['loader_samples_per_s']:.1f} samples/s vs svp step "
                          f"{training['step_samples_per_s']:.1f} samples/s: ratio "
                          f"{results['headline']['loader_to_step_samples_ratio']:.2f} (above 1: the loader keeps up)")
+    for sam_model, row in results["embedding_steps"].items():
+        lines.append(f"SAM {sam_model} (random weights), LLM tiny, batch {row['batch_size']}: svp step with stored "
+                     f"embeddings {row['step_with_sam_embeddings_s']:.3f} s vs running its encoder "
+                     f"{row['step_with_sam_encoder_s']:.3f} s: ratio {row['ratio']:.3f}")
     return "\n".join(lines)
 
 

@@ -58,6 +58,8 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
     assert passes["arrival_order"]["batches"] == passes["length_grouped"]["batches"] > 0
     # The same items either way, and sorted neighbours give the least padding.
     assert 0 <= passes["length_grouped"]["padding_fraction"] <= passes["arrival_order"]["padding_fraction"] < 1
+    embedding_step = parts["train_step"]["embedding_steps"]["tiny"]  # (the cpu preset's is vit_b)
+    assert latest["sam_embedding_step_ratio_tiny"] == embedding_step["ratio"] and embedding_step["batch_size"] == 2
     precompute = parts["precompute"]  # no --sam-checkpoint: a tiny SAM pretrained on the bench's images first
     assert precompute["sam_weights"] == "pretrained here for 2 steps" and precompute["sam"]["pred_iou_thresh"] == 0.5
     assert precompute["workers"]["images"] == 2
