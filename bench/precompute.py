@@ -15,9 +15,10 @@ its masks are then masks of objects, so the partitions compared are real ones. B
 predicts lower IoUs than SAM's released weights, whose default thresholds (0.88, 0.95) would keep
 none of its masks; it gets ``PRETRAINED_TINY_THRESHOLDS``, which keep the objects'. A random
 SAM's masks are speckle (logits of about ±0.05) that the partition clean-up merges into one
-region per image, which makes any two generators "agree" and times a workload no user has. Random weights remain for the other model types (a
-random ViT-H on a GPU: its cost is the real model's) and for ``--precompute-sam-pretrain-steps 0``;
-they get lowered thresholds (``RANDOM_WEIGHT_THRESHOLDS``) to let masks through.
+region per image, which makes any two generators "agree" and times a workload no user has.
+Random weights remain for the other model types (a random ViT-H on a GPU: its cost is the real
+model's) and for ``--precompute-sam-pretrain-steps 0``; they get lowered thresholds
+(``RANDOM_WEIGHT_THRESHOLDS``) to let masks through.
 
 Partition agreement (``pipeline.partition.partition_agreement``): each reference superpixel is
 matched to the superpixel of ours with which it has the highest IoU; we report the mean of those
@@ -33,6 +34,8 @@ seconds do not shrink with more workers, so a job of a few images measures them,
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "synthetic images for this many steps, so that its masks are objects (default 200, "
                             "about 1.5 min on 2 cores); 0: random weights, whose masks are speckle")
     group.add_argument("--skip-workers", action="store_true", help="skip the 1 vs 2 Ray workers job comparison")
+    group.add_argument("--profile", action="store_true",
+                       help="also run each generator once more under cProfile and print where its time goes "
+                            "(mask decoder, mask upsampling, encoder, the rest)")
 
 
 def dataset_images(root: Path, count: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -151,6 +157,33 @@ def compare_generators(options: SamOptions, images: list[np.ndarray], device: st
     }
 
 
+# Where a generator's time goes: (label, (file, function) whose cumulative time it is; either side's).
+PROFILED = (
+    ("mask decoder", (("mask_decoder.py", "predict_masks"), ("sam_decoder.py", "decode_prompts"))),
+    ("mask upsampling", (("modeling/sam.py", "postprocess_masks"),)),
+    ("image encoder", (("image_encoder.py", "forward"),)),
+)
+
+
+def profile_generators(options: SamOptions, images: list[np.ndarray], device: str) -> dict:
+    """{generator: {"total_s": ..., label: seconds}}: one cProfile'd run of each on ``images``."""
+    ours = SamSuperpixels(options, PartitionConfig(), device=device)
+    generators = {"reference": reference_backend(options, ours), "ours": lambda batch: [r.labels for r in ours(batch)]}
+    profiles = {}
+    for name, run in generators.items():
+        run(images[:1])  # warm-up, as timed() does
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(images)
+        profiler.disable()
+        stats = pstats.Stats(profiler)  # .stats: {(file, line, function): (calls, calls, own, cumulative, callers)}
+        profiles[name] = {"total_s": stats.total_tt, **{
+            label: max((row[3] for (file, _, function), row in stats.stats.items()
+                        if any(file.endswith(f) and function == fn for f, fn in places)), default=0.0)
+            for label, places in PROFILED}}
+    return profiles
+
+
 def compare_workers(refer_root: Path, options: SamOptions, scratch: Path, device: str) -> dict:
     """The precompute job (local Ray, SAM backend, one shard per image) with 1 and with 2 workers.
     On a GPU the workers share it (``--gpus-per-worker`` 1/workers)."""
@@ -192,7 +225,7 @@ def precompute_sam(args: argparse.Namespace, workspace: Workspace, refer_root: P
 
 def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     scratch = workspace.root / "precompute"
-    dataset_size = max(args.precompute_images, args.workers_images)  # the job's images; the generators get the first
+    dataset_size = max(args.precompute_images, args.workers_images)  # the job's; the generators take the first
     images = dataset_images(scratch / "refer", dataset_size, args.image_size)[: args.precompute_images]
     checkpoint, weights = precompute_sam(args, workspace, scratch / "refer")
     options = SamOptions(
@@ -215,8 +248,11 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
         "headline": {"precompute_speedup_vs_reference": generators["speedup"],
                      "partition_agreement": generators["agreement"]["mean_iou"], "workers2_speedup": None},
     }
+    if args.profile:
+        results["profile"] = profile_generators(options, images, args.device)
     if not args.skip_workers:
-        results["workers"] = {"images": dataset_size, **compare_workers(scratch / "refer", options, scratch, args.device)}
+        workers = compare_workers(scratch / "refer", options, scratch, args.device)
+        results["workers"] = {"images": dataset_size, **workers}
         results["headline"]["workers2_speedup"] = results["workers"]["speedup"]
     return results
 
@@ -242,9 +278,14 @@ def format_table(results: dict) -> str:
         f"partition agreement (IoU of each reference superpixel with its best match in ours): "
         f"mean {agreement['mean_iou']:.4f}, area-weighted {agreement['area_weighted_iou']:.4f}",
     ]
+    for name, profile in results.get("profile", {}).items():
+        total = profile["total_s"]
+        lines.append(f"profile, {name}: {total:.2f} s under cProfile; " + ", ".join(
+            f"{label} {seconds:.2f} s ({seconds / total:.0%})" for label, seconds in profile.items() if label != "total_s"))
     if "workers" in results:
         w = results["workers"]
-        lines.append(f"precompute job (local Ray, SAM backend, {w['images']} images): 1 worker {w['seconds_1_worker']:.1f} s, "
+        lines.append(f"precompute job (local Ray, SAM backend, {w['images']} images): "
+                     f"1 worker {w['seconds_1_worker']:.1f} s, "
                      f"2 workers {w['seconds_2_workers']:.1f} s, speedup {w['speedup']:.2f}x")
     return "\n".join(lines)
 

@@ -99,7 +99,8 @@ def without_embeddings(data_config: DataConfig) -> DataConfig:
 
 def batches(shards: Path, data_config: DataConfig, batch_size: int) -> tuple[dict, dict]:
     """A training batch with SAM embeddings, and the same batch with SAM pixels instead."""
-    return first_batch(shards, data_config, batch_size), first_batch(shards, without_embeddings(data_config), batch_size)
+    with_embeddings = first_batch(shards, data_config, batch_size)
+    return with_embeddings, first_batch(shards, without_embeddings(data_config), batch_size)
 
 
 def train_pass(urls: list[str], data_config: DataConfig, batch_size: int, length_group: int) -> list[dict]:

@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench import train_step
+from bench import precompute, train_step
 from bench.__main__ import PARTS
 from bench.__main__ import main as bench
 from bench.common import LlmSize, parse_args
+from pipeline.superpixels.base import SamOptions
 
 HEADLINE = ("tokens_ratio_svp_to_mlp", "ciou_svp", "ciou_mlp", "ciou_pool", "train_step_ratio_svp_to_mlp",
             "infer_latency_ratio_svp_to_mlp", "precompute_speedup_vs_reference", "partition_agreement",
@@ -100,3 +101,15 @@ def test_gpu_preset_sizes_and_explicit_flags_win() -> None:
 def test_llm_sizes_are_refused_unless_hidden_x_layers(name) -> None:
     with pytest.raises(ValueError, match="LLM size"):
         LlmSize(name).config_fields()
+
+
+def test_precompute_profile_splits_each_generators_time(tiny_sam_checkpoint: Path, tmp_path: Path) -> None:
+    """``bench.precompute --profile``: the decoder, upsampling and encoder seconds of both generators,
+    each a part of its run's total."""
+    options = SamOptions(str(tiny_sam_checkpoint), "tiny", points_per_side=2, **precompute.RANDOM_WEIGHT_THRESHOLDS)
+    images = precompute.dataset_images(tmp_path / "refer", 2, 64)
+    profiles = precompute.profile_generators(options, images, "cpu")
+    assert set(profiles) == {"reference", "ours"}
+    for profile in profiles.values():
+        parts = [profile[label] for label, _ in precompute.PROFILED]
+        assert all(seconds > 0 for seconds in parts) and sum(parts) < profile["total_s"]

@@ -236,16 +236,17 @@ class SegmentationMLLM(nn.Module):
         sequences = self._splice(batch["sentences"], tokens, valid)
         out = self.llm(inputs_embeds=sequences.embeds, attention_mask=sequences.attention_mask,
                        position_ids=self._positions(sequences.attention_mask), output_hidden_states=True)
-        dtype = self.seg_mlp[0].weight.dtype
-        hidden = out.hidden_states[-1].to(dtype)
+        dtype = self.seg_mlp[0].weight.dtype  # only the rows read below are cast, not the whole sequence
+        hidden = out.hidden_states[-1]
         rows = torch.arange(len(tokens), device=device)
-        seg_hidden = hidden[rows, sequences.seg_positions]
+        seg_hidden = hidden[rows, sequences.seg_positions].to(dtype)
         prompts = self.seg_mlp(seg_hidden)[:, None]
         mask_prompt = None
         if self.region_prompt is not None:
-            at = (sequences.visual_start[:, None] + torch.arange(tokens.shape[1], device=device)).clamp_max(hidden.shape[1] - 1)
+            at = sequences.visual_start[:, None] + torch.arange(tokens.shape[1], device=device)
+            visual_hidden = hidden[rows[:, None], at.clamp_max(hidden.shape[1] - 1)].to(dtype)
             regions = self.projector.regions(grid, batch["superpixels"].to(device))
-            mask_prompt = self.region_prompt(seg_hidden, hidden[rows[:, None], at], regions, batch["input_sizes"],
+            mask_prompt = self.region_prompt(seg_hidden, visual_hidden, regions, batch["input_sizes"],
                                              self.mask_head.image_size, self.mask_head.mask_prompt_size)
         if "sam_embeddings" in batch:
             embeddings = batch["sam_embeddings"].to(device)
