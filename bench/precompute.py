@@ -28,7 +28,9 @@ over images. 1.0 means identical partitions.
 The job comparison runs ``svp precompute`` (local Ray, SAM backend, one shard per image) with 1 and
 with 2 workers on the same ``--workers-images`` images: wall time of the whole job, actor start-up
 and model loading included (what a user waits for), but not Ray's own start-up. Those fixed
-seconds do not shrink with more workers, so a job of a few images measures them, not the scaling.
+seconds do not shrink with more workers, so a job of a few images measures them, not the scaling;
+each job's manifest says how long its busiest worker spent in its stages, which splits the wall
+time into the work that 2 workers share (``work_speedup``) and the fixed rest (``fixed_s``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +53,7 @@ from bench.common import Workspace, run_alone, speed_sam_checkpoint
 from jobs import tiny_sam
 from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig, partition_agreement, partition_from_masks
+from pipeline.shards import read_manifest
 from pipeline.superpixels.base import SamOptions
 from pipeline.superpixels.sam import SamSuperpixels
 from pipeline.synth import synthesize
@@ -71,9 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("precompute: SAM superpixels vs the reference, 1 vs 2 workers")
     group.add_argument("--precompute-images", type=int, default=8,
                        help="synthetic images both generators segment (default 8)")
-    group.add_argument("--workers-images", type=int, default=64,
-                       help="synthetic images of the 1 vs 2 workers job (default 64: enough work that the job's "
-                            "fixed start-up seconds do not hide the scaling)")
+    group.add_argument("--workers-images", type=int, default=128,
+                       help="synthetic images of the 1 vs 2 workers job (default 128: about a minute of work per "
+                            "worker, so that the job's ~5 fixed start-up seconds and this machine's noise do not "
+                            "hide the scaling)")
     group.add_argument("--image-size", type=int, default=256,
                        help="long side of those images in px (default 256; above 1024 ours partitions at 1024)")
     group.add_argument("--points-per-side", type=int, default=8,
@@ -186,7 +191,12 @@ def profile_generators(options: SamOptions, images: list[np.ndarray], device: st
 
 def compare_workers(refer_root: Path, options: SamOptions, scratch: Path, device: str) -> dict:
     """The precompute job (local Ray, SAM backend, one shard per image) with 1 and with 2 workers.
-    On a GPU the workers share it (``--gpus-per-worker`` 1/workers)."""
+    On a GPU the workers share it (``--gpus-per-worker`` 1/workers).
+
+    Besides the wall times, each job's busiest worker's stage seconds (from its manifest): the
+    work that more workers split, against the fixed seconds (actor start-up, imports, model load,
+    outputs) that they do not, so that a user can tell what a longer job will scale like.
+    """
     import ray
 
     from jobs.precompute import main as precompute
@@ -199,14 +209,21 @@ def compare_workers(refer_root: Path, options: SamOptions, scratch: Path, device
              "--points-per-side", str(options.points_per_side), "--pred-iou-thresh", str(options.pred_iou_thresh),
              "--stability-score-thresh", str(options.stability_score_thresh),
              "--stability-score-offset", str(options.stability_score_offset)]
-    seconds = {}
+    jobs = {}
     for workers in (1, 2):
+        out = scratch / f"workers{workers}"
+        shutil.rmtree(out, ignore_errors=True)  # a complete output from an earlier run would be resumed: no work
         gpus = ["--gpus-per-worker", str(1 / workers)] if torch.device(device).type == "cuda" else []
         start = time.perf_counter()
-        if precompute([*flags, *gpus, "--out", str(scratch / f"workers{workers}"), "--workers", str(workers)]) != 0:
+        if precompute([*flags, *gpus, "--out", str(out), "--workers", str(workers)]) != 0:
             raise RuntimeError(f"precompute with {workers} workers failed")
-        seconds[workers] = time.perf_counter() - start
-    return {"seconds_1_worker": seconds[1], "seconds_2_workers": seconds[2], "speedup": seconds[1] / seconds[2]}
+        seconds = time.perf_counter() - start
+        busiest = max(sum(worker["seconds"].values()) for worker in read_manifest(out)["timing"]["per_worker"].values())
+        jobs[str(workers)] = {"seconds": seconds, "busiest_worker_s": busiest, "fixed_s": seconds - busiest}
+    one, two = jobs["1"], jobs["2"]  # string keys, as the results' JSON has them
+    return {"seconds_1_worker": one["seconds"], "seconds_2_workers": two["seconds"],
+            "speedup": one["seconds"] / two["seconds"],
+            "work_speedup": one["busiest_worker_s"] / two["busiest_worker_s"], "jobs": jobs}
 
 
 def precompute_sam(args: argparse.Namespace, workspace: Workspace, refer_root: Path) -> tuple[Path, str]:
@@ -287,6 +304,11 @@ def format_table(results: dict) -> str:
         lines.append(f"precompute job (local Ray, SAM backend, {w['images']} images): "
                      f"1 worker {w['seconds_1_worker']:.1f} s, "
                      f"2 workers {w['seconds_2_workers']:.1f} s, speedup {w['speedup']:.2f}x")
+        jobs = w["jobs"]
+        lines.append(f"  busiest worker's stages: 1 worker {jobs['1']['busiest_worker_s']:.1f} s, 2 workers "
+                     f"{jobs['2']['busiest_worker_s']:.1f} s: the work {w['work_speedup']:.2f}x; fixed seconds "
+                     f"(start-up, imports, model load, outputs) {jobs['1']['fixed_s']:.1f} and "
+                     f"{jobs['2']['fixed_s']:.1f} s")
     return "\n".join(lines)
 
 

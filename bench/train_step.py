@@ -15,7 +15,10 @@ device and thread count:
   first LLM size; and the same for each SAM of ``--embedding-sam-models`` (random weights): on a
   CPU the bench's SAM is the 2-block, 32-wide ``tiny``, whose encoder costs little next to the
   rest of a step, so what precomputing saves with a real SAM is measured with ViT-B, the smallest
-  (embeddings made by its encoder once, as the precompute job would);
+  (embeddings made by its encoder once, as the precompute job would). The headline
+  ``sam_embedding_step_ratio`` is the first real (non-``tiny``) SAM's ratio: the bench's own SAM
+  on the gpu preset (ViT-H), ViT-B's on the cpu preset; ``tiny``'s only where nothing else was
+  timed. Each ``--embedding-sam-models`` ratio is also under ``sam_embedding_step_ratio_<model>``;
 - at the largest LLM size, one pass of ``svp`` training steps over the train split batched in
   arrival order against length-grouped batches (``--length-group``): the share of the
   visual-token and word positions that are padding, and the time of the pass;
@@ -245,21 +248,30 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     sizes = {name: measure_size(LlmSize(name), args, workspace, timer, with_sam_encoder=i == 0,
                                 with_passes=i == len(names) - 1)
              for i, name in enumerate(names)}
-    first, last = sizes[names[0]], sizes[names[-1]]["projectors"]
-    ratio = first["svp_step_with_sam_embeddings_s"] / first["svp_step_with_sam_encoder_s"]
+    last = sizes[names[-1]]["projectors"]
     training = sizes[names[-1]]["svp_training"]
     embedding_steps = {name: measure_embedding_step(name, args, workspace, timer)
                        for name in args.embedding_sam_models.split(",") if name}
+    timed = [(args.sam_model, embedding_step_ratio(sizes[names[0]])),
+             *((name, row["ratio"]) for name, row in embedding_steps.items())]
+    # The claim is about SAM's encoder: the tiny stand-in answers it only when no real SAM was timed.
+    headline_sam, headline_ratio = next((row for row in timed if row[0] != "tiny"), timed[0])
     return {
         "batch_size": args.step_batch_size, "vision_size": args.vision_size, "dtype": args.dtype,
         "sam_model": args.sam_model, "sizes": sizes, "embedding_steps": embedding_steps,
+        "sam_embedding_step_ratio_sam": headline_sam,
         "headline": {"train_step_ratio_svp_to_mlp": last["svp"]["step_s_ratio_to_mlp"],
                      "infer_latency_ratio_svp_to_mlp": last["svp"]["latency_s_ratio_to_mlp"],
-                     "sam_embedding_step_ratio": ratio,
+                     "sam_embedding_step_ratio": headline_ratio,
                      "length_grouped_pass_ratio": training["length_grouped_pass_ratio"],
                      "loader_to_step_samples_ratio": training["loader_samples_per_s"] / training["step_samples_per_s"],
                      **{f"sam_embedding_step_ratio_{name}": row["ratio"] for name, row in embedding_steps.items()}},
     }
+
+
+def embedding_step_ratio(size: dict) -> float:
+    """The svp step with stored embeddings over the step that runs the bench's SAM encoder."""
+    return size["svp_step_with_sam_embeddings_s"] / size["svp_step_with_sam_encoder_s"]
 
 
 def format_table(results: dict) -> str:
@@ -274,7 +286,7 @@ def format_table(results: dict) -> str:
         if "svp_step_with_sam_encoder_s" in size:
             lines.append(f"svp step with precomputed sam.npy {size['svp_step_with_sam_embeddings_s']:.3f} s vs running "
                          f"the SAM encoder {size['svp_step_with_sam_encoder_s']:.3f} s: "
-                         f"ratio {results['headline']['sam_embedding_step_ratio']:.3f}")
+                         f"ratio {embedding_step_ratio(size):.3f}")
         if "svp_training" in size:
             training = size["svp_training"]
             for name, row in training["passes"].items():
@@ -289,6 +301,8 @@ def format_table(results: dict) -> str:
         lines.append(f"SAM {sam_model} (random weights), LLM tiny, batch {row['batch_size']}: svp step with stored "
                      f"embeddings {row['step_with_sam_embeddings_s']:.3f} s vs running its encoder "
                      f"{row['step_with_sam_encoder_s']:.3f} s: ratio {row['ratio']:.3f}")
+    lines.append(f"headline sam_embedding_step_ratio: SAM {results['sam_embedding_step_ratio_sam']}'s "
+                 f"({results['headline']['sam_embedding_step_ratio']:.3f}; a real SAM's where one was timed)")
     return "\n".join(lines)
 
 

@@ -61,9 +61,16 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
     assert 0 <= passes["length_grouped"]["padding_fraction"] <= passes["arrival_order"]["padding_fraction"] < 1
     embedding_step = parts["train_step"]["embedding_steps"]["tiny"]  # (the cpu preset's is vit_b)
     assert latest["sam_embedding_step_ratio_tiny"] == embedding_step["ratio"] and embedding_step["batch_size"] == 2
+    # Only tiny SAMs were timed here, so the headline is tiny's (the bench's own step, at its batch).
+    assert parts["train_step"]["sam_embedding_step_ratio_sam"] == "tiny"
+    assert latest["sam_embedding_step_ratio"] == train_step.embedding_step_ratio(parts["train_step"]["sizes"]["tiny"])
     precompute = parts["precompute"]  # no --sam-checkpoint: a tiny SAM pretrained on the bench's images first
     assert precompute["sam_weights"] == "pretrained here for 2 steps" and precompute["sam"]["pred_iou_thresh"] == 0.5
     assert precompute["workers"]["images"] == 2
+    for job in precompute["workers"]["jobs"].values():  # the busiest worker's stages: part of the job's wall time
+        assert 0 < job["busiest_worker_s"] < job["seconds"] and job["fixed_s"] == job["seconds"] - job["busiest_worker_s"]
+    assert precompute["workers"]["work_speedup"] == (precompute["workers"]["jobs"]["1"]["busiest_worker_s"]
+                                                      / precompute["workers"]["jobs"]["2"]["busiest_worker_s"])
     accuracy = parts["accuracy"]["configs"]
     assert list(accuracy) == ["mlp", "pool", "svp-pool", "svp+sspe", "svp+ssa", "svp"]
     for config in accuracy.values():
