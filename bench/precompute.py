@@ -218,7 +218,8 @@ def compare_workers(refer_root: Path, options: SamOptions, scratch: Path, device
         if precompute([*flags, *gpus, "--out", str(out), "--workers", str(workers)]) != 0:
             raise RuntimeError(f"precompute with {workers} workers failed")
         seconds = time.perf_counter() - start
-        busiest = max(sum(worker["seconds"].values()) for worker in read_manifest(out)["timing"]["per_worker"].values())
+        per_worker = read_manifest(out)["timing"]["per_worker"].values()
+        busiest = max(sum(worker["seconds"].values()) for worker in per_worker)
         jobs[str(workers)] = {"seconds": seconds, "busiest_worker_s": busiest, "fixed_s": seconds - busiest}
     one, two = jobs["1"], jobs["2"]  # string keys, as the results' JSON has them
     return {"seconds_1_worker": one["seconds"], "seconds_2_workers": two["seconds"],

@@ -68,7 +68,8 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
     assert precompute["sam_weights"] == "pretrained here for 2 steps" and precompute["sam"]["pred_iou_thresh"] == 0.5
     assert precompute["workers"]["images"] == 2
     for job in precompute["workers"]["jobs"].values():  # the busiest worker's stages: part of the job's wall time
-        assert 0 < job["busiest_worker_s"] < job["seconds"] and job["fixed_s"] == job["seconds"] - job["busiest_worker_s"]
+        assert 0 < job["busiest_worker_s"] < job["seconds"]
+        assert job["fixed_s"] == job["seconds"] - job["busiest_worker_s"]
     assert precompute["workers"]["work_speedup"] == (precompute["workers"]["jobs"]["1"]["busiest_worker_s"]
                                                       / precompute["workers"]["jobs"]["2"]["busiest_worker_s"])
     accuracy = parts["accuracy"]["configs"]
@@ -102,6 +103,12 @@ def test_gpu_preset_sizes_and_explicit_flags_win() -> None:
     assert 0.5e9 < parameters < 1e9
     args = parse_args(PARTS, ["--preset", "gpu", "--device", "cpu", "--sam-model", "tiny", "--steps", "3"], "bench", "")
     assert (args.device, args.sam_model, args.steps, args.dtype) == ("cpu", "tiny", 3, "bf16")
+
+
+def test_the_sam_npy_headline_is_the_first_real_sams() -> None:
+    assert train_step.headline_embedding_step([("tiny", 0.6), ("vit_b", 0.02)]) == ("vit_b", 0.02)
+    assert train_step.headline_embedding_step([("vit_h", 0.1), ("vit_b", 0.02)]) == ("vit_h", 0.1)
+    assert train_step.headline_embedding_step([("tiny", 0.6), ("tiny", 0.5)]) == ("tiny", 0.6)
 
 
 @pytest.mark.parametrize("name", ["big", "100x2", "64x0", "64"])

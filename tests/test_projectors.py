@@ -206,29 +206,6 @@ def test_geometry_of_a_rectangle():
 # -------------------------------------------------------------------------------------------- SSA
 
 
-def as_if_trained(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with its SSA branches' zero-started output layers given random weights, as after
-    training: an untrained SSA adds nothing, so what its paths see could not be told apart."""
-    blocks = [m for m in module.modules() if isinstance(m, AggregatorBlock)]
-    assert blocks
-    with torch.no_grad():
-        for layer in (layer for block in blocks for layer in block.branch_outputs()):
-            torch.nn.init.normal_(layer.weight, std=0.2)
-    return module
-
-
-def test_untrained_ssa_returns_the_pooled_tokens():
-    """Zero-started residual branches: SSA starts as the superpixel-pooling rung and learns what to add."""
-    grid = (4, 4)
-    features, superpixels, num = random_batch([3, 6], 12, grid, seed=8)
-    with torch.no_grad():
-        pooled, valid = svp(sspe=False, ssa=False).compress(features, grid, superpixels, num)
-        aggregated, _ = svp(sspe=False, ssa_layers=2).compress(features, grid, superpixels, num)
-        trained, _ = as_if_trained(svp(sspe=False, ssa_layers=2)).compress(features, grid, superpixels, num)
-    torch.testing.assert_close(aggregated[valid], pooled[valid])
-    assert not torch.allclose(trained[valid], pooled[valid])
-
-
 def test_inside_attention_sees_only_touched_patches():
     """Superpixel 0 (left half) ignores a right-half patch inside; it still hears it through outside."""
     grid = (4, 4)
@@ -241,7 +218,7 @@ def test_inside_attention_sees_only_touched_patches():
     perturbed[0, 1 * 4 + 3] = torch.randn(DV, generator=generator)  # patch (1, 3): right half only
 
     torch.manual_seed(0)
-    block = as_if_trained(AggregatorBlock(DV, heads=4))
+    block = AggregatorBlock(DV, heads=4)
     coverage = coverage_matrix(labels, num, grid)
     tokens = torch.randn(1, 2, DV, generator=generator)
     with torch.no_grad():
@@ -252,8 +229,7 @@ def test_inside_attention_sees_only_touched_patches():
 
     with torch.no_grad():
         pooled_only = [svp(sspe=False, ssa=False).compress(f, grid, labels, num)[0] for f in (features, perturbed)]
-        aggregator = as_if_trained(svp(sspe=False))
-        aggregated = [aggregator.compress(f, grid, labels, num)[0] for f in (features, perturbed)]
+        aggregated = [svp(sspe=False).compress(f, grid, labels, num)[0] for f in (features, perturbed)]
     torch.testing.assert_close(pooled_only[1][0, 0], pooled_only[0][0, 0])
     assert not torch.allclose(aggregated[1][0, 0], aggregated[0][0, 0])
 
@@ -271,17 +247,12 @@ KINDS = [
 
 @pytest.mark.parametrize("config", KINDS, ids=lambda c: f"{c.kind}-sspe{c.sspe:d}-ssa{c.ssa:d}")
 def test_gradients_reach_features_and_every_parameter(config):
-    """After one optimizer step (SSA's zero-started branch outputs have moved), every parameter learns."""
     grid = (4, 4)
     features, superpixels, num = random_batch([3, 6], 12, grid, seed=6)
     features.requires_grad_(True)
     projector = build_projector(config, DV, DLLM)
-    optimizer = torch.optim.SGD(projector.parameters(), lr=0.1)
-    for _ in range(2):
-        optimizer.zero_grad()
-        tokens, valid = projector(features, grid, superpixels, num)
-        (tokens[valid] * torch.linspace(-1, 1, tokens.shape[-1])).sum().backward()
-        optimizer.step()
+    tokens, valid = projector(features, grid, superpixels, num)
+    (tokens[valid] * torch.randn_like(tokens[valid])).sum().backward()
     assert features.grad is not None and features.grad.abs().sum() > 0
     for name, parameter in projector.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

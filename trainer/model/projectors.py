@@ -233,12 +233,7 @@ class MaskedAttention(nn.Module):
 class AggregatorBlock(nn.Module):
     """One SSA block (pre-norm residual): inside detail, outside context, then a small FFN.
 
-    The last projection of each residual branch starts at zero (as in ReZero / adaLN-Zero), so
-    an untrained SSA returns the pooled tokens unchanged and learns what to add to them: with
-    random branches the tokens started as pooled features plus noise, and svp+ssa trained to
-    2.4 points of val cIoU below superpixel pooling alone; zero-started, level with it or above
-    (BENCHMARKS.md, 2026-12-02 third session). ``inside`` and ``outside`` are public so each path
-    can be checked on its own.
+    ``inside`` and ``outside`` are public so each path can be checked on its own.
     """
 
     def __init__(self, dim: int, heads: int) -> None:
@@ -250,13 +245,6 @@ class AggregatorBlock(nn.Module):
         self.outside_attention = MaskedAttention(dim, heads)
         self.ffn_norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, FFN_RATIO * dim), nn.GELU(), nn.Linear(FFN_RATIO * dim, dim))
-        for last in self.branch_outputs():
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-
-    def branch_outputs(self) -> tuple[nn.Linear, ...]:
-        """The layers that write into the residual stream: zero at initialisation."""
-        return self.inside_attention.out, self.outside_attention.out, self.ffn[-1]
 
     def inside(self, tokens: Tensor, features: Tensor, touches: Tensor) -> Tensor:
         """Cross-attend from each token to the patches its superpixel touches (``touches``: B, K, h*w).
