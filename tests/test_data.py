@@ -158,6 +158,21 @@ def test_length_grouped_batches_keep_every_item_and_cut_the_padding() -> None:
     assert _grouped(lengths, 4, group=8) == grouped and _grouped(lengths, 4, group=8, seed=1) != grouped
 
 
+def test_length_grouped_batches_read_the_next_window_a_batch_at_a_time() -> None:
+    """After the first window, each batch leaves having read one batch of items more, never a
+    whole window at once (which stalled the training step every ``group`` batches)."""
+    read = 0
+
+    def items():
+        nonlocal read
+        for n in range(1, 41):
+            read += 1
+            yield {"num_superpixels": n, "sentence": ""}
+
+    stage = _LengthGroupedBatches(4, 4, 0, collate=lambda batch: read)  # windows of 16 items
+    assert list(stage.run(items())) == [20, 24, 28, 32, 36, 40, 40, 40, 40, 40]
+
+
 def test_length_grouped_training_drops_only_a_last_partial_batch() -> None:
     batches = _grouped(list(range(1, 12)), 4, group=2)  # 11 items: a window of 8, then 3 left
     assert len(batches) == 2 and sorted(n for b in batches for n in b) == list(range(1, 9))
