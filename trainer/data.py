@@ -526,7 +526,8 @@ def make_loader(
     shards = expand_urls(urls)
     resampled = train if resampled is None else resampled
     if (epoch_samples is not None or endless) and not train:
-        raise ValueError("epoch_samples and endless are for training: evaluation reads every (ref, sentence) exactly once")
+        raise ValueError("epoch_samples and endless are for training: "
+                         "evaluation reads every (ref, sentence) exactly once")
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()
     decoder = _Decoder(config, train)
     if resampled:
