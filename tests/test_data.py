@@ -188,27 +188,6 @@ def test_length_grouping_counts_words_and_keeps_the_draws_of_a_train_pass(tmp_pa
         DataConfig(length_group=0)
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_an_endless_training_loader_gives_the_passes_of_a_reiterated_one(tmp_path, num_workers):
-    """The trainer's loader runs pass after pass in one iteration (so its worker reads ahead across
-    the end of a pass); the batches must be those of iterating a one-pass loader again and again."""
-    shards = _shards(tmp_path, [_sample(i, refs=3, sentences=3) for i in range(1, 9)], per_shard=2)
-    config = DataConfig(vision_size=32, sam_size=64, shuffle_buffer=4, length_group=2)
-
-    def loader(endless: bool):
-        return make_loader(shards, config, train=True, batch_size=2, resampled=False, num_workers=num_workers,
-                           endless=endless)
-
-    once = loader(endless=False)
-    passes = [_items(once) for _ in range(3)]
-    assert passes[0] != passes[1] and sorted(k for k, _, _ in passes[0]) == sorted(k for k, _, _ in passes[1])
-    batches = iter(loader(endless=True))
-    endless = _items(next(batches) for _ in range(12))  # 3 passes of 8 images in batches of 2
-    assert endless == passes[0] + passes[1] + passes[2]
-    with pytest.raises(ValueError, match="endless"):
-        make_loader(shards, config, train=False, batch_size=2, endless=True)
-
-
 def test_resampled_training_is_infinite_unless_epoch_samples(tmp_path):
     shards = _shards(tmp_path, [_sample(i) for i in range(1, 4)], per_shard=1)
     assert len(list(make_loader(shards, SMALL, train=True, batch_size=2, epoch_samples=9))) == 5

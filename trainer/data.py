@@ -504,7 +504,6 @@ def make_loader(
     num_workers: int = 0,
     resampled: bool | None = None,
     epoch_samples: int | None = None,
-    endless: bool = False,
 ) -> ShardLoader:
     """An iterable of batches (dicts, described in the module docstring) over the shards in ``urls``.
 
@@ -515,19 +514,14 @@ def make_loader(
     order is shuffled identically on every rank (seed + pass), then split by node and by worker.
     Training batches group items of similar length (``config.length_group``, see
     :class:`_LengthGroupedBatches`). Evaluation: no shuffle, shards split by node then by worker,
-    every (ref, sentence) once, and the last partial batch kept. ``endless`` (training without
-    resampling): pass after pass, reshuffled each time, in one iteration, which ends only if a pass
-    yields nothing; the DataLoader worker then reads the next pass while the step finishes this
-    one, instead of starting it (shuffle buffer, first window) once the last batch is taken. The
-    passes are the ones that iterating the loader again would give. The rank and world size come from
+    every (ref, sentence) once, and the last partial batch kept. The rank and world size come from
     ``RANK``/``WORLD_SIZE`` or an initialised ``torch.distributed`` (webdataset's
     ``pytorch_worker_info``), so do not also shard this loader with ``accelerator.prepare``.
     """
     shards = expand_urls(urls)
     resampled = train if resampled is None else resampled
-    if (epoch_samples is not None or endless) and not train:
-        raise ValueError("epoch_samples and endless are for training: "
-                         "evaluation reads every (ref, sentence) exactly once")
+    if epoch_samples is not None and not train:
+        raise ValueError("epoch_samples is for training: evaluation reads every (ref, sentence) exactly once")
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()
     decoder = _Decoder(config, train)
     if resampled:
@@ -552,8 +546,6 @@ def make_loader(
     if epoch_samples is not None:
         per_worker = math.ceil(epoch_samples / (batch_size * world_size * max(1, num_workers)))
         pipeline = pipeline.with_epoch(per_worker)
-    if endless:
-        pipeline = pipeline.repeat()
     source = urls if isinstance(urls, str) else f"{len(shards)} shards from {shards[0]}"
     return ShardLoader(pipeline, num_workers=num_workers, source=source,
                        expect_batches=resampled or len(shards) > rank)

@@ -135,7 +135,7 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
                              use_sam_embeddings=embeddings_match(run.shards, config.model))
     # Not resampled: each process reads its own shards (disjoint across processes), pass after pass.
     loader = make_loader(config.train_shards, data_config, train=True, batch_size=config.batch_size,
-                         num_workers=config.num_workers, resampled=False, endless=True)
+                         num_workers=config.num_workers, resampled=False)
     keys_file = _keys_file(config, accelerator)
     skipped, window, started = 0, [], time.perf_counter()
     waited = 0.0  # seconds spent waiting for the loader since the last log
@@ -200,9 +200,7 @@ def embeddings_match(shards: dict, model: ModelConfig) -> bool:
 
 
 def _passes(loader, rank: int):
-    """The loader's batches for as long as asked. The loader is endless (``make_loader(endless=True)``:
-    pass after pass, reshuffled each pass) and stops only after a pass that yields nothing, which
-    is an error when no batch came before it."""
+    """Pass after pass over this process's shards (reshuffled each pass), for as long as asked."""
     while True:
         batches = 0
         for batch in loader:
