@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench import precompute, train_step
+from bench import accuracy, precompute, train_step
 from bench.__main__ import PARTS
 from bench.__main__ import main as bench
 from bench.common import LlmSize, parse_args
@@ -72,12 +73,35 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
         assert job["fixed_s"] == job["seconds"] - job["busiest_worker_s"]
     assert precompute["workers"]["work_speedup"] == (precompute["workers"]["jobs"]["1"]["busiest_worker_s"]
                                                       / precompute["workers"]["jobs"]["2"]["busiest_worker_s"])
-    accuracy = parts["accuracy"]["configs"]
-    assert list(accuracy) == ["mlp", "pool", "svp-pool", "svp+sspe", "svp+ssa", "svp"]
-    for config in accuracy.values():
+    configs = parts["accuracy"]["configs"]
+    assert list(configs) == ["mlp", "pool", "svp-pool", "svp+sspe", "svp+ssa", "svp"]
+    for config in configs.values():
         assert list(config) == ["val", "testA", "testB"]
         for split in config.values():  # one seed: no spread
             assert split["ciou"]["min"] == split["ciou"]["mean"] == split["ciou"]["max"] and split["ciou"]["std"] == 0
+            assert split["ciou"]["seeds"] == [split["ciou"]["mean"]]
+    assert "ciou_minus_mlp" not in configs["mlp"]["val"]
+    for config in list(configs.values())[1:]:
+        for split, values in config.items():
+            assert values["ciou_minus_mlp"]["mean"] == values["ciou"]["mean"] - configs["mlp"][split]["ciou"]["mean"]
+    assert latest["ciou_svp_minus_mlp"] == latest["ciou_svp"] - latest["ciou_mlp"]
+
+
+def test_accuracy_compares_each_seed_with_mlps_same_seed() -> None:
+    """The paired differences are taken seed by seed: their spread is the seeds' shared noise removed."""
+    def runs(cious: list[float]) -> list[dict]:
+        return [{split: {"ciou": c, "giou": c / 2, "tokens_mean": 9.0, "all_foreground_ciou": 0.1, "samples": 4}
+                 for split in accuracy.SPLITS} for c in cious]
+
+    mlp = runs([0.30, 0.50, 0.40])
+    svp = accuracy.summarise(runs([0.31, 0.51, 0.42]), mlp)["val"]
+    assert svp["ciou"]["seeds"] == [0.31, 0.51, 0.42] and svp["giou"]["seeds"] == [0.155, 0.255, 0.21]
+    assert svp["ciou_minus_mlp"]["mean"] == pytest.approx(0.04 / 3)
+    assert svp["ciou_minus_mlp"]["std"] == pytest.approx(statistics.stdev([0.01, 0.01, 0.02]))
+    assert svp["ciou_minus_mlp"]["std"] < svp["ciou"]["std"] / 5  # seeds differ far more than svp and mlp do
+    assert "ciou_minus_mlp" not in accuracy.summarise(mlp, None)["val"]
+    with pytest.raises(ValueError):  # a seed without its mlp run is an error, not a shorter comparison
+        accuracy.summarise(runs([0.3, 0.4]), mlp)
 
 
 def test_bf16_train_step_with_an_llm_built_from_a_config(ray_local, tmp_path) -> None:
