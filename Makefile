@@ -1,5 +1,5 @@
 # Two commands for a fresh machine: `make demo` and `make test`; and the benchmarks, `make bench`
-# (CPU, about an hour on 2 cores; `make bench BENCH_FLAGS=--quick` in a minute or two) and
+# (CPU, about an hour and a half on 2 cores; `make bench BENCH_FLAGS=--quick` in a minute or two) and
 # `make bench-gpu` (CUDA). All create .venv if missing and install the project into it first.
 PYTHON ?= python3
 VENV   := .venv

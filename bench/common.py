@@ -3,7 +3,7 @@ dataset for all parts), random models of a chosen size, timing, and where result
 
 Presets pick the sizes; any flag overrides its preset's value:
 
-- ``cpu`` (``make bench``): what a 2-core CPU does in about an hour;
+- ``cpu`` (``make bench``): what a 2-core CPU does in about an hour and a half;
 - ``quick``: the same code paths at toy sizes, in a couple of minutes (the test of the plumbing);
 - ``gpu`` (``make bench-gpu``): CUDA, bf16, a SAM ViT-H-sized model and a ~0.7B-parameter LLM,
   both with random weights (nothing is downloaded).
@@ -45,7 +45,7 @@ RESULTS = Path("bench/results")
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common = parser.add_argument_group("every part")
     common.add_argument("--preset", choices=PRESETS, default="cpu",
-                        help="sizes of everything: cpu (make bench, about an hour on 2 cores), quick (toy sizes, "
+                        help="sizes of everything: cpu (make bench, about 1.5 h on 2 cores), quick (toy sizes, "
                              "minutes), gpu (make bench-gpu: CUDA, bf16, SAM ViT-H and a ~0.7B LLM); default cpu")
     common.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the same as --preset quick")
     common.add_argument("--device", default=None,

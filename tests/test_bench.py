@@ -80,6 +80,7 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
         for split in config.values():  # one seed: no spread
             assert split["ciou"]["min"] == split["ciou"]["mean"] == split["ciou"]["max"] and split["ciou"]["std"] == 0
             assert split["ciou"]["seeds"] == [split["ciou"]["mean"]]
+    assert parts["accuracy"]["seeds"] == dict.fromkeys(configs, 1)
     assert "ciou_minus_mlp" not in configs["mlp"]["val"]
     for config in list(configs.values())[1:]:
         for split, values in config.items():
@@ -88,7 +89,8 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
 
 
 def test_accuracy_compares_each_seed_with_mlps_same_seed() -> None:
-    """The paired differences are taken seed by seed: their spread is the seeds' shared noise removed."""
+    """Differences are taken seed by seed (seed s of every configuration trains on the same batches),
+    over the seeds both ran: mlp runs ``--headline-seeds``, the ladder's rungs only ``--seeds``."""
     def runs(cious: list[float]) -> list[dict]:
         return [{split: {"ciou": c, "giou": c / 2, "tokens_mean": 9.0, "all_foreground_ciou": 0.1, "samples": 4}
                  for split in accuracy.SPLITS} for c in cious]
@@ -100,8 +102,20 @@ def test_accuracy_compares_each_seed_with_mlps_same_seed() -> None:
     assert svp["ciou_minus_mlp"]["std"] == pytest.approx(statistics.stdev([0.01, 0.01, 0.02]))
     assert svp["ciou_minus_mlp"]["std"] < svp["ciou"]["std"] / 5  # seeds differ far more than svp and mlp do
     assert "ciou_minus_mlp" not in accuracy.summarise(mlp, None)["val"]
+    rung = accuracy.summarise(runs([0.35, 0.45]), mlp)["val"]["ciou_minus_mlp"]
+    assert rung["mean"] == pytest.approx(0.0) and rung["min"] == pytest.approx(-0.05) and rung["max"] == pytest.approx(0.05)
     with pytest.raises(ValueError):  # a seed without its mlp run is an error, not a shorter comparison
-        accuracy.summarise(runs([0.3, 0.4]), mlp)
+        accuracy.summarise(runs([0.3, 0.4, 0.5, 0.6]), mlp)
+
+
+def test_the_headline_pair_trains_more_seeds_than_the_ladder() -> None:
+    args = parse_args(PARTS, [], "bench", "")
+    assert accuracy.seeds_per_config(args, accuracy.LADDER) == {
+        "mlp": 5, "pool": 2, "svp-pool": 2, "svp+sspe": 2, "svp+ssa": 2, "svp": 5}
+    args = parse_args(PARTS, ["--seeds", "3", "--headline-seeds", "1"], "bench", "")
+    assert set(accuracy.seeds_per_config(args, ["mlp", "svp+ssa", "svp"]).values()) == {3}
+    args = parse_args(PARTS, ["--quick"], "bench", "")
+    assert set(accuracy.seeds_per_config(args, accuracy.LADDER).values()) == {1}
 
 
 def test_bf16_train_step_with_an_llm_built_from_a_config(ray_local, tmp_path) -> None:
