@@ -213,6 +213,9 @@ def test_an_outage_during_an_upload_is_retried(s3, monkeypatch, caplog):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # no botocore retries: only svp's own can save the upload
     _clear_s3fs_cache()
     store = OutputStore(f"s3://{BUCKET}/outage")
+    # Build the S3 client first: building it (botocore's service models) can take longer than the
+    # outage, and then the upload's first attempt would only ever see the server back.
+    store.write_bytes("warm-up.bin", b"")
     comeback = s3.outage(0.3)  # back before svp's first retry, 1 s after the first attempt
     try:
         with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
