@@ -10,12 +10,12 @@ felzenszwalb superpixels) and is evaluated by ``svp eval``'s code on val, testA 
 
 Each figure is reported over ``--seeds`` seeds (model initialisation and data order; the dataset
 is the same), ``--headline-seeds`` for ``mlp`` and ``svp``, as mean, std, min, max and each seed's
-value. Seed ``s`` of every configuration sees
-the same batches in the same order, so each configuration's cIoU is also compared with ``mlp``'s
-seed by seed (``ciou_minus_mlp``): the spread of those paired differences, not the two
-configurations' spreads, says whether a gap of a point is more than the seeds' noise. With tiny
-random models and a CPU budget these numbers show how the projectors compare when they learn from
-scratch, not what they reach with DINOv2 and a pretrained LLM.
+value. Seed ``s`` of every configuration sees the same batches in the same order, so each
+configuration's cIoU is also compared with ``mlp``'s seed by seed (``ciou_minus_mlp``): the spread
+of those paired differences, not the two configurations' spreads, says whether a gap of a point
+is more than the seeds' noise. With tiny random models and a CPU budget these numbers show how
+the projectors compare when they learn from scratch, not what they reach with DINOv2 and a
+pretrained LLM.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
         projector(name, 1)  # an unknown name fails before any training
     seeds = seeds_per_config(args, names)
     runs = {name: [train_and_evaluate(args, workspace, name, seed) for seed in range(seeds[name])] for name in names}
-    configs = {name: summarise(seeds, runs.get("mlp") if name != "mlp" else None) for name, seeds in runs.items()}
+    configs = {name: summarise(results, runs.get("mlp") if name != "mlp" else None) for name, results in runs.items()}
     headline = {f"ciou_{name}": configs[name]["val"]["ciou"]["mean"] if name in configs else None
                 for name in ("svp", "mlp", "pool")}
     if "svp" in configs and "mlp" in configs:  # the "within a point of mlp" target, with its seed noise
