@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("execution")
     run.add_argument("--workers", type=int, default=1, help="number of Ray actors, each holding one model; default 1")
     run.add_argument("--gpus-per-worker", type=float, default=None,
-                     help="GPUs per actor; default 1 if the cluster has GPUs, else 0 (CPU)")
+                     help="GPUs per actor; default 1 where the cluster has a GPU per worker, an equal share where it "
+                          "has fewer (e.g. 0.5 for 2 workers on 1 GPU), 0 (CPU) where it has none")
     run.add_argument("--address", default=None,
                      help="Ray cluster address ('auto' attaches to a running cluster, as under `ray job submit`); "
                           "omitted: start a local Ray")
@@ -208,9 +209,33 @@ def _in_stage_order(seconds: dict[str, float]) -> list[tuple[str, float]]:
 
 
 def _connect_ray(args: argparse.Namespace) -> float:
-    """Attach to (or start) Ray and return the GPUs per worker, refusing a request the cluster cannot meet."""
+    """Attach to (or start) Ray and return the GPUs per worker, refusing a request the cluster cannot meet.
+
+    Workers may share a GPU (each holds one model and runs one shard at a time), so by default
+    fewer GPUs than workers are shared rather than refused.
+    """
     ray_cluster.connect(args.address)
-    return ray_cluster.gpus_per_worker(args.gpus_per_worker, args.workers, "--workers")
+    return ray_cluster.gpus_per_worker(args.gpus_per_worker, args.workers, "--workers", share=True)
+
+
+def _worker_device() -> str:
+    """CUDA where Ray gave this worker a GPU that torch can use, else the CPU.
+
+    Ray's GPUs are declared resources: a node started with ``--num-gpus`` (or ``ray.init(num_gpus=)``)
+    may advertise GPUs that torch cannot see (no driver, a test's declared GPU). Such a worker
+    says so and runs on the CPU instead of failing every shard on CUDA.
+    """
+    import ray
+    import torch
+
+    assigned = ray.get_gpu_ids()
+    if not assigned:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs: cuda:0 is this worker's
+    print(f"precompute worker: Ray assigned GPU {assigned} but torch sees no CUDA device here; running on the CPU",
+          file=sys.stderr)
+    return "cpu"
 
 
 def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n_workers: int, gpus: float) -> list[ShardRecord]:
@@ -220,7 +245,7 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
     @ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=TASK_MAX_RETRIES)
     class ShardWorker:
         def __init__(self) -> None:
-            self.processor = ShardProcessor(spec, output, device="cuda" if gpus > 0 else "cpu")
+            self.processor = ShardProcessor(spec, output, device=_worker_device())
 
         def process(self, task: ShardTask) -> ShardRecord:
             try:

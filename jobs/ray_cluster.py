@@ -8,12 +8,16 @@ commands that do not use Ray do not pay for importing it.
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 import yaml
 
 # Written by `ray up` on the head node: the cluster config, node types included.
 LAUNCHER_CONFIG = Path("~/ray_bootstrap_config.yaml")
+# Ray counts resources in units of 0.0001 (ray._raylet.RESOURCE_UNIT_SCALING).
+RAY_RESOURCE_UNITS = 10_000
 
 
 class ClusterResourceError(ValueError):
@@ -68,17 +72,39 @@ def require(resource: str, per_worker: float, workers: int, request: str) -> Non
                                    f"at most {available:g}; lower them or add nodes with {resource}")
 
 
-def gpus_per_worker(requested: float | None, workers: int, workers_flag: str) -> float:
-    """``--gpus-per-worker``: by default 1 where the cluster has GPUs, else 0 (CPU workers).
+def gpus_per_worker(requested: float | None, workers: int, workers_flag: str, share: bool = False) -> float:
+    """``--gpus-per-worker``: by default 1 where the cluster has a GPU for every worker, else 0 (CPU
+    workers) where it has none.
 
-    The default is checked like an explicit value: N one-GPU workers on a cluster with fewer GPUs
-    would wait for resources forever, so they are refused, naming the flags to change.
+    On a cluster with fewer GPUs than workers the default depends on ``share``: workers that may
+    share a GPU (one model each, as the precompute job's) get an equal fraction, as many per GPU as
+    it takes to seat them all (see :func:`shared_gpu_fraction`), and the choice is printed; workers
+    that may not (NCCL refuses two training ranks on one GPU) keep the one-GPU default, which is then
+    refused like an explicit value: N one-GPU workers on a cluster with fewer GPUs would wait for
+    resources forever, so they are refused, naming the flags to change.
     """
     default = requested is None
-    if default:
-        requested = 1.0 if capacity("GPU") >= 1 else 0.0
+    if requested is None:
+        gpus = math.floor(capacity("GPU"))
+        requested = 1.0 if gpus >= 1 else 0.0
+        if share and 1 <= gpus < workers:
+            requested = shared_gpu_fraction(gpus, workers)
+            print(f"{workers_flag} {workers} on a cluster with {gpus} GPU{'s' if gpus > 1 else ''}: the workers share "
+                  f"them, {requested:g} GPU each ({math.ceil(workers / gpus)} per GPU); --gpus-per-worker chooses",
+                  file=sys.stderr)
     if requested < 0:
         raise ClusterResourceError(f"--gpus-per-worker must be >= 0, got {requested:g}")
     flag = f"--gpus-per-worker {requested:g}{' (the default on a cluster with GPUs)' if default else ''}"
     require("GPU", requested, workers, f"{workers_flag} {workers} x {flag}")
     return requested
+
+
+def shared_gpu_fraction(gpus: int, workers: int) -> float:
+    """The GPU fraction that seats ``workers`` on ``gpus`` whole GPUs: 1/k with k = ceil(workers/gpus)
+    workers per GPU, rounded down to Ray's resource precision (0.0001) so that k of them fit one GPU.
+
+    Not ``gpus / workers``: Ray places a fractional request on one GPU, so 3 workers of 2/3 GPU
+    each would find room for only 2 of them on 2 GPUs, and the third would wait forever.
+    """
+    per_gpu = math.ceil(workers / gpus)
+    return math.floor(RAY_RESOURCE_UNITS / per_gpu) / RAY_RESOURCE_UNITS

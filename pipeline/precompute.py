@@ -119,6 +119,7 @@ class ShardProcessor:
     def __init__(self, spec: BackendSpec, output: OutputSpec, device: str = "cpu") -> None:
         self.spec = spec
         self.output = output
+        self.device = device
         self.timer = StageTimer()
         self.backend = spec.build(device, self.timer)
 
@@ -138,7 +139,7 @@ class ShardProcessor:
             samples, rows = self._encode(task, prepared, results, failures)
             file = write_shard(self.output.out_dir, task.name, task.split, samples) if samples else None
         return ShardRecord(name=task.name, split=task.split, file=file, rows=rows, seconds=self.timer.take(),
-                           worker={"host": socket.gethostname(), "pid": os.getpid()})
+                           worker={"host": socket.gethostname(), "pid": os.getpid(), "device": self.device})
 
     def _encode(self, task: ShardTask, prepared: dict[int, _Prepared], results: dict[int, SuperpixelResult],
                 failures: dict[int, tuple[str, str]]) -> tuple[list[dict], list[dict]]:

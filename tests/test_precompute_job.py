@@ -287,6 +287,32 @@ def test_an_out_dir_of_another_config_is_refused(synth_root, tmp_path, ray_local
     assert result.returncode == 2 and "must not mix" in result.stderr
 
 
+# A job of its own Ray, which declares one GPU that this machine need not have (Ray schedules by
+# declared resources): the suite's in-process Ray has none.
+FAKE_GPU_JOB = """
+import sys
+import ray
+from jobs.precompute import main
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_more_workers_than_gpus_share_them_by_default(synth_root, tmp_path):
+    import torch
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", FAKE_GPU_JOB, *_args(synth_root, out, "--backend", "felzenszwalb",
+                                                                        "--workers", "2", "--shard-size", "3")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--workers 2 on a cluster with 1 GPU: the workers share them, 0.5 GPU each (2 per GPU)" in result.stderr
+    assert _manifest(out)["images_written"] == 12
+    # Each worker holds half of a GPU that torch may not see: it runs where torch can, not on a CUDA that is not there.
+    devices = {json.loads(p.read_text())["worker"]["device"] for p in (out / "_shards").glob("*.json")}
+    assert devices == {"cuda" if torch.cuda.is_available() else "cpu"}
+
+
 # ------------------------------------------------------------------------------------------------
 # Part of the input: --limit and --only-split (dry runs that a later full run completes)
 
