@@ -29,7 +29,7 @@ The job comparison runs ``svp precompute`` (local Ray, SAM backend, one shard pe
 with 2 workers on the same ``--workers-images`` images: wall time of the whole job, actor start-up
 and model loading included (what a user waits for), but not Ray's own start-up. Those fixed
 seconds do not shrink with more workers, so a job of a few images measures them, not the scaling;
-each job's manifest says how long its busiest worker spent in its stages, which splits the wall
+each job's timing.json says how long its busiest worker spent in its stages, which splits the wall
 time into the work that 2 workers share (``work_speedup``) and the fixed rest (``fixed_s``).
 """
 
@@ -53,7 +53,7 @@ from bench.common import Workspace, run_alone, speed_sam_checkpoint
 from jobs import tiny_sam
 from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig, partition_agreement, partition_from_masks
-from pipeline.shards import read_manifest
+from pipeline.shards import read_timing
 from pipeline.superpixels.base import SamOptions
 from pipeline.superpixels.sam import SamSuperpixels
 from pipeline.synth import synthesize
@@ -61,6 +61,7 @@ from pipeline.synth import synthesize
 NAME = "precompute"
 PRESETS: dict[str, dict] = {
     "cpu": {},
+    "full": {"workers_images": 128},
     "quick": {"precompute_images": 2, "workers_images": 2, "image_size": 64, "points_per_side": 2,
               "precompute_sam_pretrain_steps": 2},
     "gpu": {"precompute_images": 16, "workers_images": 32, "image_size": 1024, "points_per_side": 32,
@@ -75,10 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("precompute: SAM superpixels vs the reference, 1 vs 2 workers")
     group.add_argument("--precompute-images", type=int, default=8,
                        help="synthetic images both generators segment (default 8)")
-    group.add_argument("--workers-images", type=int, default=128,
-                       help="synthetic images of the 1 vs 2 workers job (default 128: about a minute of work per "
-                            "worker, so that the job's ~5 fixed start-up seconds and this machine's noise do not "
-                            "hide the scaling)")
+    group.add_argument("--workers-images", type=int, default=64,
+                       help="synthetic images of the 1 vs 2 workers job (default 64, the full preset 128: half a "
+                            "minute or a minute of work per worker, so that the job's ~5 fixed start-up seconds and "
+                            "this machine's noise do not hide the scaling)")
     group.add_argument("--image-size", type=int, default=256,
                        help="long side of those images in px (default 256; above 1024 ours partitions at 1024)")
     group.add_argument("--points-per-side", type=int, default=8,
@@ -193,7 +194,7 @@ def compare_workers(refer_root: Path, options: SamOptions, scratch: Path, device
     """The precompute job (local Ray, SAM backend, one shard per image) with 1 and with 2 workers.
     On a GPU the workers share it (``--gpus-per-worker`` 1/workers).
 
-    Besides the wall times, each job's busiest worker's stage seconds (from its manifest): the
+    Besides the wall times, each job's busiest worker's stage seconds (from its timing.json): the
     work that more workers split, against the fixed seconds (actor start-up, imports, model load,
     outputs) that they do not, so that a user can tell what a longer job will scale like.
     """
@@ -218,7 +219,7 @@ def compare_workers(refer_root: Path, options: SamOptions, scratch: Path, device
         if precompute([*flags, *gpus, "--out", str(out), "--workers", str(workers)]) != 0:
             raise RuntimeError(f"precompute with {workers} workers failed")
         seconds = time.perf_counter() - start
-        per_worker = read_manifest(out)["timing"]["per_worker"].values()
+        per_worker = read_timing(out)["per_worker"].values()
         busiest = max(sum(worker["seconds"].values()) for worker in per_worker)
         jobs[str(workers)] = {"seconds": seconds, "busiest_worker_s": busiest, "fixed_s": seconds - busiest}
     one, two = jobs["1"], jobs["2"]  # string keys, as the results' JSON has them

@@ -9,7 +9,9 @@ that cannot be stored there, even after retries, is reported as failed and redon
 
 ``--limit`` and ``--only-split`` process part of the input (a dry run) without changing the
 output's config: a later run into the same OUT without them keeps what is complete and does the
-rest. The job ends by saying where the workers' time went, per stage and per worker.
+rest. The job ends by saying where this run's worker time went, per stage and per worker;
+OUT/timing.json keeps the same for every shard in OUT, and manifest.json holds nothing that
+differs between two runs that wrote the same shards.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ No Ray here: :class:`ShardProcessor` is what a Ray actor holds (one backend, one
 equally usable in a plain loop or a test. Every image either lands in the shard or becomes an
 index row with the stage it failed at and why; one bad image never costs its shard. Each shard's
 record also says how long its stages took on which worker (decode, superpixels, partition, SAM
-embeddings if stored, write), which the job sums up in the manifest.
+embeddings if stored, write), which the job sums up in ``timing.json``.
 """
 
 from __future__ import annotations

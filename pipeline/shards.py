@@ -6,8 +6,13 @@ sorted JSON, PNG for label maps), written to a temporary name and renamed when c
 
 Next to the shards, ``_shards/{name}.json`` records what each finished shard holds (its index
 rows, failures and timings): a rerun skips the shards recorded there, and ``manifest.json``,
-``failures.jsonl`` and ``index.parquet`` are rebuilt from these records at the end of every run,
-so they always account for every input image, whichever run wrote which shard.
+``failures.jsonl``, ``index.parquet`` and ``timing.json`` are rebuilt from these records at the end
+of every run, so they always account for every input image, whichever run wrote which shard.
+
+``manifest.json`` holds only what the bytes of the output depend on, so two runs that wrote the
+same shards write the same manifest, byte for byte, and its hash names the dataset. How long the
+work took and where (seconds per stage, per worker host and pid) differs on every run, so it goes
+to ``timing.json`` instead.
 
 OUT is a local directory or any fsspec URL (``s3://bucket/prefix``): every file goes through
 :class:`pipeline.storage.OutputStore`, which makes each one appear whole or not at all.
@@ -33,6 +38,8 @@ from pipeline.storage import OutputStore
 FORMAT_VERSION = 1
 RECORDS_DIR = "_shards"
 CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+TIMING_FILE = "timing.json"
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -272,7 +279,8 @@ def claim_output_dir(out_dir: str | Path, config: dict) -> str:
 
 def write_job_outputs(out_dir: str | Path, records: list[ShardRecord], extra_rows: list[dict],
                       config: dict, config_hash: str, pending: int = 0) -> dict:
-    """Rebuild ``manifest.json``, ``failures.jsonl`` and ``index.parquet`` from every shard record.
+    """Rebuild ``manifest.json``, ``failures.jsonl``, ``index.parquet`` and ``timing.json`` from
+    every shard record.
 
     ``extra_rows`` are images that failed before they reached a shard (malformed annotations);
     ``pending`` counts the input images no run has processed yet (left out by ``--limit`` or
@@ -296,10 +304,10 @@ def write_job_outputs(out_dir: str | Path, records: list[ShardRecord], extra_row
         "shards": shards,
         "config": config,
         "config_hash": config_hash,
-        "timing": stage_timing(records),
     }
     store = OutputStore(out_dir)
-    store.write_bytes("manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    store.write_bytes(MANIFEST_FILE, _pretty_json(manifest))
+    store.write_bytes(TIMING_FILE, _pretty_json(stage_timing(records)))
     failures = "".join(
         json.dumps({k: row[k] for k in ("image_id", "file_name", "split", "stage", "error")}) + "\n"
         for row in failed
@@ -311,12 +319,17 @@ def write_job_outputs(out_dir: str | Path, records: list[ShardRecord], extra_row
     return manifest
 
 
+def _pretty_json(obj: Any) -> bytes:
+    """The job-level files people read: indented, keys sorted (equal content, equal bytes)."""
+    return json.dumps(obj, indent=2, sort_keys=True).encode()
+
+
 def stage_timing(records: Iterable[ShardRecord]) -> dict:
     """Seconds per stage, per worker (``host:pid``) and in total, with the shards and images behind them.
 
-    Built from the records alone (never from this run's clock), so rebuilding the manifest from
-    the same records gives the same bytes; a shard whose worker kept dying has no times and is
-    left out.
+    What ``timing.json`` holds. Built from the records alone (never from this run's clock), so it
+    accounts for every shard in OUT, whichever run wrote it; a shard whose worker kept dying has
+    no times and is left out.
     """
     per_worker: dict[str, dict] = {}
     total = _timing_entry()
@@ -348,9 +361,18 @@ class ManifestError(ValueError):
 
 def read_manifest(root: str | Path) -> dict:
     """``manifest.json`` of a shard root: a local directory or an fsspec URL prefix (s3://...)."""
+    return _read_job_file(root, MANIFEST_FILE)
+
+
+def read_timing(root: str | Path) -> dict:
+    """``timing.json`` of a shard root: seconds per stage, per worker and in total (:func:`stage_timing`)."""
+    return _read_job_file(root, TIMING_FILE)
+
+
+def _read_job_file(root: str | Path, name: str) -> dict:
     import fsspec
 
-    url = f"{str(root).rstrip('/')}/manifest.json"
+    url = f"{str(root).rstrip('/')}/{name}"
     try:
         with fsspec.open(url, "rt") as f:
             return json.load(f)

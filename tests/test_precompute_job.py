@@ -58,16 +58,17 @@ def _manifest(out: Path) -> dict:
 
 
 def _check_timing(out: Path, stages: set[str], max_workers: int) -> None:
-    """Every shard record says where its time went, and the manifest sums exactly those records."""
+    """Every shard record says where its time went, and timing.json sums exactly those records."""
     manifest = _manifest(out)
     records = [json.loads(p.read_text()) for p in (out / "_shards").glob("*.json")]
     assert records and all(set(r["seconds"]) == stages and min(r["seconds"].values()) >= 0 for r in records)
-    timing = manifest["timing"]
+    assert "timing" not in manifest, "the manifest holds nothing that differs between identical runs"
+    timing = json.loads((out / "timing.json").read_text())
     assert timing["total"]["shards"] == len(records) and timing["total"]["images"] == manifest["images_total"]
     assert 1 <= len(timing["per_worker"]) <= max_workers
     for stage in stages:
         per_worker = sum(w["seconds"][stage] for w in timing["per_worker"].values())
-        rounding = 1e-3 * len(timing["per_worker"])  # the manifest rounds each sum to milliseconds
+        rounding = 1e-3 * len(timing["per_worker"])  # timing.json rounds each sum to milliseconds
         assert per_worker == pytest.approx(timing["total"]["seconds"][stage], abs=rounding)
         assert timing["total"]["seconds"][stage] == pytest.approx(sum(r["seconds"][stage] for r in records), abs=1e-3)
 
@@ -107,6 +108,19 @@ def test_shards_hold_every_field_of_the_format(synth_root, tmp_path, ray_local):
     assert (out / "failures.jsonl").read_text() == ""
     assert manifest["images_pending"] == 0
     _check_timing(out, {"decode", "superpixels", "partition", "write"}, max_workers=2)
+
+
+def test_runs_that_write_the_same_shards_write_the_same_manifest_byte_for_byte(synth_root, tmp_path, ray_local):
+    # Other worker counts, other pids, other seconds: nothing of that may reach manifest.json.
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert precompute(_args(synth_root, first, "--backend", "slic", "--shard-size", "3", "--workers", "2")) == 0
+    assert precompute(_args(synth_root, second, "--backend", "slic", "--shard-size", "3", "--workers", "1")) == 0
+    assert _sha256s(first) and _sha256s(first) == _sha256s(second)
+    for name in ("manifest.json", "index.parquet", "failures.jsonl"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    for out in (first, second):
+        timing = json.loads((out / "timing.json").read_text())
+        assert timing["total"]["images"] == 12 and timing["per_worker"], "the run-specific part is kept, elsewhere"
 
 
 def test_sam_backend_job_writes_partitions_and_embeddings_from_a_saved_checkpoint(tiny_sam_checkpoint, tmp_path,
