@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from jobs import demo, entry, eval, precompute, predict, synth, tiny_sam, train
+from jobs import demo, entry, eval, inspect, precompute, predict, synth, tiny_sam, train
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "synth": (synth, "write a synthetic RefCOCO-format dataset (exact REFER layout)"),
     "precompute": (precompute, "REFER dataset -> superpixel WebDataset shards, as a Ray job"),
+    "inspect": (inspect, "contact sheet, histograms and summary of a precompute output (local or s3://)"),
     "train": (train, "fine-tune the projector, LoRA and mask decoder from shards (Accelerate)"),
     "eval": (eval, "cIoU / gIoU / visual tokens / speed of a trained run, per split"),
     "predict": (predict, "segment what a text refers to in one image; writes an overlay"),

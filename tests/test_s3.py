@@ -22,6 +22,7 @@ import requests
 import s3fs
 from moto.server import ThreadedMotoServer
 
+from jobs.inspect import main as svp_inspect
 from jobs.precompute import main as precompute
 from jobs.train import main as svp_train
 from pipeline.storage import OutputStore
@@ -179,6 +180,18 @@ def test_training_streams_the_train_split_from_s3(s3_shards, tmp_path):
     assert recorded["manifest"] == f"{s3_shards}/manifest.json"
     assert recorded["manifest_sha256"] == hashlib.sha256(_read(f"{s3_shards}/manifest.json")).hexdigest()
     assert recorded["samples"] == len(train_keys)
+
+
+def test_inspect_reads_an_s3_output_into_a_local_report(s3_shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a remote OUT's report goes to ./inspect-NAME/
+    assert svp_inspect([s3_shards, "--samples", "4", "--html"]) == 0
+    report_dir = tmp_path / "inspect-shards"
+    assert {p.name for p in report_dir.iterdir()} == {"contact_sheet.png", "superpixels_hist.png", "area_hist.png",
+                                                      "summary.txt", "inspect.html"}
+    manifest = _manifest(s3_shards)
+    summary = (report_dir / "summary.txt").read_text()
+    assert summary.startswith(f"{s3_shards}: backend felzenszwalb, config {manifest['config_hash']}")
+    assert f"images: {manifest['images_written']} written, 0 failed" in summary and summary in capsys.readouterr().out
 
 
 def test_globs_and_brace_patterns_expand_on_s3(s3_shards):
