@@ -16,6 +16,7 @@ from pipeline.shards import ManifestError, read_manifest, split_shard_urls
 from trainer.checkpoint import CheckpointError, load_trained_model
 from trainer.data import DataConfig, DataError
 from trainer.evaluate import evaluate, format_table
+from trainer.plots import eval_chart
 
 SPLIT_ORDER = ("val", "test", "testA", "testB", "testC")
 
@@ -27,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated splits to evaluate; default: every split in the manifest except train")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass; default 8")
     parser.add_argument("--max-samples", type=int, default=None, help="stop each split after this many samples")
-    parser.add_argument("--out", type=Path, default=None, help="JSON report; default RUN/eval.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON report; default RUN/eval.json. A bar chart of cIoU/gIoU per split goes beside it, "
+                             "named as the report with .png (RUN/eval.png)")
 
 
 def default_splits(manifest: dict) -> list[str]:
@@ -61,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = args.out or (args.run / "eval.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
+    chart = eval_chart(report, out.with_suffix(".png"))
     print(table)
-    print(f"report: {out}")
+    print(f"report: {out}\nchart:  {chart}")
     return 0
 
 

@@ -40,6 +40,7 @@ from skimage.segmentation import find_boundaries
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.images import decode_image
+from pipeline.plotting import pyplot, save_figure
 from pipeline.refer import ref_mask
 from pipeline.shards import ManifestError, decode_label_map, read_manifest
 from pipeline.storage import OutputStore
@@ -269,19 +270,10 @@ def _fit(sample: InspectedSample, side: int = TILE_SIDE) -> tuple[np.ndarray, np
     return rgb, labels, mask
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 
 def contact_sheet(samples: list[InspectedSample], path: Path) -> Path:
     """A grid of drawn tiles, each captioned with its sentence, key, split and superpixel count."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(SHEET_COLUMNS, len(samples))
     rows = -(-len(samples) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.4 * rows), squeeze=False)
@@ -294,12 +286,12 @@ def contact_sheet(samples: list[InspectedSample], path: Path) -> Path:
                   transform=axis.transAxes, ha="center", va="top", fontsize=7)
     figure.suptitle("superpixel boundaries (yellow), one ref's mask (magenta) and its sentence", fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def superpixels_histogram(rows: list[dict], path: Path) -> Path:
     """Superpixels per image over every written image, stacked by split."""
-    plt = _pyplot()
+    plt = pyplot()
     by_split: dict[str, list[int]] = defaultdict(list)
     for row in rows:
         if row["status"] == "written":
@@ -317,7 +309,7 @@ def superpixels_histogram(rows: list[dict], path: Path) -> Path:
     axis.set_title("superpixels per image (index.parquet)")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def superpixel_areas(samples: list[InspectedSample]) -> np.ndarray:
@@ -329,7 +321,7 @@ def superpixel_areas(samples: list[InspectedSample]) -> np.ndarray:
 
 def area_histogram(samples: list[InspectedSample], path: Path) -> Path:
     """Superpixel areas on a log scale: a backend that cuts the image too finely or too coarsely shows here."""
-    plt = _pyplot()
+    plt = pyplot()
     areas = superpixel_areas(samples)
     figure, axis = plt.subplots(figsize=(6.5, 3.8))
     axis.hist(areas, bins=np.logspace(np.log10(areas.min()), 0, 40))
@@ -339,14 +331,7 @@ def area_histogram(samples: list[InspectedSample], path: Path) -> Path:
     axis.set_title(f"superpixel area, {len(areas)} superpixels of {len(samples)} sampled images "
                    f"(median {np.median(areas):.2g})", fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
-
-
-def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    _pyplot().close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def write_html(summary: dict, text: str, pictures: dict[str, Path], path: Path) -> Path:

@@ -18,6 +18,7 @@ from jobs.eval import main as svp_eval
 from jobs.predict import main as svp_predict
 from jobs.train import main as svp_train
 from trainer.checkpoint import load_trained_model
+from trainer.plots import PlotError, training_curves, training_series
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,10 @@ def test_tensorboard_logs_the_training_metrics_at_every_log_step(trained_run):
     assert all(len(values) == 3 for values in logged.values())  # --log-every 1, 3 steps
     assert all(0 <= value <= 1 for value in logged["data_wait_fraction"] + logged["train_batch_ciou"])
     assert all(value > 0 for value in logged["samples_per_s"] + logged["visual_tokens"])
+    # the curves drawn at the end of training are these very scalars
+    assert training_series(trained_run) == {tag: ([1, 2, 3], values) for tag, values in logged.items()}
+    with Image.open(trained_run / "training_curves.png") as curves:
+        assert curves.format == "PNG" and curves.width >= 400 and curves.height >= 400
 
 
 def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(shards, tiny_sam_checkpoint, tmp_path):
@@ -103,7 +108,9 @@ def test_missing_shards_and_sam_checkpoint_are_named(shards, tiny_sam_checkpoint
 def test_eval_reports_refer_split_names_and_metrics(trained_run, shards, capsys):
     assert svp_eval(["--run", str(trained_run), "--shards", str(shards)]) == 0
     printed = capsys.readouterr().out
-    assert "refcoco (unc)" in printed
+    assert "refcoco (unc)" in printed and f"chart:  {trained_run / 'eval.png'}" in printed
+    with Image.open(trained_run / "eval.png") as chart:
+        assert chart.format == "PNG" and chart.width >= 400
     report = json.loads((trained_run / "eval.json").read_text())
     assert list(report["splits"]) == ["val", "testA", "testB"]
     for split in report["splits"].values():
@@ -111,6 +118,29 @@ def test_eval_reports_refer_split_names_and_metrics(trained_run, shards, capsys)
         assert split["samples"] >= split["images"] >= 1 and split["tokens_max"] >= split["tokens_mean"] > 0
     assert svp_eval(["--run", str(trained_run), "--shards", str(shards), "--splits", "test"]) == 2
     assert "'test'" in capsys.readouterr().err
+
+
+def test_training_curves_plot_the_logged_steps_and_a_resumed_run_s_later_values(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with pytest.raises(PlotError, match="no TensorBoard event files"):
+        training_series(tmp_path)
+    first = SummaryWriter(str(tmp_path / "tensorboard"))
+    for step in (1, 2, 3, 4):
+        first.add_scalar("loss", 10.0 - step, step)
+        first.add_scalar("lr", 1e-3 * step, step)
+    first.add_scalar("train_batch_ciou", 0.25, 2)
+    first.add_scalar("train_batch_ciou", 0.5, 4)
+    first.close()
+    resumed = SummaryWriter(str(tmp_path / "tensorboard"))  # a resume from step 2 logs steps 3 and 4 again
+    for step in (3, 4, 5):
+        resumed.add_scalar("loss", 0.5 * step, step)
+    resumed.close()
+    assert training_series(tmp_path) == {"loss": ([1, 2, 3, 4, 5], [9.0, 8.0, 1.5, 2.0, 2.5]),
+                                         "lr": ([1, 2, 3, 4], [pytest.approx(1e-3 * s) for s in (1, 2, 3, 4)]),
+                                         "train_batch_ciou": ([2, 4], [0.25, 0.5])}
+    with Image.open(training_curves(tmp_path)) as curves:
+        assert curves.format == "PNG" and curves.size == (700, 780)  # three panels of 7 x 2.6 inches at 100 dpi
 
 
 def test_an_export_with_missing_or_extra_keys_is_refused_with_the_list(trained_run, tmp_path):

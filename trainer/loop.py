@@ -27,6 +27,7 @@ from pipeline.superpixels.base import file_sha256
 from trainer.checkpoint import CheckpointError, check_same_model, export_trained, read_run_config, write_run_config
 from trainer.data import DataConfig, DataError, describe_shards, make_loader
 from trainer.model import ModelConfig, SegmentationMLLM
+from trainer.plots import training_curves
 
 CHECKPOINTS = "checkpoints"
 log = logging.getLogger(__name__)
@@ -179,7 +180,9 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_trained(accelerator.unwrap_model(model), config.run_dir / "export", config.model)
-    accelerator.end_training()
+    accelerator.end_training()  # flushes and closes the event files the curves are read from
+    if accelerator.is_main_process:
+        training_curves(config.run_dir)
     return {"step": progress.step, "skipped_samples": skipped, "main_process": accelerator.is_main_process}
 
 
