@@ -88,7 +88,7 @@ def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 
 # Model keys newer than some run directories, with the value those runs had.
-_ADDED_LATER = {"llm_training": "lora", "region_prompt": False}
+_ADDED_LATER = {"llm_training": "lora", "region_prompt": False, "gradient_checkpointing": False}
 
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:

@@ -2,15 +2,14 @@
 
 from trainer.model.mask_head import MaskHead
 from trainer.model.mllm import (
-    ANSWER,
     LLM_TRAINING,
-    PROMPT,
     ModelConfig,
     ModelOutput,
     SegmentationMLLM,
     TrainableStateError,
 )
 from trainer.model.projectors import PROJECTORS, ProjectorConfig, build_projector
+from trainer.model.prompt import ANSWER, PROMPT
 from trainer.model.vision import ModelLoadError, load_vision
 
 __all__ = [

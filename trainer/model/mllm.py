@@ -1,6 +1,7 @@
 """The segmentation MLLM (DESIGN §1): vision → projector → LLM (+LoRA) → ``[SEG]`` → SAM mask decoder.
 
-Prompt and answer are fixed templates (``PROMPT``, ``ANSWER``). ``<image>`` in the prompt is
+Prompt and answer are fixed templates (``PROMPT``, ``ANSWER``), rendered through the LLM's chat
+template when its tokenizer has one (``trainer.model.prompt``). ``<image>`` in the prompt is
 replaced, at the embedding level, by the sample's *valid* projector tokens only, so every sequence
 is [prompt before <image>, visual tokens, prompt after, answer] with no padding inside; sequences
 are right-padded to the longest of the batch. Right padding with a causal LLM means no real token
@@ -43,13 +44,11 @@ from pipeline.superpixels.sam import SamCheckpointError, build_sam, validate_sam
 from trainer.model.losses import IGNORE_INDEX, answer_ce, mask_bce, mask_dice
 from trainer.model.mask_head import MaskHead
 from trainer.model.projectors import ProjectorConfig, build_projector
+from trainer.model.prompt import IMAGE_TOKEN, SEG_TOKEN, PromptFormat
 from trainer.model.region_prompt import RegionPrompt
 from trainer.model.tokenizer import tiny_tokenizer
-from trainer.model.vision import TINY, ModelLoadError, load_vision, pretrained_source
+from trainer.model.vision import TINY, ModelLoadError, default_vision_size, load_vision, pretrained_source
 
-SEG_TOKEN, IMAGE_TOKEN = "[SEG]", "<image>"
-PROMPT = "please segment : {sentence} . " + IMAGE_TOKEN + " answer :"
-ANSWER = "it is " + SEG_TOKEN + " ."
 LLM_TRAINING = ("lora", "full")  # ModelConfig.llm_training
 # initializer_range 0.3 (not HF's 0.02): with 0.02 a random 2-layer LM attends almost uniformly,
 # so the [SEG] state barely depends on the sentence and the mask head learns to ignore the text.
@@ -64,16 +63,17 @@ class ModelConfig:
 
     llm: str = TINY  # "tiny" (random tiny Llama + word-level tokenizer), a hub id or a local directory
     vision: str = TINY  # "tiny" (random tiny DINOv2), a hub id or a local directory; real runs: facebook/dinov2-base
-    vision_size: int = 224
+    vision_size: int | None = None  # None: the encoder's own input size (224 for tiny and DINOv2, 336 for CLIP-336)
     sam_checkpoint: str | None = None  # None: random SAM, only for sam_model "tiny" (tests, demo)
     sam_model: str = "tiny"
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # ("all-linear",): every linear layer but the LM head
     llm_training: str = "lora"  # "lora" (adapters on lora_targets) or "full" (every LLM weight trains)
     region_prompt: bool = True  # [SEG] also selects visual tokens, drawn as SAM's mask prompt
+    gradient_checkpointing: bool = False  # recompute the LLM's activations in backward: memory for time
     ce_weight: float = 1.0
     bce_weight: float = 2.0
     dice_weight: float = 0.5
@@ -85,6 +85,8 @@ class ModelConfig:
         if isinstance(self.projector, dict):
             self.projector = ProjectorConfig(**self.projector)
         self.lora_targets = tuple(self.lora_targets)
+        if self.vision_size is None:  # resolved here, so that run configs and exports record the size used
+            self.vision_size = default_vision_size(self.vision)
         if self.llm_training not in LLM_TRAINING:
             raise ValueError(f"llm_training must be one of {', '.join(LLM_TRAINING)}, got {self.llm_training!r}")
 
@@ -138,10 +140,12 @@ def _check_sources(config: ModelConfig) -> None:
 
 
 def _load_llm(name: str) -> tuple[PreTrainedModel, Any]:
-    """(causal LM, tokenizer) with ``[SEG]`` and ``<image>`` added and the embeddings resized.
+    """(causal LM, tokenizer) with ``[SEG]`` and ``<image>`` added and the embeddings grown to fit.
 
     Pretrained weights keep their stored dtype (``dtype="auto"``): the base is frozen, so a bf16
-    checkpoint stays bf16; module boundaries cast (see ``_splice`` and ``forward``).
+    checkpoint stays bf16; module boundaries cast (see ``_splice`` and ``forward``). The embedding is
+    resized only when the new tokens fall outside it: Qwen's is padded beyond its tokenizer (151,936
+    rows for 151,665 tokens), so the new ids already have rows, and shrinking it would drop them.
     """
     if name == TINY:
         tokenizer = tiny_tokenizer()
@@ -151,7 +155,8 @@ def _load_llm(name: str) -> tuple[PreTrainedModel, Any]:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local, dtype="auto")
     tokenizer.add_tokens([SEG_TOKEN, IMAGE_TOKEN], special_tokens=True)
-    model.resize_token_embeddings(len(tokenizer))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
     return model, tokenizer
 
 
@@ -169,8 +174,10 @@ def _add_lora(model: PreTrainedModel, config: ModelConfig, seg_id: int) -> nn.Mo
     output = model.get_output_embeddings()
     if output is not None and output.weight is not model.get_input_embeddings().weight:
         rows[_module_name(model, output)] = [seg_id]
+    # peft's "all-linear": every linear layer of the decoder, the output layer excepted.
+    targets = "all-linear" if config.lora_targets == ("all-linear",) else list(config.lora_targets)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_targets), trainable_token_indices=rows, task_type="CAUSAL_LM")
+                      target_modules=targets, trainable_token_indices=rows, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
@@ -188,14 +195,16 @@ class SegmentationMLLM(nn.Module):
             self.seg_id = self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
             self.image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
             llm_dim = llm.get_input_embeddings().embedding_dim
+            if config.gradient_checkpointing:  # non-reentrant: no need for inputs that require grad
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.llm = _add_lora(llm, config, self.seg_id) if config.llm_training == "lora" else llm.float()
             self.projector = build_projector(config.projector, vision_dim, llm_dim)
             self.mask_head = MaskHead(build_sam(config.sam_model, config.sam_checkpoint))
             self.seg_mlp = nn.Sequential(nn.Linear(llm_dim, llm_dim), nn.ReLU(), nn.Linear(llm_dim, self.mask_head.prompt_dim))
             self.region_prompt = RegionPrompt(llm_dim) if config.region_prompt else None
-        answer = self.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+        self.prompt_format = PromptFormat(self.tokenizer)
+        self.answer_ids = self.prompt_format.answer_ids
         eos = self.tokenizer.eos_token_id
-        self.answer_ids = answer + ([eos] if eos is not None else [])
         self.seg_offset = self.answer_ids.index(self.seg_id)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (eos if eos is not None else 0)  # a filler, always masked
@@ -263,7 +272,7 @@ class SegmentationMLLM(nn.Module):
     def _tokenize(self, sentences: list[str]) -> tuple[list[list[int]], list[int]]:
         """Per sample: the text ids with ``<image>`` removed, and where ``<image>`` stood."""
         texts, image_at = [], []
-        prompts = self.tokenizer([PROMPT.format(sentence=s) for s in sentences])["input_ids"]
+        prompts = self.prompt_format.prompt_ids(sentences)
         for sentence, ids in zip(sentences, prompts):
             if ids.count(self.image_id) != 1 or self.seg_id in ids:
                 raise ValueError(f"the sentence {sentence!r} contains {IMAGE_TOKEN} or {SEG_TOKEN}")

@@ -5,6 +5,11 @@ superpixel coverage matrix is computed against that grid. ViTs put their prefix 
 (DINOv2: CLS + optional registers; CLIP: CLS; SigLIP: none), so the prefix is whatever precedes
 the last ``h*w`` tokens: one rule for all three, no per-family table.
 
+Each encoder is fed what its checkpoint expects: the input size of its image processor (DINOv2's
+224 crop, CLIP-336's 336, SigLIP's resize) unless ``--vision-size`` says otherwise, and the processor's
+mean/std. A CLIP or SigLIP checkpoint holds a text tower too; only the vision tower is loaded (as
+LLaVA does), and like LLaVA the CLS token is dropped by the rule above.
+
 This module also resolves where pretrained weights come from (a local directory or a hub id),
 shared with the LLM in :mod:`trainer.model.mllm`, so that a wrong ``--vision`` / ``--llm`` fails
 on a config read, before any weights are loaded.
@@ -16,9 +21,21 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, Dinov2Config, Dinov2Model, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    PretrainedConfig,
+    SiglipVisionModel,
+)
 
 TINY = "tiny"
+TINY_VISION_SIZE = 224
+# Checkpoints with a text tower beside the vision tower: load the vision tower alone.
+_VISION_TOWERS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's processor defaults
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TINY_VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, patch_size=14)
@@ -51,11 +68,15 @@ def pretrained_source(name: str, option: str) -> tuple[PretrainedConfig, bool]:
 class VisionEncoder(nn.Module):
     """A frozen HF ViT that returns (patch features (B, h*w, D), grid (h, w)) without prefix tokens."""
 
-    def __init__(self, backbone: nn.Module, patch_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, backbone: nn.Module, patch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 interpolate: bool = False) -> None:
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
         self.patch_size = patch_size
         self.mean, self.std = mean, std
+        # CLIP and SigLIP learned position embeddings for one size; at another they must be interpolated
+        # (DINOv2 always interpolates and takes no such argument).
+        self._forward_kwargs = {"interpolate_pos_encoding": True} if interpolate else {}
 
     def train(self, mode: bool = True) -> VisionEncoder:
         """Stay in eval mode: the encoder is frozen, so dropout and the like must never switch on."""
@@ -64,13 +85,44 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
-        tokens = self.backbone(pixel_values=pixel_values.to(self.backbone.dtype)).last_hidden_state
+        dtype = next(self.backbone.parameters()).dtype
+        tokens = self.backbone(pixel_values=pixel_values.to(dtype), **self._forward_kwargs).last_hidden_state
         return tokens[:, tokens.shape[1] - grid[0] * grid[1] :], grid
 
 
 def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
     """A CLIP/SigLIP checkpoint holds text and vision; the vision tower has its own config."""
     return getattr(config, "vision_config", None) or config
+
+
+def _processor(name: str, local: bool):
+    """The checkpoint's image processor, or None when it ships none (then DINOv2's defaults apply)."""
+    try:
+        return AutoImageProcessor.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _processor_size(processor) -> int | None:
+    """The square side the processor feeds its model: the crop when it crops, else the resize."""
+    sizes = [getattr(processor, "crop_size", None)] if getattr(processor, "do_center_crop", False) else []
+    sizes.append(getattr(processor, "size", None))
+    for size in sizes:  # a dict, or transformers' SizeDict (attributes)
+        field = size.get if isinstance(size, dict) else (lambda key, size=size: getattr(size, key, None))
+        side = field("height") or field("shortest_edge")
+        if side:
+            return int(side)
+    return None
+
+
+def default_vision_size(name: str, option: str = "--vision") -> int:
+    """The input side of ``name``'s own preprocessing (224 for tiny), read from its configs only."""
+    if name == TINY:
+        return TINY_VISION_SIZE
+    config, local = pretrained_source(name, option)
+    processor = _processor(name, local)
+    side = _processor_size(processor) if processor is not None else None
+    return side or int(_vision_config(config).image_size)
 
 
 def load_vision(name: str, image_size: int, option: str = "--vision") -> tuple[VisionEncoder, int, int]:
@@ -80,16 +132,19 @@ def load_vision(name: str, image_size: int, option: str = "--vision") -> tuple[V
     """
     if name == TINY:
         config = Dinov2Config(image_size=image_size, **_TINY_VISION)
-        backbone, mean, std = Dinov2Model(config), IMAGENET_MEAN, IMAGENET_STD
+        encoder = VisionEncoder(Dinov2Model(config), config.patch_size, IMAGENET_MEAN, IMAGENET_STD)
+        return encoder, config.hidden_size, config.patch_size
+    config, local = pretrained_source(name, option)
+    tower = _VISION_TOWERS.get(config.model_type)
+    if tower is not None:
+        backbone = tower.from_pretrained(name, local_files_only=local, dtype="auto")  # frozen: keep the stored dtype
     else:
-        config, local = pretrained_source(name, option)
-        model = AutoModel.from_pretrained(name, local_files_only=local, dtype="auto")  # frozen: keep the stored dtype
-        backbone = getattr(model, "vision_model", model)  # CLIPModel / SiglipModel → the vision tower
-        try:
-            processor = AutoImageProcessor.from_pretrained(name, local_files_only=local)
-            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-        except (OSError, ValueError, AttributeError):  # no preprocessor_config.json: DINOv2's defaults
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        config = _vision_config(config)
-    patch_size = config.patch_size
-    return VisionEncoder(backbone, patch_size, mean, std), config.hidden_size, patch_size
+        model = AutoModel.from_pretrained(name, local_files_only=local, dtype="auto")
+        backbone = getattr(model, "vision_model", model)  # another two-tower model → its vision tower
+    processor = _processor(name, local)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if processor is not None:
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    config = _vision_config(config)
+    interpolate = tower is not None and image_size != config.image_size
+    return VisionEncoder(backbone, config.patch_size, mean, std, interpolate), config.hidden_size, config.patch_size
