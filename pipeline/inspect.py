@@ -189,7 +189,8 @@ def summarise(output: Output) -> dict:
         entry["samples"] += shard["samples"]
     stages: dict[str, dict] = {}
     for failure in output.failures:
-        stage = stages.setdefault(failure["stage"], {"count": 0, "example": f"{failure['file_name']}: {failure['error']}"})
+        example = f"{failure['file_name']}: {failure['error']}"
+        stage = stages.setdefault(failure["stage"], {"count": 0, "example": example})
         stage["count"] += 1
     counts = [row["num_superpixels"] for row in output.rows if row["status"] == "written"]
     return {
@@ -266,7 +267,9 @@ def _fit(sample: InspectedSample, side: int = TILE_SIDE) -> tuple[np.ndarray, np
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     rgb = np.asarray(Image.fromarray(sample.rgb).resize(size, Image.Resampling.BILINEAR))
     labels = np.asarray(Image.fromarray(sample.labels).resize(size, Image.Resampling.NEAREST))
-    mask = None if sample.mask is None else np.asarray(Image.fromarray(sample.mask).resize(size, Image.Resampling.NEAREST))
+    mask = sample.mask
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
     return rgb, labels, mask
 
 
@@ -353,7 +356,8 @@ def write_html(summary: dict, text: str, pictures: dict[str, Path], path: Path) 
 td,th{{border:1px solid #bbb;padding:0.2em 0.6em;text-align:right}} td:first-child,th:first-child{{text-align:left}}
 img{{max-width:100%}} figure{{margin:1em 0}} pre{{background:#f4f4f4;padding:0.8em}}</style></head>
 <body><h1>svp inspect</h1><pre>{escape(text)}</pre>
-<h2>Splits</h2><table><tr><th>split</th><th>written</th><th>failed</th><th>shards</th><th>samples</th></tr>{split_rows}</table>
+<h2>Splits</h2><table><tr><th>split</th><th>written</th><th>failed</th><th>shards</th><th>samples</th></tr>
+{split_rows}</table>
 <h2>Failures by stage</h2><table><tr><th>stage</th><th>images</th><th>example</th></tr>{failure_rows}</table>
 {images}</body></html>
 """

@@ -35,7 +35,8 @@ def training_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
 
     directories = sorted({path.parent for path in (run_dir / TENSORBOARD_DIR).rglob("events.out.tfevents.*")})
     if not directories:
-        raise PlotError(f"no TensorBoard event files under {run_dir / TENSORBOARD_DIR}: is {run_dir} a run of svp train?")
+        raise PlotError(f"no TensorBoard event files under {run_dir / TENSORBOARD_DIR}: "
+                        f"is {run_dir} a run of svp train?")
     events: dict[str, list] = {}
     for directory in directories:
         accumulator = EventAccumulator(str(directory), size_guidance={SCALARS: 0})  # 0: keep every event
