@@ -80,6 +80,12 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     )
 
 
+# The Ray group's flags that mean nothing without --ray-workers; None unless given, so that a run
+# without Ray can refuse them rather than ignore them. --cpus-per-worker defaults to this under Ray.
+RAY_WORKER_FLAGS = ("address", "gpus_per_worker", "cpus_per_worker")
+CPUS_PER_WORKER = 1.0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--shards", required=True,
@@ -117,8 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--gpus-per-worker", type=float, default=None,
                      help="GPUs per Ray worker; default 1 if the Ray cluster has GPUs (or can scale up to some), "
                           "else 0 (CPU workers, gloo)")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0,
-                     help="CPUs per Ray worker; default 1 (give more with --num-workers DataLoader workers)")
+    ray.add_argument("--cpus-per-worker", type=float, default=None,
+                     help=f"CPUs per Ray worker; default {CPUS_PER_WORKER:g} (give more with --num-workers DataLoader "
+                          "workers)")
     ray.add_argument("--max-failures", type=int, default=0,
                      help="times Ray Train restarts the workers after a failure, from the last checkpoint; default 0")
     ray.add_argument("--address", default=None,
@@ -134,6 +141,11 @@ def train_urls(shards: str, split: str) -> list[str] | str:
 
 
 def run(args: argparse.Namespace) -> int:
+    given = [f"--{name.replace('_', '-')}" for name in RAY_WORKER_FLAGS if getattr(args, name) is not None]
+    if given and not args.ray_workers:
+        print(f"svp train: error: Ray Train worker options without --ray-workers: {', '.join(given)}; they need "
+              f"--ray-workers N (without it the run uses no Ray and would ignore them)", file=sys.stderr)
+        return 2
     try:
         config = TrainConfig(
             train_shards=train_urls(args.shards, args.train_split), run_dir=args.run_dir, model=model_config(args),
@@ -170,15 +182,15 @@ def _train_on_ray(config: TrainConfig, args: argparse.Namespace) -> dict:
     resume_point(config)  # raises for a run directory the workers would refuse
     ray_cluster.connect(args.address)
     gpus = ray_cluster.gpus_per_worker(args.gpus_per_worker, args.ray_workers, "--ray-workers")
-    ray_cluster.require("CPU", args.cpus_per_worker, args.ray_workers,
-                        f"--ray-workers {args.ray_workers} x --cpus-per-worker {args.cpus_per_worker:g}")
+    cpus = CPUS_PER_WORKER if args.cpus_per_worker is None else args.cpus_per_worker
+    ray_cluster.require("CPU", cpus, args.ray_workers, f"--ray-workers {args.ray_workers} x --cpus-per-worker {cpus:g}")
     # Ray Train would start each worker in a directory of its own; like every other Ray worker (and
     # like `svp train`), ours resolve relative paths from the directory the job runs in.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     trainer = TorchTrainer(
         _ray_worker, train_loop_config={"train": config},
         scaling_config=ScalingConfig(num_workers=args.ray_workers, use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": args.cpus_per_worker, "GPU": gpus}),
+                                     resources_per_worker={"CPU": cpus, "GPU": gpus}),
         run_config=RunConfig(name=config.run_dir.name, storage_path=str(config.run_dir.parent),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
     )
@@ -203,8 +215,9 @@ def _ray_worker(loop_config: dict) -> dict:
 def _report_to_ray(metrics: dict[str, float], checkpoint: Path | None) -> None:
     """Hand one log or save step to Ray Train (every worker calls this at the same steps).
 
-    The checkpoint already lies in the Ray run's storage, written there by the workers, so it is
-    registered where it is (NO_UPLOAD) rather than copied.
+    The checkpoint already lies in the Ray run's storage, written there by the workers and complete
+    (the loop reports it only once renamed from its unfinished name), so it is registered where it
+    is (NO_UPLOAD) rather than copied.
     """
     import ray.train
 

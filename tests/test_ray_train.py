@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_helpers import assert_disjoint_keys, assert_restores_saved_state, keys_per_rank, train_flags
+from train_helpers import (assert_checkpoints, assert_disjoint_keys, assert_restores_saved_state, keys_per_rank,
+                           train_flags)
 
 from jobs import ray_cluster
 from jobs.train import main as svp_train
@@ -39,7 +40,7 @@ def test_two_ray_workers_train_on_disjoint_shards_checkpoint_to_ray_and_resume(s
     assert_restores_saved_state(run_dir, shards, tiny_sam_checkpoint, step=2)
 
     assert svp_train([*flags, "--max-steps", "4", "--resume"]) == 0
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert_checkpoints(run_dir, [2, 4], ranks=2)
     assert _ray_checkpoints(run_dir) == [("step_000002", 2), ("step_000004", 4)]
     # Steps 3 and 4 only: a resume that started over would have trained 2 more batches per worker.
     assert [len(keys) for keys in keys_per_rank(run_dir, ranks=2)] == [4 * 2, 4 * 2]

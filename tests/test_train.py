@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from train_helpers import assert_disjoint_keys, assert_restores_saved_state, train_flags
+from train_helpers import assert_checkpoints, assert_disjoint_keys, assert_restores_saved_state, train_flags
 
 from jobs.eval import main as svp_eval
 from jobs.predict import main as svp_predict
@@ -64,14 +64,23 @@ def test_tensorboard_logs_the_training_metrics_at_every_log_step(trained_run):
         assert curves.format == "PNG" and curves.width >= 400 and curves.height >= 400
 
 
-def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(shards, tiny_sam_checkpoint, tmp_path):
+def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(shards, tiny_sam_checkpoint, tmp_path,
+                                                                          capsys):
     run_dir = tmp_path / "run"
     assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "2", "--save-every", "2")) == 0
     assert_restores_saved_state(run_dir, shards, tiny_sam_checkpoint, step=2)
-    # ... and the resumed run goes on from there to the new end.
+    # A later save killed half-way (one file of step 4 written) is no checkpoint to resume from ...
+    unfinished = run_dir / "checkpoints" / "step_000004.tmp"
+    unfinished.mkdir()
+    (unfinished / "model.safetensors").write_bytes(b"cut short")
+    capsys.readouterr()
+    # ... so the resumed run goes on from step 2, says so, and its own save of step 4 replaces the leftover.
     assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "4", "--save-every", "2",
                                   "--resume")) == 0
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    printed = capsys.readouterr().out
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_000002'} at step 2" in printed
+    assert "ignored unfinished checkpoint saves: step_000004.tmp" in printed
+    assert_checkpoints(run_dir, [2, 4], ranks=1)
 
 
 @pytest.mark.parametrize("flags, key", [(["--projector", "mlp"], "projector"), (["--llm-training", "full"], "llm_training")],
@@ -94,6 +103,23 @@ def test_resume_refuses_a_checkpoint_of_another_model(trained_run, shards, tiny_
 def test_bad_training_options_name_the_option(shards, tiny_sam_checkpoint, tmp_path, capsys, flags, message):
     assert svp_train(train_flags(shards, tmp_path / "run", tiny_sam_checkpoint, "--max-steps", "1", *flags)) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--address", "auto"], "--address"),
+        (["--cpus-per-worker", "1"], "--cpus-per-worker"),
+        (["--ray-workers", "0", "--gpus-per-worker", "0", "--cpus-per-worker", "2"],
+         "--gpus-per-worker, --cpus-per-worker"),
+    ],
+    ids=["address", "cpus", "both-with-zero-workers"],
+)
+def test_ray_flags_without_ray_workers_are_refused_before_anything_is_built(tmp_path, capsys, flags, named):
+    # Neither shards nor a SAM checkpoint exist: the refusal comes before either is looked at.
+    assert svp_train(train_flags(tmp_path / "shards", tmp_path / "run", tmp_path / "sam.pth", *flags)) == 2
+    assert f"without --ray-workers: {named}; they need --ray-workers N" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_shards_and_sam_checkpoint_are_named(shards, tiny_sam_checkpoint, tmp_path, capsys):
@@ -178,6 +204,7 @@ def test_torchrun_two_processes_train_on_disjoint_samples(shards, tiny_sam_check
                      tmp_path / "run", shards, tiny_sam_checkpoint)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_disjoint_keys(tmp_path / "run", ranks=2)
+    assert_checkpoints(tmp_path / "run", [2], ranks=2)
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["world_size"] == 2
 
 
@@ -190,6 +217,7 @@ def test_accelerate_launch_two_cpu_processes(shards, tiny_sam_checkpoint, tmp_pa
                      tmp_path / "run", shards, tiny_sam_checkpoint)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_disjoint_keys(tmp_path / "run", ranks=2)
+    assert_checkpoints(tmp_path / "run", [2], ranks=2)
     assert (tmp_path / "run" / "export" / "trained.safetensors").is_file()
 
 

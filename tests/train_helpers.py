@@ -1,5 +1,6 @@
 """What the training tests of every launcher (in-process, torchrun, accelerate launch, Ray Train)
-check in the same way: the flags of a tiny run, disjoint data per process, a faithful resume."""
+check in the same way: the flags of a tiny run, disjoint data per process, complete checkpoints, a
+faithful resume."""
 
 from __future__ import annotations
 
@@ -28,11 +29,25 @@ def assert_disjoint_keys(run_dir: Path, ranks: int) -> None:
     assert all(seen) and sum(map(len, seen)) == len(set().union(*seen))
 
 
+def tiny_train_config(shards: Path, run_dir: Path, sam: Path, **overrides) -> TrainConfig:
+    """The in-process ``TrainConfig`` of a tiny CPU run on one shard (batch 2), with ``overrides``."""
+    return TrainConfig(train_shards=str(shards / "train-000000.tar"), run_dir=run_dir, batch_size=2,
+                       model=ModelConfig(sam_checkpoint=str(sam), sam_model="tiny"), **overrides)
+
+
+def assert_checkpoints(run_dir: Path, steps: list[int], ranks: int) -> None:
+    """``run_dir`` holds exactly the checkpoints of ``steps`` (nothing unfinished beside them), each with
+    the RNG state of every process: the rename to ``step_N`` came after all of them had written."""
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"step_{step:06d}" for step in steps]
+    for step in steps:
+        assert {p.name for p in (checkpoints / f"step_{step:06d}").glob("random_states_*.pkl")} == {
+            f"random_states_{rank}.pkl" for rank in range(ranks)}
+
+
 def assert_restores_saved_state(run_dir: Path, shards: Path, sam: Path, step: int) -> None:
     """``--resume`` in ``run_dir`` restores step ``step`` and exactly the optimizer state saved there."""
-    config = TrainConfig(train_shards=str(shards / "train-000000.tar"), run_dir=run_dir, batch_size=2,
-                         max_steps=step + 2, model=ModelConfig(sam_checkpoint=str(sam), sam_model="tiny"), resume=True)
-    restored = setup_training(config)
+    restored = setup_training(tiny_train_config(shards, run_dir, sam, max_steps=step + 2, resume=True))
     assert restored.progress.step == step
     saved = torch.load(run_dir / "checkpoints" / f"step_{step:06d}" / "optimizer.bin", weights_only=True)
     current = restored.optimizer.state_dict()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ from trainer.plots import training_curves
 CHECKPOINTS = "checkpoints"
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# A save in progress: renamed to step_N once every process has written its part (see _save_checkpoint).
+_UNFINISHED = ".tmp"
+_UNFINISHED_DIR = re.compile(rf"^step_\d+{re.escape(_UNFINISHED)}$")
 
 
 @dataclass
@@ -79,8 +83,49 @@ class _Progress:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
+    """The run's latest complete checkpoint, or None.
+
+    Only a finished save is named ``step_N`` (``_save_checkpoint`` renames it so at the end), so the
+    name alone tells complete from cut short; a ``step_N.tmp`` is never returned.
+    """
     steps = [(int(m.group(1)), p) for p in (run_dir / CHECKPOINTS).glob("step_*") if (m := _STEP_DIR.match(p.name))]
     return max(steps)[1] if steps else None
+
+
+def unfinished_checkpoints(run_dir: Path) -> list[Path]:
+    """Saves that never finished (a process killed mid-save), so that resume can name what it ignores."""
+    return sorted(p for p in (run_dir / CHECKPOINTS).glob("step_*") if _UNFINISHED_DIR.match(p.name))
+
+
+def _ignored(run_dir: Path) -> str:
+    """The unfinished saves, as the resume message and error name them ('' when there are none)."""
+    unfinished = unfinished_checkpoints(run_dir)
+    return f"ignored unfinished checkpoint saves: {', '.join(p.name for p in unfinished)}" if unfinished else ""
+
+
+def _save_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    """Save the full training state as ``checkpoint`` such that it only ever appears complete.
+
+    Every process writes into ``step_N.tmp`` (the main process model, optimizer and schedule; each
+    process its own RNG state), and once all have written, the main process renames it to
+    ``step_N``: the rename is atomic, so a process killed mid-save leaves a ``.tmp`` that resume
+    ignores, never a ``step_N`` it would load. A ``.tmp`` left by such a save is removed first, lest
+    its files mix with this save's; a ``step_N`` already there is replaced (Ray Train restarts the
+    workers from the last checkpoint they reported, which is older than one saved just before a
+    failure). The last barrier keeps every process from reporting the checkpoint before it bears
+    its name.
+    """
+    unfinished = checkpoint.with_name(checkpoint.name + _UNFINISHED)
+    if accelerator.is_main_process and unfinished.exists():
+        shutil.rmtree(unfinished)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(unfinished))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+        unfinished.rename(checkpoint)
+    accelerator.wait_for_everyone()
 
 
 @dataclass
@@ -121,7 +166,9 @@ def setup_training(config: TrainConfig) -> Training:
     accelerator.register_for_checkpointing(progress)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        accelerator.print(f"resumed from {resume_from} at step {progress.step}")
+        ignored = _ignored(config.run_dir)
+        accelerator.print(f"resumed from {resume_from} at step {progress.step}"
+                          + (f"; {ignored}" if ignored else ""))
     return Training(accelerator, model, optimizer, scheduler, progress, trainable, shards)
 
 
@@ -171,7 +218,7 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
             window, started, waited = [], time.perf_counter(), 0.0
         if progress.step % config.save_every == 0 or progress.step == config.max_steps:
             checkpoint = config.run_dir / CHECKPOINTS / f"step_{progress.step:06d}"
-            accelerator.save_state(str(checkpoint))
+            _save_checkpoint(accelerator, checkpoint)
         if report is not None and (metrics or checkpoint is not None):
             report({"step": progress.step, **metrics}, checkpoint)
     bar.close()
@@ -218,7 +265,8 @@ def resume_point(config: TrainConfig) -> Path | None:
     """The checkpoint this run starts from (None: from scratch), or why it cannot start.
 
     Public so that a launcher can refuse a bad run directory before it starts any worker. A run
-    directory that already holds checkpoints is never trained over from scratch without --resume.
+    directory that already holds complete checkpoints is never trained over from scratch without
+    --resume; unfinished saves count for nothing either way.
     """
     if not config.resume:
         if last_checkpoint(config.run_dir) is not None:
@@ -227,7 +275,9 @@ def resume_point(config: TrainConfig) -> Path | None:
         return None
     checkpoint = config.resume_from or last_checkpoint(config.run_dir)
     if checkpoint is None:
-        raise CheckpointError(f"--resume: no checkpoint under {config.run_dir / CHECKPOINTS}")
+        ignored = _ignored(config.run_dir)
+        raise CheckpointError(f"--resume: no complete checkpoint under {config.run_dir / CHECKPOINTS}"
+                              + (f" ({ignored})" if ignored else ""))
     saved = read_run_config(config.run_dir)
     check_same_model(saved.get("model", {}), _jsonable(config.model), f"--resume checkpoint {checkpoint}")
     return checkpoint

@@ -1,0 +1,54 @@
+"""A checkpoint only ever appears complete: a save cut short is never resumed from, nor left in the way
+of the next save of its step."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from train_helpers import assert_checkpoints, tiny_train_config
+
+from trainer.checkpoint import CheckpointError
+from trainer.loop import CHECKPOINTS, TrainConfig, last_checkpoint, resume_point, train, unfinished_checkpoints
+
+
+def _leave_unfinished(directory: Path, *files: str) -> None:
+    """What a save killed mid-write leaves: its directory with some of its files."""
+    directory.mkdir(parents=True)
+    for name in files:
+        (directory / name).write_bytes(b"cut short")
+
+
+def test_an_unfinished_save_is_no_checkpoint(tmp_path):
+    _leave_unfinished(tmp_path / CHECKPOINTS / "step_000004.tmp", "model.safetensors")
+    assert last_checkpoint(tmp_path) is None
+    assert unfinished_checkpoints(tmp_path) == [tmp_path / CHECKPOINTS / "step_000004.tmp"]
+    config = TrainConfig(train_shards=str(tmp_path / "train-000000.tar"), run_dir=tmp_path)
+    assert resume_point(config) is None  # nothing complete to train over: a fresh run may start here
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint .*ignored unfinished .*step_000004\.tmp"):
+        resume_point(replace(config, resume=True))
+
+
+def test_each_save_is_complete_when_reported_and_replaces_what_a_cut_short_save_left(shards, tiny_sam_checkpoint,
+                                                                                   tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / CHECKPOINTS
+    # A 2-process run killed while saving step 1: rank 1's RNG state is all it wrote.
+    _leave_unfinished(checkpoints / "step_000001.tmp", "random_states_1.pkl")
+    reported = []
+
+    def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if checkpoint is not None:  # what a launcher (Ray Train) would find there when told
+            reported.append((checkpoint.name, sorted(p.name for p in checkpoints.iterdir())))
+
+    config = tiny_train_config(shards, run_dir, tiny_sam_checkpoint, max_steps=2, save_every=1)
+    train(config, report=report)
+    assert reported == [("step_000001", ["step_000001"]), ("step_000002", ["step_000001", "step_000002"])]
+    assert_checkpoints(run_dir, [1, 2], ranks=1)
+
+    # Ray Train restarting from step 1 (the step-2 save done but never reported) saves step 2 again.
+    (checkpoints / "step_000002" / "left-over").write_bytes(b"")
+    train(replace(config, resume=True, resume_from=checkpoints / "step_000001"))
+    assert_checkpoints(run_dir, [1, 2], ranks=1)
+    assert not (checkpoints / "step_000002" / "left-over").exists()
