@@ -35,7 +35,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="causal LM: an HF model id or local directory, or 'tiny' (random tiny LM for tests/demo)")
     model.add_argument("--vision", default="tiny",
                        help="vision encoder: an HF id or local directory (e.g. facebook/dinov2-base), or 'tiny'")
-    model.add_argument("--vision-size", type=int, default=224, help="square input size of the vision encoder; default 224")
+    model.add_argument("--vision-size", type=int, default=None,
+                       help="square input size of the vision encoder; default: the encoder's own, from its image "
+                            "processor config (224 for DINOv2 and tiny, 336 for CLIP ViT-L/14-336, SigLIP's resize)")
     model.add_argument("--sam-checkpoint", default=None,
                        help="official SAM .pth for the mask head; omitted: a random tiny SAM (tests/demo only)")
     model.add_argument("--sam-model", default="tiny", help="architecture of --sam-checkpoint: vit_h, vit_l, vit_b or tiny")
@@ -51,7 +53,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lora-r", type=int, default=8, help="LoRA rank; default 8")
     model.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha; default 16")
     model.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout; default 0.05")
-    model.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated LLM modules that get LoRA")
+    model.add_argument("--lora-targets", default="q_proj,v_proj",
+                       help="comma-separated LLM modules that get LoRA, or all-linear (every linear layer of the "
+                            "decoder but the LM head, as peft names it); default q_proj,v_proj")
+    model.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute the LLM's activations in the backward pass (HF gradient checkpointing, "
+                            "non-reentrant): less activation memory for a second forward pass of the LLM in each "
+                            "step; for long sequences or large batches on a GPU")
     model.add_argument("--llm-training", choices=LLM_TRAINING, default="lora",
                        help="lora: LoRA adapters on --lora-targets, the LLM frozen (default; for pretrained LLMs); "
                             "full: every LLM weight trains, in float32, no LoRA (for a random-initialised LLM such "
@@ -76,6 +84,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t), llm_training=args.llm_training,
         region_prompt=args.region_prompt, region_weight=args.region_weight,
+        gradient_checkpointing=args.gradient_checkpointing,
         ce_weight=args.ce_weight, bce_weight=args.bce_weight, dice_weight=args.dice_weight, seed=args.seed,
     )
 
