@@ -32,31 +32,39 @@ from jobs.workflow import tiny_model, train_on_shards
 from trainer.model import ProjectorConfig
 
 NAME = "accuracy"
-PRESETS: dict[str, dict] = {
-    "cpu": {},
-    "quick": {"steps": 2, "seeds": 1, "headline_seeds": 1, "batch_size": 2},
-    "gpu": {"steps": 1500, "seeds": 3, "batch_size": 16},
-}
 SPLITS = ("val", "testA", "testB")
 LADDER = ("mlp", "pool", "svp-pool", "svp+sspe", "svp+ssa", "svp")
 HEADLINE = ("mlp", "svp")  # the pair of the "svp within a point of mlp" target: trained with --headline-seeds
+HEADLINE_CONFIGS = ("mlp", "pool", "svp")  # the configurations whose cIoU are headline keys: the cpu preset's
+STEPS = 200  # the cpu preset's: 7 runs in ~8 min on 2 cores, leaving the other parts the rest of ~15
+SELECTS_AFTER_STEPS = 500  # the demo's head starts to pick the referred object after about as many steps (README)
+PRESETS: dict[str, dict] = {
+    "cpu": {},
+    "full": {"steps": 1000, "seeds": 2, "headline_seeds": 5, "configs": ",".join(LADDER)},
+    "quick": {"steps": 2, "seeds": 1, "headline_seeds": 1, "batch_size": 2, "configs": ",".join(LADDER)},
+    "gpu": {"steps": 1500, "seeds": 3, "headline_seeds": 5, "batch_size": 16, "configs": ",".join(LADDER)},
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("accuracy: cIoU/gIoU at an equal training budget")
-    group.add_argument("--steps", type=int, default=1000,
-                       help="training steps of every run (default 1000: the demo's head starts to pick the referred "
-                            "object after ~500; a run of 1000 and its evaluation take ~4.3 min on 2 cores, the "
-                            "default 18 runs ~78 min)")
-    group.add_argument("--seeds", type=int, default=2, help="runs per configuration, seeds 0..N-1 (default 2)")
-    group.add_argument("--headline-seeds", type=int, default=5,
+    group.add_argument("--steps", type=int, default=STEPS,
+                       help=f"training steps of every run (default {STEPS}, the full preset 1000: the demo's head "
+                            f"starts to pick the referred object after ~{SELECTS_AFTER_STEPS}, and the notes say so "
+                            "below that; a run of 1000 and its evaluation take ~4.3 min on 2 cores)")
+    group.add_argument("--seeds", type=int, default=1,
+                       help="runs per configuration, seeds 0..N-1 (default 1, the full preset 2: one seed cannot "
+                            "rank the ladder's rungs, and the results' notes say so)")
+    group.add_argument("--headline-seeds", type=int, default=3,
                        help="runs of mlp and svp (at least --seeds): their difference is the headline, a point or "
                             "so, and one seed moves svp's cIoU by two or three, so 2 seeds cannot tell its sign "
-                            "(BENCHMARKS.md, fifth session); default 5")
+                            "(BENCHMARKS.md); default 3, the full preset 5")
     group.add_argument("--batch-size", type=int, default=8, help="training batch (default 8)")
     group.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3, as the demo)")
-    group.add_argument("--configs", default=",".join(LADDER),
-                       help=f"configurations to train, comma-separated (default all: {','.join(LADDER)})")
+    group.add_argument("--configs", default=",".join(HEADLINE_CONFIGS),
+                       help=f"configurations to train, comma-separated, from {','.join(LADDER)} (default "
+                            f"{','.join(HEADLINE_CONFIGS)}, those of the headline; the full, quick and gpu presets: "
+                            "all)")
 
 
 def projector(name: str, pool_tokens: int) -> ProjectorConfig:
@@ -120,7 +128,27 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
         paired = configs["svp"]["val"]["ciou_minus_mlp"]
         headline.update(ciou_svp_minus_mlp=paired["mean"], ciou_svp_minus_mlp_std=paired["std"])
     return {"steps": args.steps, "seeds": seeds, "batch_size": args.batch_size, "lr": args.lr, "dtype": args.dtype,
-            "pool_tokens": pool_budget(workspace.shards()), "configs": configs, "headline": headline}
+            "pool_tokens": pool_budget(workspace.shards()), "configs": configs, "headline": headline,
+            "notes": budget_notes(seeds, args.steps)}
+
+
+def budget_notes(seeds: dict[str, int], steps: int) -> list[str]:
+    """The seeds and steps behind each configuration's figures; where a configuration ran one seed,
+    that it cannot be ranked (noise between single runs is as large as the gaps between rungs); and
+    below ~500 steps, that the figures are of a head that does not select the referred object yet."""
+    by_count: dict[int, list[str]] = {}
+    for name, count in seeds.items():
+        by_count.setdefault(count, []).append(name)
+    notes = ["; ".join(f"{', '.join(names)}: {count} seed{'s' if count > 1 else ''} × {steps} steps"
+                       for count, names in sorted(by_count.items(), reverse=True))]
+    if 1 in by_count:
+        notes.append(f"{', '.join(by_count[1])}: one seed, which cannot rank a configuration: two runs of one "
+                     "configuration differ by 2-3 points of cIoU, as much as configurations do (BENCHMARKS.md)")
+    if steps < SELECTS_AFTER_STEPS:
+        notes.append(f"{steps} steps, before the ~{SELECTS_AFTER_STEPS} after which the head starts to select the "
+                     "referred object: these cIoU say how far each projector gets early in training, above the "
+                     "all-foreground floor, not where it ends (the full preset's 1000 steps)")
+    return notes
 
 
 def format_table(results: dict) -> str:

@@ -3,7 +3,10 @@ dataset for all parts), random models of a chosen size, timing, and where result
 
 Presets pick the sizes; any flag overrides its preset's value:
 
-- ``cpu`` (``make bench``): what a 2-core CPU does in about an hour and a half;
+- ``cpu`` (``make bench``, the default): what a 2-core CPU does in about a quarter of an hour:
+  fewer accuracy steps and seeds and fewer timing repetitions than ``full``; each part's
+  ``notes`` (and the headline's) say what shrank, so that no figure is read at a size it did not have;
+- ``full``: the sizes behind the recorded CPU figures, about an hour and a half on 2 cores;
 - ``quick``: the same code paths at toy sizes, in a couple of minutes (the test of the plumbing);
 - ``gpu`` (``make bench-gpu``): CUDA, bf16, a SAM ViT-H-sized model and a ~0.7B-parameter LLM,
   both with random weights (nothing is downloaded).
@@ -31,9 +34,10 @@ from jobs.workflow import SAM_PRETRAIN_STEPS, SyntheticData, synthetic_data
 from pipeline.superpixels.sam import SAM_MODEL_TYPES, build_sam
 from trainer.model.tokenizer import tiny_tokenizer
 
-PRESETS = ("cpu", "quick", "gpu")
-# The shared flags' values per preset; each part names its own in its PRESETS.
-COMMON_PRESETS = {"cpu": {}, "quick": {"images": 16, "sam_pretrain_steps": 10},
+PRESETS = ("cpu", "full", "quick", "gpu")
+# The shared flags' values per preset; each part names its own in its PRESETS. The flags' defaults
+# are the cpu preset's, so ``full`` names every value in which it differs from cpu (differences_from_full).
+COMMON_PRESETS = {"cpu": {}, "full": {}, "quick": {"images": 16, "sam_pretrain_steps": 10},
                   "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESULTS = Path("bench/results")
@@ -45,8 +49,10 @@ RESULTS = Path("bench/results")
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     common = parser.add_argument_group("every part")
     common.add_argument("--preset", choices=PRESETS, default="cpu",
-                        help="sizes of everything: cpu (make bench, about 1.5 h on 2 cores), quick (toy sizes, "
-                             "minutes), gpu (make bench-gpu: CUDA, bf16, SAM ViT-H and a ~0.7B LLM); default cpu")
+                        help="sizes of everything: cpu (make bench, about 15 min on 2 cores: fewer accuracy steps "
+                             "and seeds, fewer repetitions; the results' notes say what shrank), full (the recorded "
+                             "CPU sizes, about 1.5 h on 2 cores), quick (toy sizes, minutes), gpu (make bench-gpu: "
+                             "CUDA, bf16, SAM ViT-H and a ~0.7B LLM); default cpu")
     common.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the same as --preset quick")
     common.add_argument("--device", default=None,
                         help="torch device of the speed measurements; default cuda for the gpu preset, else cpu "
@@ -139,9 +145,20 @@ def run_parts(parts: Sequence[ModuleType], args: argparse.Namespace) -> dict[str
             results[part.NAME] = part.run(args, workspace)
             results[part.NAME]["seconds"] = time.perf_counter() - start
             results[part.NAME]["device"] = describe_device(args.device)
+            results[part.NAME]["notes"] = [*differences_from_full(args, part.PRESETS["full"]),
+                                           *results[part.NAME].get("notes", [])]
             write_json(args.results / f"{part.NAME}.json", results[part.NAME])
-            print(part.format_table(results[part.NAME]) + "\n", flush=True)
+            print(part.format_table(results[part.NAME]), flush=True)
+            print("".join(f"note: {note}\n" for note in results[part.NAME]["notes"]), flush=True)
     return results
+
+
+def differences_from_full(args: argparse.Namespace, full: dict) -> list[str]:
+    """Each value of ``full`` (the full preset of a part's or the shared flags) that this run sets
+    otherwise, as "--flag VALUE (full preset: VALUE)": what the cpu preset shrank, said next to the
+    figures it shaped, so that a quarter-hour run is not read as the recorded one."""
+    return [f"--{key.replace('_', '-')} {getattr(args, key)} (full preset: {value})"
+            for key, value in full.items() if getattr(args, key) != value]
 
 
 def run_alone(part: ModuleType, argv: Sequence[str] | None) -> dict:

@@ -61,6 +61,7 @@ from pipeline.synth import synthesize
 NAME = "precompute"
 PRESETS: dict[str, dict] = {
     "cpu": {},
+    "full": {"workers_images": 128},
     "quick": {"precompute_images": 2, "workers_images": 2, "image_size": 64, "points_per_side": 2,
               "precompute_sam_pretrain_steps": 2},
     "gpu": {"precompute_images": 16, "workers_images": 32, "image_size": 1024, "points_per_side": 32,
@@ -75,10 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("precompute: SAM superpixels vs the reference, 1 vs 2 workers")
     group.add_argument("--precompute-images", type=int, default=8,
                        help="synthetic images both generators segment (default 8)")
-    group.add_argument("--workers-images", type=int, default=128,
-                       help="synthetic images of the 1 vs 2 workers job (default 128: about a minute of work per "
-                            "worker, so that the job's ~5 fixed start-up seconds and this machine's noise do not "
-                            "hide the scaling)")
+    group.add_argument("--workers-images", type=int, default=64,
+                       help="synthetic images of the 1 vs 2 workers job (default 64, the full preset 128: half a "
+                            "minute or a minute of work per worker, so that the job's ~5 fixed start-up seconds and "
+                            "this machine's noise do not hide the scaling)")
     group.add_argument("--image-size", type=int, default=256,
                        help="long side of those images in px (default 256; above 1024 ours partitions at 1024)")
     group.add_argument("--points-per-side", type=int, default=8,

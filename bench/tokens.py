@@ -27,7 +27,7 @@ from trainer.model.projectors import build_projector
 from trainer.model.vision import TINY, load_vision
 
 NAME = "tokens"
-PRESETS: dict[str, dict] = {"cpu": {}, "quick": {}, "gpu": {}}
+PRESETS: dict[str, dict] = {"cpu": {}, "full": {}, "quick": {}, "gpu": {}}
 VISION_SIZE = 224  # the trainer's default input: 16×16 patches of 14 px
 
 

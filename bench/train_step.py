@@ -59,6 +59,7 @@ from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, Segmentation
 NAME = "train_step"
 PRESETS: dict[str, dict] = {
     "cpu": {},
+    "full": {"repeats": 5, "embedding_batch_size": 2, "embedding_repeats": 2},
     "quick": {"step_batch_size": 2, "repeats": 1, "llm_sizes": "tiny,64x2", "loader_batches": 2,
               "embedding_sam_models": "tiny"},
     "gpu": {"step_batch_size": 16, "repeats": 10, "llm_sizes": "tiny,1536x24", "embedding_sam_models": ""},
@@ -68,7 +69,8 @@ PRESETS: dict[str, dict] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("train_step: step time and latency per projector")
     group.add_argument("--step-batch-size", type=int, default=8, help="training batch of the step (default 8)")
-    group.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (default 5)")
+    group.add_argument("--repeats", type=int, default=3,
+                       help="timed repetitions per measurement, their median reported (default 3, the full preset 5)")
     group.add_argument("--vision-size", type=int, default=224, help="vision input (default 224: 16x16 patches)")
     group.add_argument("--llm-sizes", default="tiny,768x12",
                        help="comma-separated LLM sizes, 'tiny' or HIDDENxLAYERS (random Llama-style decoder); "
@@ -83,9 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated SAMs (random weights) whose svp step with stored embeddings is also "
                             "timed against the step that runs their encoder, at the tiny LLM; default vit_b (the "
                             "gpu preset's --sam-model is vit_h already: none); '' for none")
-    group.add_argument("--embedding-batch-size", type=int, default=2,
-                       help="batch of those steps (default 2: ViT-B's encoder takes seconds per image on a CPU)")
-    group.add_argument("--embedding-repeats", type=int, default=2, help="timed repetitions of those steps (default 2)")
+    group.add_argument("--embedding-batch-size", type=int, default=1,
+                       help="batch of those steps (default 1, the full preset 2: ViT-B's encoder takes ~20 s per "
+                            "image on 2 CPU cores)")
+    group.add_argument("--embedding-repeats", type=int, default=1,
+                       help="timed repetitions of those steps, after one warm-up (default 1, the full preset 2)")
 
 
 def first_batch(shards: Path, data_config: DataConfig, batch_size: int) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -16,9 +17,9 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench import accuracy, precompute, train_step
-from bench.__main__ import PARTS
+from bench.__main__ import PARTS, shared_cpu_note
 from bench.__main__ import main as bench
-from bench.common import LlmSize, parse_args
+from bench.common import LlmSize, differences_from_full, parse_args
 from pipeline.superpixels.base import SamOptions
 
 HEADLINE = ("tokens_ratio_svp_to_mlp", "ciou_svp", "ciou_mlp", "ciou_pool", "train_step_ratio_svp_to_mlp",
@@ -61,7 +62,7 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
     # The same items either way, and sorted neighbours give the least padding.
     assert 0 <= passes["length_grouped"]["padding_fraction"] <= passes["arrival_order"]["padding_fraction"] < 1
     embedding_step = parts["train_step"]["embedding_steps"]["tiny"]  # (the cpu preset's is vit_b)
-    assert latest["sam_embedding_step_ratio_tiny"] == embedding_step["ratio"] and embedding_step["batch_size"] == 2
+    assert latest["sam_embedding_step_ratio_tiny"] == embedding_step["ratio"] and embedding_step["batch_size"] == 1
     # Only tiny SAMs were timed here, so the headline is tiny's (the bench's own step, at its batch).
     assert parts["train_step"]["sam_embedding_step_ratio_sam"] == "tiny"
     assert latest["sam_embedding_step_ratio"] == train_step.embedding_step_ratio(parts["train_step"]["sizes"]["tiny"])
@@ -86,6 +87,15 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
         for split, values in config.items():
             assert values["ciou_minus_mlp"]["mean"] == values["ciou"]["mean"] - configs["mlp"][split]["ciou"]["mean"]
     assert latest["ciou_svp_minus_mlp"] == latest["ciou_svp"] - latest["ciou_mlp"]
+    # The notes: what the quick preset sets below the full one, and that one seed ranks nothing.
+    assert "--steps 2 (full preset: 1000)" in parts["accuracy"]["notes"]
+    assert "--workers-images 2 (full preset: 128)" in parts["precompute"]["notes"]
+    assert any(note.startswith("mlp, pool, svp-pool, svp+sspe, svp+ssa, svp: one seed, which cannot rank")
+               for note in parts["accuracy"]["notes"])
+    assert any(note.startswith("2 steps, before the ~500") for note in parts["accuracy"]["notes"])
+    assert [f"{name}: {note}" for name in parts for note in parts[name]["notes"]] == [
+        note for note in latest["notes"] if note.split(":")[0] in parts]
+    assert latest["preset"] == "quick" and len(latest["load_average"]) == 3
 
 
 def test_accuracy_compares_each_seed_with_mlps_same_seed() -> None:
@@ -109,13 +119,59 @@ def test_accuracy_compares_each_seed_with_mlps_same_seed() -> None:
 
 
 def test_the_headline_pair_trains_more_seeds_than_the_ladder() -> None:
-    args = parse_args(PARTS, [], "bench", "")
+    args = parse_args(PARTS, ["--preset", "full"], "bench", "")
     assert accuracy.seeds_per_config(args, accuracy.LADDER) == {
         "mlp": 5, "pool": 2, "svp-pool": 2, "svp+sspe": 2, "svp+ssa": 2, "svp": 5}
+    args = parse_args(PARTS, [], "bench", "")  # the cpu preset: the pair paired over 3 seeds, the rungs 1
+    assert accuracy.seeds_per_config(args, accuracy.LADDER) == {
+        "mlp": 3, "pool": 1, "svp-pool": 1, "svp+sspe": 1, "svp+ssa": 1, "svp": 3}
     args = parse_args(PARTS, ["--seeds", "3", "--headline-seeds", "1"], "bench", "")
     assert set(accuracy.seeds_per_config(args, ["mlp", "svp+ssa", "svp"]).values()) == {3}
     args = parse_args(PARTS, ["--quick"], "bench", "")
     assert set(accuracy.seeds_per_config(args, accuracy.LADDER).values()) == {1}
+
+
+# The cpu preset's sizes before the full preset took them over: `make bench BENCH_FLAGS="--preset full"`
+# must stay the run behind the recorded CPU figures.
+FULL = {"images": 400, "steps": 1000, "seeds": 2, "headline_seeds": 5, "batch_size": 8, "repeats": 5,
+        "step_batch_size": 8, "llm_sizes": "tiny,768x12", "loader_batches": 20, "embedding_sam_models": "vit_b",
+        "embedding_batch_size": 2, "embedding_repeats": 2, "precompute_images": 8, "workers_images": 128,
+        "image_size": 256, "points_per_side": 8, "precompute_sam_pretrain_steps": 200, "device": "cpu",
+        "configs": "mlp,pool,svp-pool,svp+sspe,svp+ssa,svp"}
+
+
+def test_the_full_preset_is_the_recorded_run_and_the_default_cpu_preset_smaller() -> None:
+    full, cpu = (vars(parse_args(PARTS, argv, "bench", "")) for argv in (["--preset", "full"], []))
+    assert {key: full[key] for key in FULL} == FULL and full["preset"] == "full" and cpu["preset"] == "cpu"
+    shrunk = {key for key in FULL if cpu[key] != FULL[key]}
+    assert shrunk == {"steps", "seeds", "headline_seeds", "repeats", "embedding_batch_size", "embedding_repeats",
+                      "workers_images", "configs"}
+    assert all(cpu[key] < FULL[key] for key in shrunk - {"configs"})
+    assert set(cpu["configs"].split(",")) == {"mlp", "pool", "svp"} < set(FULL["configs"].split(","))
+    assert parse_args(PARTS, ["--steps", "1000"], "bench", "").steps == 1000  # a flag still wins
+
+
+def test_the_notes_say_each_value_below_the_full_preset() -> None:
+    args = parse_args(PARTS, ["--steps", "1000"], "bench", "")
+    notes = differences_from_full(args, accuracy.PRESETS["full"])
+    assert notes == [f"--seeds {args.seeds} (full preset: 2)", f"--headline-seeds {args.headline_seeds} (full preset: 5)",
+                     f"--configs {args.configs} (full preset: {','.join(accuracy.LADDER)})"]
+    assert differences_from_full(parse_args(PARTS, ["--preset", "full"], "bench", ""), accuracy.PRESETS["full"]) == []
+
+
+def test_the_accuracy_notes_give_seeds_and_steps_and_flag_single_seeds() -> None:
+    notes = accuracy.budget_notes({"mlp": 3, "pool": 1, "svp+ssa": 1, "svp": 3}, 300)
+    assert notes[0] == "mlp, svp: 3 seeds × 300 steps; pool, svp+ssa: 1 seed × 300 steps"
+    assert notes[1].startswith("pool, svp+ssa: one seed, which cannot rank a configuration")
+    assert notes[2].startswith("300 steps, before the ~500 after which the head starts to select") and len(notes) == 3
+    assert accuracy.budget_notes({"mlp": 5, "svp": 5}, 1000) == ["mlp, svp: 5 seeds × 1000 steps"]
+
+
+def test_a_busy_cpu_is_said() -> None:
+    cores = os.cpu_count()
+    assert shared_cpu_note(float(cores)) == []
+    (note,) = shared_cpu_note(2.0 * cores)
+    assert f"{2.0 * cores:.1f} on {cores} cores" in note
 
 
 def test_bf16_train_step_with_an_llm_built_from_a_config(ray_local, tmp_path) -> None:
