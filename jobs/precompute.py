@@ -39,7 +39,7 @@ from pipeline.shards import (
     ShardRecord,
     claim_output_dir,
     index_row,
-    load_complete_record,
+    load_complete_records,
     sample_key,
     save_record,
     stage_timing,
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         tasks = plan_shards(refer.samples, args.shard_size)
         selected = select(tasks, args.only_split, args.limit)
         config_hash = claim_output_dir(args.out, config)
-        finished = {t.name: r for t in tasks if (r := load_complete_record(args.out, t.name)) is not None}
+        finished = load_complete_records(args.out, [t.name for t in tasks])
         todo = [t for t in selected if not covers(finished.get(t.name), t)]
         gpus = _connect_ray(args) if todo else 0.0
     except (ReferError, BackendConfigError, OutputConfigMismatch, StorageError, ValueError) as exc:

@@ -239,18 +239,36 @@ def save_record(out_dir: str | Path, record: ShardRecord) -> None:
     OutputStore(out_dir).write_bytes(f"{RECORDS_DIR}/{record.name}.json", dumps_json(asdict(record)))
 
 
-def load_complete_record(out_dir: str | Path, name: str) -> ShardRecord | None:
-    """The record of shard ``name`` if the shard is complete in OUT, else None (recompute it)."""
+def load_complete_records(out_dir: str | Path, names: Iterable[str]) -> dict[str, ShardRecord]:
+    """The records of the shards among ``names`` that are complete in OUT (the others: recompute).
+
+    One listing of OUT says which records exist and how large every shard is; only the records
+    that exist are read, together. Against an object store that is a few LIST requests and one GET
+    per existing record, where checking shard by shard cost a GET and a HEAD per shard (and more
+    for each missing one). A record that cannot be read or parsed, or whose shard is absent or of
+    another size (cut short), does not count: that shard is recomputed.
+    """
     store = OutputStore(out_dir)
+    sizes = store.listing()
+    wanted = {f"{RECORDS_DIR}/{name}.json": name for name in names}
+    found = store.read_many([path for path in wanted if path in sizes])
+    records = {}
+    for path, data in found.items():
+        record = _parse_record(data) if data is not None else None
+        if record is not None and (record.file is None or sizes.get(record.file.name) == record.file.bytes):
+            records[wanted[path]] = record
+    return records
+
+
+def _parse_record(data: bytes) -> ShardRecord | None:
+    """A stored ``_shards/{name}.json`` record, or None if it is not one (a damaged file)."""
     try:
-        data = json.loads(store.read_bytes(f"{RECORDS_DIR}/{name}.json"))
-    except (OSError, ValueError):
+        fields = json.loads(data)
+        file = ShardFile(**fields["file"]) if fields.get("file") else None
+        return ShardRecord(name=fields["name"], split=fields["split"], file=file, rows=fields["rows"],
+                           seconds=fields.get("seconds", {}), worker=fields.get("worker", {}))
+    except (ValueError, TypeError, KeyError):
         return None
-    file = ShardFile(**data["file"]) if data.get("file") else None
-    if file is not None and store.size(file.name) != file.bytes:
-        return None
-    return ShardRecord(name=data["name"], split=data["split"], file=file, rows=data["rows"],
-                       seconds=data.get("seconds", {}), worker=data.get("worker", {}))
 
 
 def claim_output_dir(out_dir: str | Path, config: dict) -> str:

@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass
 
 import boto3
 import fsspec
@@ -25,6 +26,7 @@ from moto.server import ThreadedMotoServer
 from jobs.inspect import main as svp_inspect
 from jobs.precompute import main as precompute
 from jobs.train import main as svp_train
+from pipeline.shards import ShardFile, ShardRecord, dumps_json, index_row, load_complete_records
 from pipeline.storage import OutputStore
 from trainer.data import describe_shards, expand_urls
 
@@ -159,6 +161,30 @@ def test_rerun_into_s3_resumes_and_another_config_is_refused(s3_shards, synth_ro
     assert "6 of 6 shards already complete" in capsys.readouterr().err
     assert precompute(_args(synth_root, s3_shards, "--min-area", "50")) == 2
     assert "must not mix" in capsys.readouterr().err
+
+
+def test_resume_checks_the_records_with_one_listing_and_reads_only_those_that_exist(s3):
+    url = f"s3://{BUCKET}/resume"
+    fs, root = fsspec.core.url_to_fs(url)  # the instance OutputStore gets: fsspec caches it per settings
+    names = [f"train-{i:06d}.tar" for i in range(300)]  # the plan: 250 shards done, 50 to do
+    objects = {}
+    for i, name in enumerate(names[:250]):
+        shard = b"x" * (10 + i % 7)
+        rows = [index_row(key=f"d-{i}", image_id=i, file_name=f"{i}.jpg", split="train", shard=name)]
+        record = ShardRecord(name, "train", ShardFile(name, "train", 1, len(shard), "0" * 64), rows)
+        objects |= {f"{root}/{name}": shard, f"{root}/_shards/{name}.json": dumps_json(asdict(record))}
+    objects[f"{root}/train-000007.tar"] = b"cut"  # a shard cut short: its record does not count
+    fs.pipe(objects)
+    calls: Counter[str] = Counter()
+    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
+
+    complete = load_complete_records(url, names)
+
+    assert sorted(complete) == [name for name in names[:250] if name != "train-000007.tar"]
+    assert complete["train-000249.tar"].rows[0]["image_id"] == 249
+    # One page of a listing (S3 pages 1000 names), one GET per existing record and nothing per missing
+    # one; checked shard by shard it was a GET and a HEAD per shard, and a HEAD and a LIST per missing one.
+    assert calls == {"ListObjectsV2": 1, "GetObject": 250}, calls
 
 
 def test_a_missing_bucket_is_refused_before_any_work(s3, synth_root, capsys):

@@ -17,7 +17,7 @@ from pipeline.shards import (
     encode_sample,
     encode_sam_embedding,
     index_row,
-    load_complete_record,
+    load_complete_records,
     save_record,
     write_job_outputs,
     write_shard,
@@ -82,8 +82,12 @@ def test_records_resume_only_complete_shards_and_outputs_account_for_every_image
                   error="empty file (0 bytes)"),
     ]
     save_record(tmp_path, ShardRecord("train-000000.tar", "train", file, rows))
-    record = load_complete_record(tmp_path, "train-000000.tar")
-    assert record is not None and record.written == 1 and record.failed == 1
+    save_record(tmp_path, ShardRecord("train-000001.tar", "train", None, rows[1:]))  # every image failed: no file
+    (tmp_path / "_shards" / "val-000000.tar.json").write_text('{"name": "val-000000.tar"')  # damaged: redo it
+    complete = load_complete_records(tmp_path, ["train-000000.tar", "train-000001.tar", "val-000000.tar", "nope"])
+    assert sorted(complete) == ["train-000000.tar", "train-000001.tar"]
+    record = complete["train-000000.tar"]
+    assert record.written == 1 and record.failed == 1 and complete["train-000001.tar"].file is None
     extra = [index_row(key="d-3", image_id=3, file_name="3.jpg", split="val", shard=None, stage="annotations",
                        error="unknown ann_id 9")]
     manifest = write_job_outputs(tmp_path, [record], extra, {"x": 1}, "abc")
@@ -96,4 +100,6 @@ def test_records_resume_only_complete_shards_and_outputs_account_for_every_image
         (1, "written", "train-000000.tar"), (2, "failed", None), (3, "failed", None)]
     # A shard whose file was lost (or cut short) is not complete: it will be recomputed.
     (tmp_path / "train-000000.tar").write_bytes(b"partial")
-    assert load_complete_record(tmp_path, "train-000000.tar") is None
+    assert list(load_complete_records(tmp_path, ["train-000000.tar", "train-000001.tar"])) == ["train-000001.tar"]
+    (tmp_path / "train-000000.tar").unlink()
+    assert list(load_complete_records(tmp_path, ["train-000000.tar"])) == []
