@@ -52,3 +52,30 @@ def test_each_save_is_complete_when_reported_and_replaces_what_a_cut_short_save_
     train(replace(config, resume=True, resume_from=checkpoints / "step_000001"))
     assert_checkpoints(run_dir, [1, 2], ranks=1)
     assert not (checkpoints / "step_000002" / "left-over").exists()
+
+
+def test_a_save_killed_while_replacing_a_checkpoint_leaves_no_step_n_with_files_missing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate import Accelerator
+
+    from trainer import loop
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # as the loop builds it
+    checkpoint = tmp_path / CHECKPOINTS / "step_000002"
+    _leave_unfinished(checkpoint, "model.safetensors", "optimizer.bin", "random_states_0.pkl")  # an older save
+
+    def killed_midway(path, *args, **kwargs) -> None:  # a process killed after deleting one file
+        next(Path(path).iterdir()).unlink()
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(loop, "shutil", SimpleNamespace(rmtree=killed_midway))  # the loop's deletions only
+    with pytest.raises(RuntimeError, match="killed"):
+        loop._save_checkpoint(accelerator, checkpoint)
+    # Whatever was cut short, step_N is one whole save: this one (every process's RNG state, nothing older).
+    assert last_checkpoint(tmp_path) == checkpoint
+    assert {p.name for p in checkpoint.iterdir()} == {"random_states_0.pkl"}
+    monkeypatch.undo()
+    loop._save_checkpoint(accelerator, checkpoint)  # the next save of the step clears what the kill left
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["step_000002"]

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # A save in progress: renamed to step_N once every process has written its part (see _save_checkpoint).
 _UNFINISHED = ".tmp"
+# A step_N being replaced, renamed out of the way first so that no half-deleted step_N is ever seen.
+_REPLACED = ".replaced"
 _UNFINISHED_DIR = re.compile(rf"^step_\d+{re.escape(_UNFINISHED)}$")
 
 
@@ -112,19 +114,25 @@ def _save_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
     ignores, never a ``step_N`` it would load. A ``.tmp`` left by such a save is removed first, lest
     its files mix with this save's; a ``step_N`` already there is replaced (Ray Train restarts the
     workers from the last checkpoint they reported, which is older than one saved just before a
-    failure). The last barrier keeps every process from reporting the checkpoint before it bears
-    its name.
+    failure). It is renamed to ``step_N.replaced`` before it is deleted: deleting is one unlink per
+    file, and a process killed half-way through must not leave a ``step_N`` with files missing. The
+    last barrier keeps every process from reporting the checkpoint before it bears its name.
     """
     unfinished = checkpoint.with_name(checkpoint.name + _UNFINISHED)
-    if accelerator.is_main_process and unfinished.exists():
-        shutil.rmtree(unfinished)
+    replaced = checkpoint.with_name(checkpoint.name + _REPLACED)
+    if accelerator.is_main_process:
+        for stale in (unfinished, replaced):
+            if stale.exists():
+                shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(unfinished))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if checkpoint.exists():
-            shutil.rmtree(checkpoint)
+            checkpoint.rename(replaced)
         unfinished.rename(checkpoint)
+        if replaced.exists():
+            shutil.rmtree(replaced)
     accelerator.wait_for_everyone()
 
 
