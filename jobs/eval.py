@@ -43,6 +43,8 @@ def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: i
     """Evaluate a run on the shards' splits; return (results, printable table)."""
     manifest = read_manifest(shards)
     splits = splits or default_splits(manifest)
+    if not splits:  # else an empty report, and a chart of nothing
+        raise ManifestError(f"{shards} holds no split but train to evaluate; name one with --splits")
     urls = {split: split_shard_urls(shards, manifest, split) for split in splits}
     model = load_trained_model(run_dir)
     data_config = DataConfig(**model.data_config_fields())

@@ -146,6 +146,17 @@ def test_eval_reports_refer_split_names_and_metrics(trained_run, shards, capsys)
     assert "'test'" in capsys.readouterr().err
 
 
+def test_eval_of_shards_with_only_a_train_split_is_refused_with_no_report(shards, tmp_path, capsys):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["samples_by_split"] = {"train": manifest["samples_by_split"]["train"]}
+    manifest["shards"] = [s for s in manifest["shards"] if s["split"] == "train"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    run_dir = tmp_path / "run"  # refused before the run is read: it need not exist
+    assert svp_eval(["--run", str(run_dir), "--shards", str(tmp_path)]) == 2
+    assert "holds no split but train to evaluate; name one with --splits" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
 def test_training_curves_plot_the_logged_steps_and_a_resumed_run_s_later_values(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
