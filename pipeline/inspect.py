@@ -82,6 +82,9 @@ class InspectedSample:
 
 @dataclass
 class InspectReport:
+    """What one ``svp inspect`` wrote: the numbers, their text, the files by name and the samples drawn
+    (kept so that a caller or test can check the pictures against the data behind them)."""
+
     summary: dict
     text: str
     files: dict[str, Path] = field(default_factory=dict)
@@ -271,7 +274,6 @@ def _fit(sample: InspectedSample, side: int = TILE_SIDE) -> tuple[np.ndarray, np
     if mask is not None:
         mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
     return rgb, labels, mask
-
 
 
 def contact_sheet(samples: list[InspectedSample], path: Path) -> Path:
