@@ -100,7 +100,7 @@ def measure(kind: str, args: argparse.Namespace, paths: dict[str, Path]) -> dict
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
-    paths = prepare(args)
+    prepare(args)  # once, before the children that each read it
     rows = {}
     for kind in [k for k in args.projectors.split(",") if k]:
         child = subprocess.run([sys.executable, "-m", "bench.realsize", *argv, "--measure", kind],

@@ -40,7 +40,7 @@ def rs_root(tmp_path_factory) -> Path:
     from pipeline.synth import synthesize
 
     root = tmp_path_factory.mktemp("refer-rs")
-    synthesize(root, images=10, seed=3)
+    synthesize(root, images=5, seed=3)  # train 2, val 1, testA 1, testB 1: ViT-B encodes each once
     return root
 
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer.model.vision import ModelLoadError
+
 SEG_TOKEN, IMAGE_TOKEN = "[SEG]", "<image>"
 PROMPT = "please segment : {sentence} . " + IMAGE_TOKEN + " answer :"
 ANSWER = "it is " + SEG_TOKEN + " ."
+CHAT_DATE = "26 Jul 2024"
 
 
 class PromptFormat:
@@ -31,7 +34,7 @@ class PromptFormat:
             generation_prompt = self._render(probe, add_generation_prompt=True)
             conversation = self._render([*probe, {"role": "assistant", "content": ANSWER}])
             if not conversation.startswith(generation_prompt):
-                raise ValueError("the tokenizer's chat template renders the assistant turn in a way svp cannot "
+                raise ModelLoadError("the tokenizer's chat template renders the assistant turn in a way svp cannot "
                                  "separate from the prompt (the conversation does not start with the generation "
                                  "prompt)")
             self.answer_ids = tokenizer(conversation[len(generation_prompt):], add_special_tokens=False)["input_ids"]
@@ -53,4 +56,7 @@ class PromptFormat:
         return [{"role": "user", "content": content}]
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        """The template's text; a fixed ``date_string`` (Llama 3's own fallback), since templates that
+        print today's date would otherwise give training, eval and resume on other days other prompts."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  date_string=CHAT_DATE)

@@ -25,6 +25,7 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    BaseImageProcessor,
     CLIPVisionModel,
     Dinov2Config,
     Dinov2Model,
@@ -95,7 +96,7 @@ def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
     return getattr(config, "vision_config", None) or config
 
 
-def _processor(name: str, local: bool):
+def _processor(name: str, local: bool) -> BaseImageProcessor | None:
     """The checkpoint's image processor, or None when it ships none (then DINOv2's defaults apply)."""
     try:
         return AutoImageProcessor.from_pretrained(name, local_files_only=local)
@@ -103,7 +104,7 @@ def _processor(name: str, local: bool):
         return None
 
 
-def _processor_size(processor) -> int | None:
+def _processor_size(processor: BaseImageProcessor) -> int | None:
     """The square side the processor feeds its model: the crop when it crops, else the resize."""
     sizes = [getattr(processor, "crop_size", None)] if getattr(processor, "do_center_crop", False) else []
     sizes.append(getattr(processor, "size", None))
