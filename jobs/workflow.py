@@ -17,6 +17,7 @@ from pathlib import Path
 
 from jobs import precompute, synth, tiny_sam
 from jobs.train import train_urls
+from pipeline.plotting import pyplot, save_figure
 from trainer.loop import TrainConfig, train
 from trainer.model import ModelConfig, ProjectorConfig
 
@@ -86,12 +87,7 @@ def train_on_shards(shards: Path, run_dir: Path, model: ModelConfig, *, steps: i
 def tokens_histogram(path: Path, tokens: dict[str, list[int]], title: str) -> None:
     """Visual tokens per image, one histogram per projector, on shared integer bins (a projector
     whose count is the same for every image shows as a single bar)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = pyplot().subplots(figsize=(6, 3.5))
     top = max(max(counts) for counts in tokens.values())
     bins = range(0, top + 2, max(1, (top + 1) // 100))
     for name, counts in tokens.items():
@@ -101,6 +97,4 @@ def tokens_histogram(path: Path, tokens: dict[str, list[int]], title: str) -> No
     axis.set_title(title)
     axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
