@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     commit = git_commit()  # the code that runs: read before the parts, while which HEAD may move
     started = time.perf_counter()
     parts = run_parts(PARTS, args)
+    load = os.getloadavg()
     latest = {
         "device": describe_device(args.device),
         "preset": args.preset,
@@ -51,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "seconds": time.perf_counter() - started,
         # What shrank from the full preset and what each cIoU rests on, beside the figures it qualifies.
-        "load_average": os.getloadavg(),
-        "notes": [*differences_from_full(args, COMMON_PRESETS["full"]), *shared_cpu_note(os.getloadavg()[2]),
+        "load_average": load,
+        "notes": [*differences_from_full(args, COMMON_PRESETS["full"]), *shared_cpu_note(load[2]),
                   *(f"{name}: {note}" for name, results in parts.items() for note in results["notes"])],
     }
     for results in parts.values():
