@@ -148,14 +148,18 @@ def read_samples(root: str | Path, rows: list[dict], seed: int) -> list[Inspecte
     found: dict[str, dict] = {}
     for shard, keys in sorted(wanted.items()):
         url = f"{str(root).rstrip('/')}/{shard}"
-        with fsspec.open(url, "rb") as stream:
-            members = tar_file_expander([{"stream": stream, "url": url}],
-                                        select_files=lambda name: name.split(".", 1)[-1] in READ_MEMBERS)
-            for sample in group_by_keys(members):
-                if sample["__key__"] in keys:
-                    found[sample["__key__"]] = sample
-                    if keys <= found.keys():
-                        break
+        try:
+            with fsspec.open(url, "rb") as stream:
+                members = tar_file_expander([{"stream": stream, "url": url}],
+                                            select_files=lambda name: name.split(".", 1)[-1] in READ_MEMBERS)
+                for sample in group_by_keys(members):
+                    if sample["__key__"] in keys:
+                        found[sample["__key__"]] = sample
+                        if keys <= found.keys():
+                            break
+        except FileNotFoundError:
+            raise InspectError(f"{url} not found, though index.parquet places samples there: was OUT "
+                               f"copied in part? Rerun the precompute job into it to rewrite the shard") from None
         missing = sorted(keys - found.keys())
         if missing:
             raise InspectError(f"{url} lacks samples that index.parquet places there: {', '.join(missing)}")

@@ -28,6 +28,7 @@ from jobs.inspect import main as svp_inspect
 from jobs.precompute import main as precompute
 from pipeline.inspect import (
     BOUNDARY_COLOUR,
+    InspectError,
     PICTURES,
     REF_COLOUR,
     REF_OUTLINE_PX,
@@ -147,6 +148,11 @@ def test_sampling_is_seeded_spread_over_splits_and_reads_only_the_shards_it_need
     partial = inspect_output(tmp_path, tmp_path / "report", samples=4, seed=0)
     assert [s.key for s in partial.samples] == [r["key"] for r in first]
     assert len(superpixel_areas(partial.samples)) == sum(len(np.unique(s.labels)) for s in partial.samples)
+    # ... but a sampled image's shard missing from the copy is a clear refusal, naming it
+    shutil.copy(shards / "index.parquet", tmp_path / "index.parquet")
+    (tmp_path / first[0]["shard"]).unlink()
+    with pytest.raises(InspectError, match=re.escape(first[0]["shard"]) + " not found"):
+        read_samples(tmp_path, first, seed=0)
 
 
 def test_failures_appear_by_stage_with_an_example(failing_output, tmp_path):
