@@ -27,6 +27,7 @@ demo: setup
 	$(BIN)/svp demo --out $(DEMO_DIR)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from bench.common import Workspace, run_alone, spread
 from bench.tokens import pool_budget
 from jobs.eval import run_eval
-from jobs.workflow import tiny_model, train_on_shards
+from jobs.workflow import tiny_model, train_config, train_on_shards
 from trainer.model import ProjectorConfig
 
 NAME = "accuracy"
@@ -90,8 +90,8 @@ def train_and_evaluate(args: argparse.Namespace, workspace: Workspace, name: str
     run_dir = workspace.root / "accuracy" / name / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a rerun in the same --work starts over
     model = tiny_model(workspace.sam_checkpoint, seed=seed, projector=projector(name, pool_budget(shards)))
-    train_on_shards(shards, run_dir, model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                    mixed_precision="bf16" if args.dtype == "bf16" else "no")
+    train_on_shards(train_config(shards, run_dir, model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                 seed=seed, mixed_precision="bf16" if args.dtype == "bf16" else "no"))
     return run_eval(run_dir, str(shards), list(SPLITS))[0]["splits"]
 
 
@@ -162,11 +162,13 @@ def format_table(results: dict) -> str:
         val = splits["val"]
         paired = val.get("ciou_minus_mlp")
         lines.append(f"{name:<10}{results['seeds'][name]:>6}{val['tokens_mean']:>7.1f}"
-                     + "".join(f"{cell:>26}" for cell in cells) + f"{val['giou']['mean']:>9.3f}±{val['giou']['std']:.3f}"
+                     + "".join(f"{cell:>26}" for cell in cells)
+                     + f"{val['giou']['mean']:>9.3f}±{val['giou']['std']:.3f}"
                      + (f"{paired['mean']:>+11.3f}±{paired['std']:.3f}" if paired else f"{'':>18}"))
     lines.append("val cIoU - mlp: the paired difference, seed by seed (the same batches), over the seeds both ran: "
                  "mean ± std")
-    floor = "  ".join(f"{split} {s['all_foreground_ciou']:.3f}" for split, s in next(iter(results["configs"].values())).items())
+    floor = "  ".join(f"{split} {s['all_foreground_ciou']:.3f}"
+                      for split, s in next(iter(results["configs"].values())).items())
     lines.append(f"all-foreground cIoU (the floor): {floor}")
     return "\n".join(lines)
 

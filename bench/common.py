@@ -30,8 +30,10 @@ from types import ModuleType
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from jobs.options import add_options
 from jobs.workflow import SAM_PRETRAIN_STEPS, SyntheticData, synthetic_data
-from pipeline.superpixels.sam import SAM_MODEL_TYPES, build_sam
+from pipeline.sam_model import build_sam
+from pipeline.superpixels.base import sam_checkpoint_field, sam_model_field
 from trainer.model.tokenizer import tiny_tokenizer
 
 PRESETS = ("cpu", "full", "quick", "gpu")
@@ -46,37 +48,44 @@ RESULTS = Path("bench/results")
 # ------------------------------------------------------------------------------------ command line
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """Every part: the sizes (a preset), where results and work go, the dataset the parts share, and
+    the SAM of the speed measurements (precompute, train_step: random weights of --sam-model unless
+    --sam-checkpoint)."""
+
+    preset: str = field(default="cpu", metadata={"choices": PRESETS, "help": (
+        "sizes of everything: cpu (make bench, about 15 min on 2 cores: fewer accuracy steps and seeds, fewer "
+        "repetitions; the results' notes say what shrank), full (the recorded CPU sizes, about 1.5 h on 2 cores), "
+        "quick (toy sizes, minutes), gpu (make bench-gpu: CUDA, bf16, SAM ViT-H and a ~0.7B LLM)")})
+    device: str | None = field(default=None, metadata={"help": (
+        "torch device of the speed measurements; omitted: cuda for the gpu preset, else cpu (accuracy trains "
+        "where the trainer does: on the GPU if there is one)")})
+    dtype: str = field(default="fp32", metadata={"choices": tuple(sorted(DTYPES)), "help": (
+        "fp32, or bf16: train steps and latency under bf16 autocast with the LLM stored in bf16, accuracy runs "
+        "with bf16 mixed precision (the gpu preset's)")})
+    results: Path = field(default=RESULTS, metadata={"help": "where results go"})
+    work: Path | None = field(default=None, metadata={"help": (
+        "working directory (data, runs, models); omitted: a temporary one, removed at the end")})
+    images: int = field(default=400, metadata={"help": (
+        "images of the synthetic dataset that tokens, train_step and accuracy share")})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic dataset"})
+    sam_pretrain_steps: int = field(default=SAM_PRETRAIN_STEPS, metadata={"help": (
+        "promptable pretraining steps of the dataset's tiny SAM (its embeddings are in the shards; the accuracy "
+        "part's mask head), as in the demo")})
+    sam_model: str = sam_model_field("tiny")
+    sam_checkpoint: str | None = sam_checkpoint_field()
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    common = parser.add_argument_group("every part")
-    common.add_argument("--preset", choices=PRESETS, default="cpu",
-                        help="sizes of everything: cpu (make bench, about 15 min on 2 cores: fewer accuracy steps "
-                             "and seeds, fewer repetitions; the results' notes say what shrank), full (the recorded "
-                             "CPU sizes, about 1.5 h on 2 cores), quick (toy sizes, minutes), gpu (make bench-gpu: "
-                             "CUDA, bf16, SAM ViT-H and a ~0.7B LLM); default cpu")
-    common.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the same as --preset quick")
-    common.add_argument("--device", default=None,
-                        help="torch device of the speed measurements; default cuda for the gpu preset, else cpu "
-                             "(accuracy trains where the trainer does: on the GPU if there is one)")
-    common.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                        help="fp32, or bf16: train steps and latency under bf16 autocast with the LLM stored in "
-                             "bf16, accuracy runs with bf16 mixed precision; default fp32 (bf16 for the gpu preset)")
-    common.add_argument("--results", type=Path, default=RESULTS, help=f"where results go; default {RESULTS}")
-    common.add_argument("--work", type=Path, default=None,
-                        help="working directory (data, runs, models); default a temporary one, removed at the end")
-    common.add_argument("--images", type=int, default=400,
-                        help="images of the synthetic dataset that tokens, train_step and accuracy share; default 400")
-    common.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset; default 0")
-    common.add_argument("--sam-pretrain-steps", type=int, default=SAM_PRETRAIN_STEPS,
-                        help="promptable pretraining steps of the dataset's tiny SAM (its embeddings are in the "
-                             f"shards; the accuracy part's mask head); default {SAM_PRETRAIN_STEPS} as in the demo")
-    common.add_argument("--sam-model", choices=SAM_MODEL_TYPES, default="tiny",
-                        help="SAM of the speed measurements (precompute, train_step); default tiny (vit_h for the gpu "
-                             "preset); random weights unless --sam-checkpoint")
-    common.add_argument("--sam-checkpoint", type=Path, default=None,
-                        help="real SAM weights of --sam-model for the speed measurements; default: random weights")
+    """The flags of every part: :class:`BenchOptions`, and ``--quick`` for the preset most often typed."""
+    add_options(parser, BenchOptions)
+    parser.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                        help="the same as --preset quick")
 
 
-def parse_args(parts: Sequence[ModuleType], argv: Sequence[str] | None, prog: str, description: str) -> argparse.Namespace:
+def parse_args(parts: Sequence[ModuleType], argv: Sequence[str] | None, prog: str,
+               description: str) -> argparse.Namespace:
     """One parser for ``parts`` (each adds its flags and names its presets' values), with the
     preset's values as defaults: an explicit flag always wins."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -130,7 +139,7 @@ def speed_sam_checkpoint(args: argparse.Namespace, workspace: Workspace) -> Path
     ``vit_h`` on a GPU, and a step's cost does not depend on what the ``sam.npy`` it reads holds.
     """
     if args.sam_checkpoint is not None:
-        return args.sam_checkpoint
+        return Path(args.sam_checkpoint)
     return save_random_sam(workspace.root / f"sam_{args.sam_model}_random.pth", args.sam_model)
 
 

@@ -5,8 +5,9 @@ SAM's official ``.pth``. These builders write directories that ``from_pretrained
 reads a hub snapshot: ``config.json`` + ``model.safetensors`` in the stored dtype, tokenizer files
 (the model family's own tokenizer class, with a byte-level BPE learned from a small corpus instead of
 the real 150k vocabulary), ``preprocessor_config.json``. (SAM's official-format ``.pth`` with random
-weights is ``bench.common.save_random_sam``.) The architectures are the real ones (every size of the released config); only the
-weights and the vocabulary are not. Tests and ``bench.realsize`` drive svp's user commands on them.
+weights is ``bench.common.save_random_sam``.) The architectures are the real ones (every size of the
+released config); only the weights and the vocabulary are not. Tests and ``bench.realsize`` drive
+svp's user commands on them.
 
 ``overrides`` shrink a config for tests that check a *convention* (CLIP's vision tower, SigLIP's
 lack of a CLS token) rather than a size.

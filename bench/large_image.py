@@ -16,8 +16,9 @@ from pathlib import Path
 
 from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig
+from pipeline.sam_model import save_tiny_sam
 from pipeline.superpixels.base import SamOptions
-from pipeline.superpixels.sam import SamSuperpixels, save_tiny_sam
+from pipeline.superpixels.sam import SamSuperpixels
 from pipeline.synth import synthesize
 
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         dataset = synthesize(Path(scratch), images=1, seed=0, sizes=[(3000, 2000)])
         image = decode_image(next(dataset.image_dir.glob("*.jpg")).read_bytes()).rgb
-        options = SamOptions(str(save_tiny_sam(Path(scratch) / "sam.pth")), "tiny", points_per_side=args.points_per_side,
+        options = SamOptions(str(save_tiny_sam(Path(scratch) / "sam.pth")), "tiny",
+                             points_per_side=args.points_per_side,
                              points_per_batch=64, pred_iou_thresh=args.pred_iou_thresh,
                              stability_score_thresh=args.stability_score_thresh, stability_score_offset=0.01)
         backend = SamSuperpixels(options, PartitionConfig())

@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="long side of those images in px (default 256; above 1024 ours partitions at 1024)")
     group.add_argument("--points-per-side", type=int, default=8,
                        help="points grid (default 8: a few minutes on 2 CPU cores; SAM's own is 32)")
-    group.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder call, both sides (default 64)")
+    group.add_argument("--points-per-batch", type=int, default=64,
+                       help="prompts per decoder call, both sides (default 64)")
     group.add_argument("--images-per-batch", type=int, default=4,
                        help="images per encoder and decoder call, ours only (default 4)")
     group.add_argument("--precompute-sam-pretrain-steps", type=int, default=200,
@@ -121,7 +122,8 @@ def reference_backend(options: SamOptions, ours: SamSuperpixels) -> Callable[[Se
         labels = []
         for image in images:
             masks = [record["segmentation"] for record in generator.generate(image)]
-            stacked = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, *image.shape[:2]), dtype=torch.bool)
+            stacked = (torch.from_numpy(np.stack(masks)) if masks
+                       else torch.zeros((0, *image.shape[:2]), dtype=torch.bool))
             labels.append(partition_from_masks(stacked.to(ours.device), ours.partition))
         return labels
 
@@ -206,7 +208,7 @@ def compare_workers(refer_root: Path, options: SamOptions, scratch: Path, device
         ray.init(include_dashboard=False, logging_level="WARNING")
 
     flags = ["--refer-root", str(refer_root), "--dataset", "refcoco", "--split-by", "unc", "--shard-size", "1",
-             "--backend", "sam", "--sam-checkpoint", options.checkpoint, "--sam-model", options.model_type,
+             "--backend", "sam", "--sam-checkpoint", options.sam_checkpoint, "--sam-model", options.sam_model,
              "--points-per-side", str(options.points_per_side), "--pred-iou-thresh", str(options.pred_iou_thresh),
              "--stability-score-thresh", str(options.stability_score_thresh),
              "--stability-score-offset", str(options.stability_score_offset)]
@@ -259,7 +261,7 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     results = {
         "images": len(images),
         "image_size": args.image_size,
-        "sam": {k: v for k, v in asdict(options).items() if k != "checkpoint"},
+        "sam": {k: v for k, v in asdict(options).items() if k != "sam_checkpoint"},
         "sam_weights": f"pretrained here for {args.precompute_sam_pretrain_steps} steps" if weights == "pretrained"
                        else weights,
         "partition": PartitionConfig().as_dict(),
@@ -281,13 +283,15 @@ def format_table(results: dict) -> str:
     rows = [("reference: SamAutomaticMaskGenerator + partition", generators["reference"]),
             ("ours: SamSuperpixels", generators["ours"])]
     lines = [
-        f"SAM {sam['model_type']} ({results['sam_weights']}) on {results['device']}, {results['images']} images "
+        f"SAM {sam['sam_model']} ({results['sam_weights']}) on {results['device']}, {results['images']} images "
         f"≤{results['image_size']} px, {sam['points_per_side']}² points, pred_iou>{sam['pred_iou_thresh']}, "
-        f"stability≥{sam['stability_score_thresh']} (offset {sam['stability_score_offset']}), NMS {sam['box_nms_thresh']}",
+        f"stability≥{sam['stability_score_thresh']} (offset {sam['stability_score_offset']}), "
+        f"NMS {sam['box_nms_thresh']}",
         f"{'method':<52}{'images/s':>10}{'s/image':>10}{'superpixels/image':>19}{'peak GPU GiB':>14}",
     ]
     lines += [
-        f"{name:<52}{s['images_per_s']:>10.3f}{s['seconds'] / results['images']:>10.3f}{s['superpixels_per_image']:>19.1f}"
+        f"{name:<52}{s['images_per_s']:>10.3f}{s['seconds'] / results['images']:>10.3f}"
+        f"{s['superpixels_per_image']:>19.1f}"
         + (f"{s['peak_gpu_memory_gib']:>14.2f}" if s["peak_gpu_memory_gib"] is not None else f"{'-':>14}")
         for name, s in rows
     ]
@@ -300,7 +304,8 @@ def format_table(results: dict) -> str:
     for name, profile in results.get("profile", {}).items():
         total = profile["total_s"]
         lines.append(f"profile, {name}: {total:.2f} s under cProfile; " + ", ".join(
-            f"{label} {seconds:.2f} s ({seconds / total:.0%})" for label, seconds in profile.items() if label != "total_s"))
+            f"{label} {seconds:.2f} s ({seconds / total:.0%})"
+            for label, seconds in profile.items() if label != "total_s"))
     if "workers" in results:
         w = results["workers"]
         lines.append(f"precompute job (local Ray, SAM backend, {w['images']} images): "

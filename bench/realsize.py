@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the hub directories, data and shards go (kept: a rerun reuses them); "
                              "default /tmp/svp-bench-realsize")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"where realsize.json goes; default {RESULTS}")
-    parser.add_argument("--llm", choices=sorted(LLMS), default="qwen2.5-0.5b", help="LLM architecture; default qwen2.5-0.5b")
+    parser.add_argument("--llm", choices=sorted(LLMS), default="qwen2.5-0.5b",
+                        help="LLM architecture; default qwen2.5-0.5b")
     parser.add_argument("--vision", choices=sorted(VISIONS), default="dinov2-base",
                         help="vision encoder architecture; default dinov2-base")
     parser.add_argument("--projectors", default=",".join(PROJECTORS), help="comma-separated; default mlp,pool,svp")
@@ -84,7 +85,8 @@ def measure(kind: str, args: argparse.Namespace, paths: dict[str, Path]) -> dict
     """One projector on the real-size stack (run in a fresh process: RSS is this model's)."""
     started = time.perf_counter()
     config = ModelConfig(llm=str(paths["llm"]), vision=str(paths["vision"]), sam_checkpoint=str(paths["sam"]),
-                         sam_model="vit_b", projector=ProjectorConfig(kind=kind, pool_tokens=pool_budget(paths["shards"])))
+                         sam_model="vit_b",
+                         projector=ProjectorConfig(kind=kind, pool_tokens=pool_budget(paths["shards"])))
     model = SegmentationMLLM(config)
     built_s = time.perf_counter() - started
     batch = first_batch(paths["shards"], DataConfig(**model.data_config_fields(), use_sam_embeddings=True),

@@ -90,7 +90,8 @@ def format_table(results: dict) -> str:
              f"{'projector':<10}{'mean':>8}{'median':>8}{'p95':>8}{'max':>6}{'ratio to mlp':>14}"]
     mlp = results["projectors"]["mlp"]["mean"]
     for name, s in results["projectors"].items():
-        lines.append(f"{name:<10}{s['mean']:>8.1f}{s['median']:>8.1f}{s['p95']:>8.1f}{s['max']:>6}{s['mean'] / mlp:>14.3f}")
+        lines.append(f"{name:<10}{s['mean']:>8.1f}{s['median']:>8.1f}{s['p95']:>8.1f}{s['max']:>6}"
+                     f"{s['mean'] / mlp:>14.3f}")
     lines.append(f"histogram: {results['histogram']}")
     return "\n".join(lines)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from types import ModuleType
 
 from jobs import demo, entry, eval, inspect, precompute, predict, synth, tiny_sam, train
+from jobs.options import OptionsParser
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "synth": (synth, "write a synthetic RefCOCO-format dataset (exact REFER layout)"),
@@ -19,8 +19,8 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svp", description=__doc__)
+def build_parser() -> OptionsParser:
+    parser = OptionsParser(prog="svp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, summary) in COMMANDS.items():
         entry.configure(commands.add_parser(name, help=summary), module)

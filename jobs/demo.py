@@ -9,60 +9,74 @@ predicting every pixel (the floor to beat) and the tokens the ``mlp`` projector 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
 
-from jobs import entry, workflow
+from jobs import entry, options, workflow
 from jobs.eval import run_eval
 from pipeline.images import decode_image
 from pipeline.shards import decode_label_map, read_manifest, split_shard_urls
 from trainer.checkpoint import load_trained_model
+from trainer.loop import TrainConfig
 from trainer.predict import predict_mask, render_overlay
 
 DEMO_OUTPUTS = ("refer", "shards", "run_svp", "overlays")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory; default demo_out/")
-    parser.add_argument("--images", type=int, default=800,
-                        help="synthetic images (70%% train); default 800 (at 80, training memorises the train images; "
-                             "at 400 train-batch cIoU ran well ahead of val)")
-    parser.add_argument("--sam-pretrain-steps", type=int, default=workflow.SAM_PRETRAIN_STEPS,
-                        help="steps of the tiny SAM's promptable pretraining on the train images (the stand-in "
-                             f"for SAM's released weights; 0: a random SAM); default {workflow.SAM_PRETRAIN_STEPS}")
-    parser.add_argument("--steps", type=int, default=2500, help="training steps; default 2500")
-    parser.add_argument("--lr", type=float, default=1e-3,
-                        help="peak learning rate; default 1e-3 (tiny models trained from scratch)")
-    parser.add_argument("--batch-size", type=int, default=8, help="training batch size; default 8")
-    parser.add_argument("--workers", type=int, default=2, help="Ray workers for the precompute job; default 2")
-    parser.add_argument("--loader-workers", type=int, default=1,
-                        help="DataLoader worker processes of the training loop; default 1 (without one the step "
-                             "waits for decoding ~30%% of the time; on 2 cores the worker competes with the step)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model; default 0")
-    parser.add_argument("--overlays", type=int, default=6, help="val overlays to render; default 6")
+@dataclass(frozen=True)
+class DemoOptions:
+    """Where the demo's outputs go, and the sizes of its data and training."""
+
+    out: Path = field(default=Path("demo_out"), metadata={"help": "output directory"})
+    images: int = field(default=800, metadata={"help": (
+        "synthetic images (70% train; at 80, training memorises the train images; at 400 train-batch cIoU ran "
+        "well ahead of val)")})
+    sam_pretrain_steps: int = field(default=workflow.SAM_PRETRAIN_STEPS, metadata={"help": (
+        "steps of the tiny SAM's promptable pretraining on the train images (the stand-in for SAM's released "
+        "weights; 0: a random SAM)")})
+    steps: int = field(default=2500, metadata={"help": "training steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (tiny models trained from scratch)"})
+    batch_size: int = field(default=8, metadata={"help": "training batch size"})
+    workers: int = field(default=2, metadata={"help": "Ray workers for the precompute job"})
+    loader_workers: int = field(default=1, metadata={"help": (
+        "DataLoader worker processes of the training loop (without one the step waits for decoding ~30% of the "
+        "time; on 2 cores the worker competes with the step)")})
+    seed: int = field(default=0, metadata={"help": "seed of the data and the model"})
+    overlays: int = field(default=6, metadata={"help": "val overlays to render"})
+
+
+OPTIONS = (DemoOptions,)
+
+
+def train_config(given: DemoOptions, data: workflow.SyntheticData) -> TrainConfig:
+    """What the demo trains on ``data``; with the default options, ``recipes/demo.yaml``."""
+    model = workflow.tiny_model(data.sam_checkpoint, seed=given.seed)
+    return workflow.train_config(data.shards, given.out / "run_svp", model, steps=given.steps,
+                                 batch_size=given.batch_size, lr=given.lr, seed=given.seed,
+                                 num_workers=given.loader_workers)
 
 
 def run(args: argparse.Namespace) -> int:
-    out: Path = args.out
+    given = options.build(DemoOptions, args)
+    out = given.out
     timings: dict[str, float] = {}
     for stale in DEMO_OUTPUTS:  # the demo starts afresh: its own outputs only, nothing else in DIR
         shutil.rmtree(out / stale, ignore_errors=True)
 
     start = time.perf_counter()
     try:
-        data = workflow.synthetic_data(out, images=args.images, seed=args.seed,
-                                       sam_pretrain_steps=args.sam_pretrain_steps, workers=args.workers)
+        data = workflow.synthetic_data(out, images=given.images, seed=given.seed,
+                                       sam_pretrain_steps=given.sam_pretrain_steps, workers=given.workers)
         shards = data.shards
         timings["data_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        model = workflow.tiny_model(data.sam_checkpoint, seed=args.seed)
-        run_dir = workflow.train_on_shards(shards, out / "run_svp", model,
-                                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                           num_workers=args.loader_workers)
+        run_dir = workflow.train_on_shards(train_config(given, data))
     except workflow.StepFailed as error:
         raise SystemExit(f"svp demo: {error}") from error
     timings["train_s"] = time.perf_counter() - start
@@ -75,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
         "ciou": val["ciou"], "giou": val["giou"], "all_foreground_ciou": val["all_foreground_ciou"],
         "tokens_mean": val["tokens_mean"], "tokens_median": val["tokens_median"], "tokens_max": val["tokens_max"],
         "tokens_mlp": _mlp_tokens(run_dir),
-        "val_samples": val["samples"], "train_steps": args.steps, "seconds": timings,
+        "val_samples": val["samples"], "train_steps": given.steps, "seconds": timings,
     }
     report["tokens_ratio_svp_to_mlp"] = report["tokens_mean"] / report["tokens_mlp"]
-    _overlays(run_dir, out, args.overlays)
+    _overlays(run_dir, out, given.overlays)
     _histogram(shards, out / "tokens_histogram.png", report["tokens_mlp"])
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table)
@@ -103,7 +117,7 @@ def _overlays(run_dir: Path, out: Path, count: int) -> None:
     manifest = read_manifest(out / "shards")
     samples = wds.WebDataset(split_shard_urls(out / "shards", manifest, "val"), shardshuffle=False)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    for index, sample in zip(range(count), samples):
+    for sample in itertools.islice(samples, count):
         rgb = decode_image(sample["jpg"]).rgb
         labels = decode_label_map(sample["spx.png"])
         sentence = json.loads(sample["refs.json"])[0]["sentences"][0]["sent"]

@@ -1,4 +1,8 @@
-"""The one way a job module becomes a command: ``svp <name>`` and ``python -m jobs.<name>`` alike."""
+"""The one way a job module becomes a command: ``svp <name>`` and ``python -m jobs.<name>`` alike.
+
+A job module declares ``OPTIONS`` (its config dataclasses, whose fields are its options: see
+:mod:`jobs.options`), ``RECIPES = True`` if it reads recipe files (``--config``), and ``run(args)``.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,28 @@ import argparse
 import sys
 from types import ModuleType
 
+from jobs.options import OptionsParser
 
-def configure(parser: argparse.ArgumentParser, module: ModuleType) -> argparse.ArgumentParser:
+
+def command_name(module: ModuleType) -> str:
+    """``jobs.tiny_sam`` → ``tiny-sam``."""
+    return module.__name__.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def configure(parser: OptionsParser, module: ModuleType) -> OptionsParser:
     """Give ``parser`` the module's options and its docstring as the description."""
     parser.description = module.__doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    module.add_arguments(parser)
+    parser.add_options(*module.OPTIONS, recipes_for=command_name(module) if getattr(module, "RECIPES", False) else None)
     parser.set_defaults(_command=module.run)
     return parser
 
 
+def parse(module: ModuleType, argv: list[str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed as the options of the job ``module`` (exits 2 with usage on a bad one)."""
+    return configure(OptionsParser(prog=f"svp {command_name(module)}"), module).parse_args(argv)
+
+
 def main(module_name: str, argv: list[str] | None = None) -> int:
     """``python -m jobs.<name>``: parse ``argv`` with the module's options and run it."""
-    module = sys.modules[module_name]
-    command = module_name.rsplit(".", 1)[-1].replace("_", "-")
-    args = configure(argparse.ArgumentParser(prog=f"svp {command}"), module).parse_args(argv)
+    args = parse(sys.modules[module_name], argv)
     return args._command(args)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs import entry
+from jobs import entry, options
 from pipeline.shards import ManifestError, read_manifest, split_shard_urls
 from trainer.checkpoint import CheckpointError, load_trained_model
 from trainer.data import DataConfig, DataError
@@ -21,16 +22,23 @@ from trainer.plots import eval_chart
 SPLIT_ORDER = ("val", "test", "testA", "testB", "testC")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, type=Path, help="run directory of `svp train` (or its export/)")
-    parser.add_argument("--shards", required=True, help="directory or URL prefix written by `svp precompute`")
-    parser.add_argument("--splits", default=None,
-                        help="comma-separated splits to evaluate; default: every split in the manifest except train")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass; default 8")
-    parser.add_argument("--max-samples", type=int, default=None, help="stop each split after this many samples")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON report; default RUN/eval.json. A bar chart of cIoU/gIoU per split goes beside it, "
-                             "named as the report with .png (RUN/eval.png)")
+@dataclass(frozen=True)
+class EvalOptions:
+    """Which run to evaluate on which shards, and where the report goes."""
+
+    run: Path = field(metadata={"help": "run directory of `svp train` (or its export/)"})
+    shards: str = field(metadata={"help": "directory or URL prefix written by `svp precompute`"})
+    splits: tuple[str, ...] | None = field(default=None, metadata={"help": (
+        "comma-separated splits to evaluate; omitted: every split in the manifest except train")})
+    batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
+    max_samples: int | None = field(default=None, metadata={"help": "stop each split after this many samples"})
+    out: Path | None = field(default=None, metadata={"help": (
+        "JSON report; omitted: RUN/eval.json. A bar chart of cIoU/gIoU per split goes beside it, named as the "
+        "report with .png (RUN/eval.png)")})
+
+
+OPTIONS = (EvalOptions,)
+RECIPES = True
 
 
 def default_splits(manifest: dict) -> list[str]:
@@ -38,7 +46,7 @@ def default_splits(manifest: dict) -> list[str]:
     return sorted(present, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
 
 
-def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: int = 8,
+def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: int = EvalOptions.batch_size,
              max_samples: int | None = None) -> tuple[dict, str]:
     """Evaluate a run on the shards' splits; return (results, printable table)."""
     manifest = read_manifest(shards)
@@ -58,13 +66,14 @@ def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: i
 
 
 def run(args: argparse.Namespace) -> int:
+    given = options.build(EvalOptions, args)
     try:
-        splits = [s for s in args.splits.split(",") if s] if args.splits else None
-        report, table = run_eval(args.run, args.shards, splits, args.batch_size, args.max_samples)
+        report, table = run_eval(given.run, given.shards, list(given.splits or ()), given.batch_size,
+                                 given.max_samples)
     except (ManifestError, DataError, CheckpointError, ValueError) as exc:
         print(f"svp eval: error: {exc}", file=sys.stderr)
         return 2
-    out = args.out or (args.run / "eval.json")
+    out = given.out or (given.run / "eval.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     chart = eval_chart(report, out.with_suffix(".png"))
     print(table)

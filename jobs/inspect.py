@@ -18,27 +18,35 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs import entry
+from jobs import entry, options
 from pipeline.inspect import InspectError, inspect_output
 from pipeline.shards import ManifestError
 from pipeline.storage import OutputStore, StorageError
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", metavar="OUT", help="output of `svp precompute`: a directory or a URL prefix (s3://...)")
-    parser.add_argument("--samples", type=int, default=16,
-                        help="images on the contact sheet (and behind the area histogram); default 16")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the sampling: the same seed draws the same images and refs; default 0")
-    parser.add_argument("--split", default=None,
-                        help="sample only this split (e.g. val); default: every split, in turn")
-    parser.add_argument("--report-dir", type=Path, default=None,
-                        help="where the report goes; default OUT/inspect/ for a local OUT, and "
-                             "./inspect-NAME/ (NAME: OUT's last path part) for a URL")
-    parser.add_argument("--html", action="store_true",
-                        help="also write inspect.html, one self-contained page with the pictures and the summary")
+@dataclass(frozen=True)
+class InspectOptions:
+    """Which precompute output to look at, how much of it, and where the report goes."""
+
+    out: str = field(metadata={"positional": True, "metavar": "OUT", "help": (
+        "output of `svp precompute`: a directory or a URL prefix (s3://...)")})
+    samples: int = field(default=16, metadata={"help": (
+        "images on the contact sheet (and behind the area histogram)")})
+    seed: int = field(default=0, metadata={"help": (
+        "seed of the sampling: the same seed draws the same images and refs")})
+    split: str | None = field(default=None, metadata={"help": (
+        "sample only this split (e.g. val); omitted: every split, in turn")})
+    report_dir: Path | None = field(default=None, metadata={"help": (
+        "where the report goes; omitted: OUT/inspect/ for a local OUT, and ./inspect-NAME/ (NAME: OUT's last "
+        "path part) for a URL")})
+    html: bool = field(default=False, metadata={"help": (
+        "also write inspect.html, one self-contained page with the pictures and the summary")})
+
+
+OPTIONS = (InspectOptions,)
 
 
 def default_report_dir(out: str) -> Path:
@@ -50,10 +58,11 @@ def default_report_dir(out: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    report_dir = args.report_dir or default_report_dir(args.out)
+    given = options.build(InspectOptions, args)
+    report_dir = given.report_dir or default_report_dir(given.out)
     try:
-        report = inspect_output(args.out, report_dir, samples=args.samples, seed=args.seed, split=args.split,
-                                with_html=args.html)
+        report = inspect_output(given.out, report_dir, samples=given.samples, seed=given.seed, split=given.split,
+                                with_html=given.html)
     except (ManifestError, InspectError, StorageError) as exc:
         print(f"svp inspect: error: {exc}", file=sys.stderr)
         return 2

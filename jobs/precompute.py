@@ -20,15 +20,18 @@ import argparse
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs import entry, ray_cluster
+from jobs import entry, options, ray_cluster
+from pipeline.hashing import file_sha256
 from pipeline.partition import PartitionConfig
 from pipeline.precompute import (
     OutputSpec,
     ShardProcessor,
     ShardTask,
     covers,
+    failed_shard,
     plan_shards,
     problem_rows,
     select,
@@ -38,141 +41,103 @@ from pipeline.shards import (
     OutputConfigMismatch,
     ShardRecord,
     claim_output_dir,
-    index_row,
     load_complete_records,
-    sample_key,
     save_record,
     stage_timing,
     write_job_outputs,
 )
 from pipeline.storage import OutputStore, StorageError, storage_env
-from pipeline.superpixels.base import (
-    BACKENDS,
-    BackendConfigError,
-    BackendSpec,
-    SamOptions,
-    file_sha256,
-)
-from pipeline.superpixels.sam import SAM_MODEL_TYPES
+from pipeline.superpixels import BACKENDS
+from pipeline.superpixels.base import BackendConfigError, SamOptions
+from pipeline.superpixels.spec import BackendSpec
 from pipeline.timing import STAGES
 
 ACTOR_MAX_RESTARTS = -1  # a dead worker is always replaced ...
 TASK_MAX_RETRIES = 2  # ... but a shard that kills its worker three times is recorded as failed
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group("input")
-    data.add_argument("--refer-root", required=True, type=Path,
-                      help="REFER root: holds {dataset}/refs({split_by}).p, {dataset}/instances.json and "
-                           "images/mscoco/images/train2014/")
-    data.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="which REFER dataset to read")
-    data.add_argument("--split-by", required=True,
-                      help="REFER split: unc or google for refcoco, unc for refcoco+, umd or google for refcocog")
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", required=True,
-                     help="output directory or object-store prefix (s3://bucket/prefix, or any fsspec URL; "
-                          "credentials and endpoint from AWS_* variables or fsspec's config) for "
-                          "{split}-{shard:06d}.tar shards, manifest.json, failures.jsonl, index.parquet; "
-                          "rerunning into the same OUT resumes")
-    out.add_argument("--shard-size", type=int, default=64, help="images per shard (one unit of work); default 64")
-    sp = parser.add_argument_group("superpixels")
-    sp.add_argument("--backend", choices=BACKENDS, default="sam",
-                    help="sam: SAM automatic masks (the method; needs --sam-checkpoint). felzenszwalb / slic: "
-                         "classical CPU-only colour superpixels for laptops, demos and tests, not the method")
-    sp.add_argument("--sam-checkpoint", type=Path, help="official SAM .pth (e.g. sam_vit_h_4b8939.pth), or a tiny one "
-                    "from `svp tiny-sam`; never downloaded. Must be readable on every worker node")
-    sp.add_argument("--sam-model", choices=SAM_MODEL_TYPES, default="vit_h",
-                    help="architecture of --sam-checkpoint (tiny: random small SAM for tests/CPU); default vit_h")
-    sp.add_argument("--points-per-side", type=int, default=32, help="SAM point grid per side; default 32")
-    sp.add_argument("--pred-iou-thresh", type=float, default=0.88, help="SAM predicted-IoU filter; default 0.88")
-    sp.add_argument("--stability-score-thresh", type=float, default=0.95, help="SAM stability filter; default 0.95")
-    sp.add_argument("--stability-score-offset", type=float, default=1.0,
-                    help="logit offset of SAM's stability score; default 1.0")
-    sp.add_argument("--box-nms-thresh", type=float, default=0.7, help="box NMS IoU between SAM masks; default 0.7")
-    sp.add_argument("--sam-batch-images", type=int, default=4, help="images per SAM encoder batch; default 4")
-    sp.add_argument("--store-sam-embeddings", action="store_true",
-                    help="also write sam.npy (float16 256x64x64 SAM image embedding; with --backend sam from the "
-                         "same SAM pass, with a classical backend from SAM's encoder alone; needs --sam-checkpoint) "
-                         "so that training skips the SAM encoder")
-    sp.add_argument("--min-area", type=int, default=100,
-                    help="superpixels smaller than this many pixels merge into their largest neighbour; default 100")
-    sp.add_argument("--max-superpixels", type=int, default=256,
-                    help="upper bound on superpixels (= visual tokens) per image; the smallest merge first; default 256")
-    part = parser.add_argument_group("part of the input (dry runs)")
-    part.add_argument("--only-split", metavar="NAME",
-                      help="process only the images of this split (e.g. val); a name the dataset lacks is refused "
-                           "with the list of its splits")
-    part.add_argument("--limit", type=int, metavar="N",
-                      help="process only the first N images in (split, image_id) order, after --only-split. Neither "
-                           "option changes the output's config: rerunning into the same --out without them keeps the "
-                           "complete shards and processes the rest; the manifest counts what is left as images_pending")
-    run = parser.add_argument_group("execution")
-    run.add_argument("--workers", type=int, default=1, help="number of Ray actors, each holding one model; default 1")
-    run.add_argument("--gpus-per-worker", type=float, default=None,
-                     help="GPUs per actor; default 1 where the cluster has a GPU per worker, an equal share where it "
-                          "has fewer (e.g. 0.5 for 2 workers on 1 GPU), 0 (CPU) where it has none")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster address ('auto' attaches to a running cluster, as under `ray job submit`); "
-                          "omitted: start a local Ray")
+@dataclass(frozen=True)
+class PrecomputeOptions:
+    """What to read, where the shards go, which backend makes the superpixels, and how much of the
+    input one run does (--only-split and --limit: dry runs)."""
+
+    refer_root: Path = field(metadata={"help": (
+        "REFER root: holds {dataset}/refs({split_by}).p, {dataset}/instances.json and "
+        "images/mscoco/images/train2014/")})
+    dataset: str = field(metadata={"choices": tuple(sorted(DATASETS)), "help": "which REFER dataset to read"})
+    split_by: str = field(metadata={"help": (
+        "REFER split: unc or google for refcoco, unc for refcoco+, umd or google for refcocog")})
+    out: str = field(metadata={"help": (
+        "output directory or object-store prefix (s3://bucket/prefix, or any fsspec URL; credentials and endpoint "
+        "from AWS_* variables or fsspec's config) for {split}-{shard:06d}.tar shards, manifest.json, "
+        "failures.jsonl, index.parquet; rerunning into the same OUT resumes")})
+    shard_size: int = field(default=64, metadata={"help": "images per shard (one unit of work)"})
+    backend: str = field(default="sam", metadata={"choices": tuple(BACKENDS), "help": (
+        "sam: SAM automatic masks (the method; needs --sam-checkpoint). felzenszwalb / slic: classical CPU-only "
+        "colour superpixels for laptops, demos and tests, not the method")})
+    only_split: str | None = field(default=None, metadata={"metavar": "NAME", "help": (
+        "process only the images of this split (e.g. val); a name the dataset lacks is refused with the list of "
+        "its splits")})
+    limit: int | None = field(default=None, metadata={"metavar": "N", "help": (
+        "process only the first N images in (split, image_id) order, after --only-split. Neither option changes "
+        "the output's config: rerunning into the same --out without them keeps the complete shards and processes "
+        "the rest; the manifest counts what is left as images_pending")})
+    workers: int = field(default=1, metadata={"help": "number of Ray actors, each holding one model"})
+
+
+OPTIONS = (PrecomputeOptions, PartitionConfig, SamOptions, ray_cluster.RayOptions)
+RECIPES = True
 
 
 def backend_spec(args: argparse.Namespace) -> BackendSpec:
-    sam = None
-    if args.backend == "sam" or args.store_sam_embeddings:
-        sam = SamOptions(
-            checkpoint=str(args.sam_checkpoint) if args.sam_checkpoint else "",
-            model_type=args.sam_model,
-            points_per_side=args.points_per_side,
-            pred_iou_thresh=args.pred_iou_thresh,
-            stability_score_thresh=args.stability_score_thresh,
-            stability_score_offset=args.stability_score_offset,
-            box_nms_thresh=args.box_nms_thresh,
-            images_per_batch=args.sam_batch_images,
-            store_embeddings=args.store_sam_embeddings,
-        )
-    return BackendSpec(args.backend, PartitionConfig(args.min_area, args.max_superpixels), sam)
+    """The backend the options name, with SAM's options where SAM runs (as the backend, or for the
+    embeddings stored beside another one)."""
+    backend, sam = args.backend, options.build(SamOptions, args)
+    uses_sam = backend == "sam" or sam.store_sam_embeddings
+    return BackendSpec(backend, options.build(PartitionConfig, args), sam if uses_sam else None)
 
 
 def run(args: argparse.Namespace) -> int:
+    given = options.build(PrecomputeOptions, args)
     try:
-        if args.workers < 1:
-            raise BackendConfigError(f"--workers must be >= 1, got {args.workers}")
-        refer = load_refer(args.refer_root, args.dataset, args.split_by)
+        if given.workers < 1:
+            raise BackendConfigError(f"--workers must be >= 1, got {given.workers}")
+        refer = load_refer(given.refer_root, given.dataset, given.split_by)
         spec = backend_spec(args)
         spec.validate()
         config = {
-            "dataset": args.dataset,
-            "split_by": args.split_by,
+            "dataset": given.dataset,
+            "split_by": given.split_by,
             "refs_sha256": file_sha256(refer.refs_path),
             "instances_sha256": file_sha256(refer.instances_path),
-            "shard_size": args.shard_size,
+            "shard_size": given.shard_size,
             "store_sam_embeddings": spec.stores_sam_embeddings,
             **spec.config(),
         }
-        tasks = plan_shards(refer.samples, args.shard_size)
-        selected = select(tasks, args.only_split, args.limit)
-        config_hash = claim_output_dir(args.out, config)
-        finished = load_complete_records(args.out, [t.name for t in tasks])
+        tasks = plan_shards(refer.samples, given.shard_size)
+        selected = select(tasks, given.only_split, given.limit)
+        config_hash = claim_output_dir(given.out, config)
+        finished = load_complete_records(given.out, [t.name for t in tasks])
         todo = [t for t in selected if not covers(finished.get(t.name), t)]
-        gpus = _connect_ray(args) if todo else 0.0
+        gpus = _connect_ray(given.workers, options.build(ray_cluster.RayOptions, args)) if todo else 0.0
     except (ReferError, BackendConfigError, OutputConfigMismatch, StorageError, ValueError) as exc:
         print(f"svp precompute: error: {exc}", file=sys.stderr)
         return 2
 
     skipped = len(selected) - len(todo)
     if skipped:
-        print(f"resume: {skipped} of {len(selected)} shards already complete in {args.out}, skipping them",
+        print(f"resume: {skipped} of {len(selected)} shards already complete in {given.out}, skipping them",
               file=sys.stderr)
-    output = OutputSpec(args.out, refer.image_dir, args.dataset, refer.categories, config_hash)
+    output = OutputSpec(given.out, refer.image_dir, given.dataset, refer.categories, config_hash)
 
     started = time.perf_counter()
-    new_records = _run_on_ray(todo, spec, output, args.workers, gpus) if todo else []
+    new_records = _run_on_ray(todo, spec, output, given.workers, gpus) if todo else []
     elapsed = time.perf_counter() - started
 
     records = {**finished, **{record.name: record for record in new_records}}
     pending = sum(len(t.items) for t in tasks) - sum(len(r.rows) for r in records.values())
     try:
-        manifest = write_job_outputs(args.out, list(records.values()), problem_rows(args.dataset, refer.problems),
+        manifest = write_job_outputs(given.out, list(records.values()), problem_rows(given.dataset, refer.problems),
                                      config, config_hash, pending)
     except StorageError as exc:  # the shards' records are stored: a rerun resumes and writes these again
         print(f"svp precompute: error: {exc}", file=sys.stderr)
@@ -182,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         f"precompute: {manifest['images_written']} images written, {manifest['images_failed']} failed"
         f"{f', {pending} pending' if pending else ''} (of {manifest['images_total']}); {len(manifest['shards'])} "
         f"shards ({skipped} skipped as complete); "
-        f"{processed / elapsed if processed and elapsed else 0.0:.1f} images/s; out: {args.out}"
+        f"{processed / elapsed if processed and elapsed else 0.0:.1f} images/s; out: {given.out}"
     )
     if pending:
         print(f"pending: {pending} images are not processed yet (--limit / --only-split); "
@@ -210,14 +175,14 @@ def _in_stage_order(seconds: dict[str, float]) -> list[tuple[str, float]]:
     return sorted(seconds.items(), key=lambda item: STAGES.index(item[0]) if item[0] in STAGES else len(STAGES))
 
 
-def _connect_ray(args: argparse.Namespace) -> float:
+def _connect_ray(workers: int, cluster: ray_cluster.RayOptions) -> float:
     """Attach to (or start) Ray and return the GPUs per worker, refusing a request the cluster cannot meet.
 
     Workers may share a GPU (each holds one model and runs one shard at a time), so by default
     fewer GPUs than workers are shared rather than refused.
     """
-    ray_cluster.connect(args.address)
-    return ray_cluster.gpus_per_worker(args.gpus_per_worker, args.workers, "--workers", share=True)
+    ray_cluster.connect(cluster.address)
+    return ray_cluster.gpus_per_worker(cluster.gpus_per_worker, workers, "--workers", share=True)
 
 
 def _worker_device() -> str:
@@ -240,7 +205,8 @@ def _worker_device() -> str:
     return "cpu"
 
 
-def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n_workers: int, gpus: float) -> list[ShardRecord]:
+def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n_workers: int,
+                gpus: float) -> list[ShardRecord]:
     import ray
     from tqdm import tqdm
 
@@ -254,7 +220,7 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
                 record = self.processor(task)
                 save_record(output.out_dir, record)  # recorded by the worker: a driver crash loses nothing done
             except StorageError as exc:  # not recorded, so a rerun writes this shard again
-                return _failed_shard(task, output.dataset, "write", str(exc))
+                return failed_shard(task, output.dataset, "write", str(exc))
             return record
 
     # Workers of a running cluster do not inherit the driver's environment: give them its storage settings.
@@ -279,7 +245,7 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 reason = (f"worker failed {TASK_MAX_RETRIES + 1} times on this shard: "
                           f"{type(exc).__name__}: {str(exc)[:300]}")
-                record = _failed_shard(task, output.dataset, "worker", reason)
+                record = failed_shard(task, output.dataset, "worker", reason)
             records.append(record)
             progress.set_postfix(written=sum(r.written for r in records), failed=sum(r.failed for r in records))
             progress.update()
@@ -287,17 +253,6 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
     for worker in workers:
         ray.kill(worker)
     return records
-
-
-def _failed_shard(task: ShardTask, dataset: str, stage: str, reason: str) -> ShardRecord:
-    """A shard that could not be finished (its worker kept dying, or it could not be stored): every
-    image is reported with the reason, and the record is not saved, so a rerun retries the shard."""
-    rows = [
-        index_row(key=sample_key(dataset, item.image.image_id), image_id=item.image.image_id,
-                  file_name=item.image.file_name, split=task.split, shard=task.name, stage=stage, error=reason)
-        for item in task.items
-    ]
-    return ShardRecord(name=task.name, split=task.split, file=None, rows=rows)
 
 
 def main(argv: list[str] | None = None) -> int:

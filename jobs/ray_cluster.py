@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,19 @@ RAY_RESOURCE_UNITS = 10_000
 
 class ClusterResourceError(ValueError):
     """The job asks for resources the Ray cluster does not have and cannot get."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Ray: the cluster a job's workers run on, and the GPUs each of them asks for."""
+
+    address: str | None = field(default=None, metadata={"help": (
+        "Ray cluster address ('auto' attaches to a running cluster, as under `ray job submit`); omitted: start a "
+        "local Ray")})
+    gpus_per_worker: float | None = field(default=None, metadata={"help": (
+        "GPUs per worker; omitted: 1 where the cluster has a GPU for every worker, 0 (CPU workers) where it has "
+        "none, and where it has fewer, an equal share for the precompute job's workers (e.g. 0.5 for 2 workers on "
+        "1 GPU), which hold one model each")})
 
 
 def connect(address: str | None) -> None:

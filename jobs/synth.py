@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jobs import entry
+from jobs import entry, options
 from pipeline.synth import synthesize
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True,
-                        help="REFER root to write (refcoco/, refcoco+/, refcocog/ and images/ go under it)")
-    parser.add_argument("--images", type=int, default=40, help="number of images to generate (default: 40)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed; the same seed writes byte-identical files (default: 0)")
+@dataclass(frozen=True)
+class SynthOptions:
+    """Where the synthetic dataset goes, and how it is drawn."""
+
+    out: Path = field(metadata={"help": "REFER root to write (refcoco/, refcoco+/, refcocog/ and images/ go under it)"})
+    images: int = field(default=40, metadata={"help": "number of images to generate"})
+    seed: int = field(default=0, metadata={"help": "random seed; the same seed writes byte-identical files"})
+
+
+OPTIONS = (SynthOptions,)
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the dataset; a bad argument is reported on stderr with exit status 2, like argparse."""
     try:
-        summary = synthesize(args.out, images=args.images, seed=args.seed)
+        summary = synthesize(**asdict(options.build(SynthOptions, args)))
     except ValueError as error:
         print(f"svp synth: error: {error}", file=sys.stderr)
         return 2

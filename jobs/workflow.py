@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import precompute, synth, tiny_sam
-from jobs.train import train_urls
+from jobs.train import resolve_shards
 from pipeline.plotting import pyplot, save_figure
 from trainer.loop import TrainConfig, train
 from trainer.model import ModelConfig, ProjectorConfig
-
 
 # The demo and the benchmarks leave their tiny SAM random by default: pretraining it on clicks
 # (``trainer.sam_pretraining``) did not change the demo's val cIoU measurably, and costs ~5 min.
@@ -42,6 +41,11 @@ class SyntheticData:
     sam_checkpoint: Path  # the tiny SAM whose image embeddings the shards carry
     shards: Path
 
+    @classmethod
+    def under(cls, out: Path) -> SyntheticData:
+        """Where :func:`synthetic_data` puts each part under ``out``."""
+        return cls(out / "refer", out / "sam_tiny.pth", out / "shards")
+
 
 def synthetic_data(out: Path, *, images: int, seed: int, sam_pretrain_steps: int, workers: int = 2,
                    shard_size: int = 8) -> SyntheticData:
@@ -52,7 +56,8 @@ def synthetic_data(out: Path, *, images: int, seed: int, sam_pretrain_steps: int
     The workers run on CPUs even where there is a GPU: the work is classical superpixels and a tiny
     encoder, and ``workers`` one-GPU actors would not fit on a one-GPU machine.
     """
-    refer, sam, shards = out / "refer", out / "sam_tiny.pth", out / "shards"
+    data = SyntheticData.under(out)
+    refer, sam, shards = data.refer, data.sam_checkpoint, data.shards
     _check("synth", synth.main(["--out", str(refer), "--images", str(images), "--seed", str(seed)]))
     pretraining = ["--pretrain-on", str(refer), "--steps", str(sam_pretrain_steps)] if sam_pretrain_steps else []
     _check("tiny-sam", tiny_sam.main(["--out", str(sam), "--seed", str(seed), *pretraining]))
@@ -60,7 +65,7 @@ def synthetic_data(out: Path, *, images: int, seed: int, sam_pretrain_steps: int
         "--refer-root", str(refer), "--dataset", "refcoco", "--split-by", "unc", "--out", str(shards),
         "--backend", "felzenszwalb", "--store-sam-embeddings", "--sam-checkpoint", str(sam),
         "--sam-model", "tiny", "--workers", str(workers), "--gpus-per-worker", "0", "--shard-size", str(shard_size)]))
-    return SyntheticData(refer, sam, shards)
+    return data
 
 
 def tiny_model(sam_checkpoint: Path, *, seed: int, projector: ProjectorConfig | None = None) -> ModelConfig:
@@ -74,14 +79,19 @@ def tiny_model(sam_checkpoint: Path, *, seed: int, projector: ProjectorConfig | 
                        projector=projector or ProjectorConfig())
 
 
-def train_on_shards(shards: Path, run_dir: Path, model: ModelConfig, *, steps: int, batch_size: int, lr: float,
-                    seed: int, mixed_precision: str = "no", num_workers: int = 0) -> Path:
-    """Train ``model`` on the train split of ``shards`` for ``steps`` steps (warm-up: the first 5 %),
-    saving one checkpoint and the export at the end; returns ``run_dir``."""
-    train(TrainConfig(train_shards=train_urls(str(shards), "train"), run_dir=run_dir, model=model,
-                      batch_size=batch_size, lr=lr, max_steps=steps, warmup_steps=max(1, steps // 20),
-                      save_every=steps, seed=seed, mixed_precision=mixed_precision, num_workers=num_workers))
-    return run_dir
+def train_config(shards: Path, run_dir: Path, model: ModelConfig, *, steps: int, batch_size: int, lr: float,
+                 seed: int, mixed_precision: str = "no", num_workers: int = 0) -> TrainConfig:
+    """``model`` trained on the train split of ``shards`` for ``steps`` steps (warm-up: the first 5 %),
+    saving one checkpoint and the export at the end (``recipes/demo.yaml`` is the demo's)."""
+    return TrainConfig(shards=str(shards), run_dir=run_dir, model=model, batch_size=batch_size, lr=lr,
+                       max_steps=steps, warmup_steps=max(1, steps // 20), save_every=steps, seed=seed,
+                       mixed_precision=mixed_precision, num_workers=num_workers)
+
+
+def train_on_shards(config: TrainConfig) -> Path:
+    """Run ``config`` (see :func:`train_config`); returns its run directory."""
+    train(resolve_shards(config))
+    return config.run_dir
 
 
 def tokens_histogram(path: Path, tokens: dict[str, list[int]], title: str) -> None:

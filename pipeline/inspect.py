@@ -30,7 +30,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.ticker import MaxNLocator
@@ -43,7 +42,7 @@ from pipeline.images import decode_image
 from pipeline.plotting import pyplot, save_figure
 from pipeline.refer import ref_mask
 from pipeline.shards import ManifestError, decode_label_map, read_manifest
-from pipeline.storage import OutputStore
+from pipeline.storage import OutputStore, open_url
 
 BOUNDARY_COLOUR = (255, 230, 0)  # superpixel boundaries: yellow
 REF_COLOUR = (255, 0, 200)  # the outlined ref's mask: magenta, drawn over the boundaries
@@ -149,7 +148,7 @@ def read_samples(root: str | Path, rows: list[dict], seed: int) -> list[Inspecte
     for shard, keys in sorted(wanted.items()):
         url = f"{str(root).rstrip('/')}/{shard}"
         try:
-            with fsspec.open(url, "rb") as stream:
+            with open_url(url) as stream:
                 members = tar_file_expander([{"stream": stream, "url": url}],
                                             select_files=lambda name: name.split(".", 1)[-1] in READ_MEMBERS)
                 for sample in group_by_keys(members):

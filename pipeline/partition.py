@@ -8,7 +8,7 @@ once per *round* of merges, never once per superpixel.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -21,8 +21,10 @@ _PAINT_CHUNK = 64  # masks painted per step: bounds the N×H×W temporary on lar
 class PartitionConfig:
     """Clean-up applied to every raw partition; part of the shard config hash."""
 
-    min_area: int = 100
-    max_regions: int = 256
+    min_area: int = field(default=100, metadata={
+        "help": "superpixels smaller than this many pixels merge into their largest neighbour"})
+    max_regions: int = field(default=256, metadata={
+        "help": "upper bound on superpixels (= visual tokens) per image; the smallest merge first"})
 
     def __post_init__(self) -> None:
         if self.min_area < 0:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 from pycocotools import mask as mask_utils
 
 from pipeline.images import DecodedImage, ImageDecodeError, decode_image, to_displayed_frame
 from pipeline.refer import AnnotationProblem, ImageRefs, ReferError, encode_mask, ref_mask
-from pipeline.shards import ShardRecord, encode_sample, index_row, sample_key, shard_name, write_shard
-from pipeline.superpixels.base import BackendSpec, SuperpixelResult
+from pipeline.shards import ShardRecord, encode_sample, failed_row, index_row, sample_key, shard_name, write_shard
+from pipeline.superpixels.base import SuperpixelResult
+from pipeline.superpixels.spec import BackendSpec
 from pipeline.timing import StageTimer
 
 
@@ -94,10 +95,22 @@ def covers(record: ShardRecord | None, task: ShardTask) -> bool:
 def problem_rows(dataset: str, problems: Sequence[AnnotationProblem]) -> list[dict]:
     """Index rows for images whose annotations were unusable before any shard was planned."""
     return [
-        index_row(key=sample_key(dataset, p.image_id), image_id=p.image_id, file_name=p.file_name,
-                  split=p.split, shard=None, stage="annotations", error=p.error)
+        failed_row(dataset=dataset, image_id=p.image_id, file_name=p.file_name, split=p.split,
+                   stage="annotations", error=p.error)
         for p in problems
     ]
+
+
+def failed_shard(task: ShardTask, dataset: str, stage: str, reason: str) -> ShardRecord:
+    """A shard that could not be finished (its worker kept dying, or it could not be stored): every
+    image is reported with the reason, and the record is not saved, so a rerun retries the shard."""
+    rows = [_failed_item_row(dataset, task, item, stage, reason) for item in task.items]
+    return ShardRecord(name=task.name, split=task.split, file=None, rows=rows)
+
+
+def _failed_item_row(dataset: str, task: ShardTask, item: ImageRefs, stage: str, error: str) -> dict:
+    return failed_row(dataset=dataset, image_id=item.image.image_id, file_name=item.image.file_name,
+                      split=task.split, stage=stage, error=error)
 
 
 class _ImageFailed(Exception):
@@ -146,13 +159,11 @@ class ShardProcessor:
         """The shard's samples, and one index row per image of the task, written or failed."""
         samples, rows = [], []
         for item in task.items:
-            key = sample_key(self.output.dataset, item.image.image_id)
-            common = {"key": key, "image_id": item.image.image_id, "file_name": item.image.file_name,
-                      "split": task.split, "shard": task.name}
             if item.image.image_id in failures:
                 stage, error = failures[item.image.image_id]
-                rows.append(index_row(**common, stage=stage, error=error))
+                rows.append(_failed_item_row(self.output.dataset, task, item, stage, error))
                 continue
+            key = sample_key(self.output.dataset, item.image.image_id)
             done = prepared[item.image.image_id]
             result = results[item.image.image_id]
             meta = {"image_id": item.image.image_id, "file_name": item.image.file_name, "dataset": self.output.dataset,
@@ -160,9 +171,10 @@ class ShardProcessor:
                     "num_superpixels": result.num_superpixels, "backend": self.spec.name,
                     "config_hash": self.output.config_hash}
             samples.append(encode_sample(key, done.data, result.labels, done.refs, meta, result.sam_embedding))
-            rows.append(index_row(**common, height=done.image.height, width=done.image.width,
-                                  num_superpixels=result.num_superpixels, num_refs=len(done.refs),
-                                  num_sentences=sum(len(r["sentences"]) for r in done.refs)))
+            rows.append(index_row(key=key, image_id=item.image.image_id, file_name=item.image.file_name,
+                                  split=task.split, shard=task.name, height=done.image.height,
+                                  width=done.image.width, num_superpixels=result.num_superpixels,
+                                  num_refs=len(done.refs), num_sentences=sum(len(r["sentences"]) for r in done.refs)))
         return samples, rows
 
     def _prepare(self, item: ImageRefs) -> _Prepared:
@@ -202,7 +214,8 @@ class ShardProcessor:
             "segmentation": rle,
         }
 
-    def _superpixels(self, prepared: dict[int, _Prepared], failures: dict[int, tuple[str, str]]) -> dict[int, SuperpixelResult]:
+    def _superpixels(self, prepared: dict[int, _Prepared],
+                     failures: dict[int, tuple[str, str]]) -> dict[int, SuperpixelResult]:
         """Run the backend on the whole batch; if it fails, retry image by image to isolate the culprit."""
         try:
             outputs = self.backend([p.image.rgb for p in prepared.values()]) if prepared else []

@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from pipeline.storage import OutputStore
+from pipeline.storage import OutputStore, StorageError, read_url
 
 FORMAT_VERSION = 1
 RECORDS_DIR = "_shards"
@@ -235,6 +236,13 @@ def index_row(
     }
 
 
+def failed_row(*, dataset: str, image_id: int, file_name: str, split: str, stage: str, error: str) -> dict:
+    """The index row of an image that is in no shard: it failed at ``stage`` (its annotations, its
+    bytes, the backend, or its whole shard), for the reason ``error``."""
+    return index_row(key=sample_key(dataset, image_id), image_id=image_id, file_name=file_name, split=split,
+                     shard=None, stage=stage, error=error)
+
+
 def save_record(out_dir: str | Path, record: ShardRecord) -> None:
     OutputStore(out_dir).write_bytes(f"{RECORDS_DIR}/{record.name}.json", dumps_json(asdict(record)))
 
@@ -251,7 +259,8 @@ def load_complete_records(out_dir: str | Path, names: Iterable[str]) -> dict[str
     store = OutputStore(out_dir)
     sizes = store.listing()
     wanted = {f"{RECORDS_DIR}/{name}.json": name for name in names}
-    found = store.read_many([path for path in wanted if path in sizes])
+    present = [path for path in wanted if path in sizes]
+    found = store.read_many(present, nbytes=sum(sizes[path] for path in present))
     records = {}
     for path, data in found.items():
         record = _parse_record(data) if data is not None else None
@@ -377,32 +386,52 @@ class ManifestError(ValueError):
     """The shard root has no usable manifest, or lacks what was asked of it."""
 
 
+class ManifestNotFound(ManifestError):
+    """The shard root holds no such file: it is not (or not yet) a directory written by ``svp precompute``."""
+
+
 def read_manifest(root: str | Path) -> dict:
     """``manifest.json`` of a shard root: a local directory or an fsspec URL prefix (s3://...)."""
-    return _read_job_file(root, MANIFEST_FILE)
+    return read_manifest_and_sha256(root)[0]
+
+
+def read_manifest_and_sha256(root: str | Path) -> tuple[dict, str]:
+    """The manifest and the sha256 of its bytes as stored: what a training run records to name the
+    dataset it read."""
+    data = _read_job_file(root, MANIFEST_FILE)
+    return _parse_job_file(root, MANIFEST_FILE, data), hashlib.sha256(data).hexdigest()
 
 
 def read_timing(root: str | Path) -> dict:
     """``timing.json`` of a shard root: seconds per stage, per worker and in total (:func:`stage_timing`)."""
-    return _read_job_file(root, TIMING_FILE)
+    return _parse_job_file(root, TIMING_FILE, _read_job_file(root, TIMING_FILE))
 
 
-def _read_job_file(root: str | Path, name: str) -> dict:
-    import fsspec
+def job_file_url(root: str | Path, name: str) -> str:
+    """Where a job file (``manifest.json``, ...) or a shard of a shard root is: ``root/name``."""
+    return f"{str(root).rstrip('/')}/{name}"
 
-    url = f"{str(root).rstrip('/')}/{name}"
+
+def _read_job_file(root: str | Path, name: str) -> bytes:
+    url = job_file_url(root, name)
     try:
-        with fsspec.open(url, "rt") as f:
-            return json.load(f)
+        return read_url(url)
     except FileNotFoundError:
-        raise ManifestError(f"{url} not found: is {root} a directory written by `svp precompute`?") from None
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"cannot read {url}: {exc}") from None
+        raise ManifestNotFound(f"{url} not found: is {root} a directory written by `svp precompute`?") from None
+    except StorageError as exc:  # it names the URL and why
+        raise ManifestError(str(exc)) from None
+
+
+def _parse_job_file(root: str | Path, name: str, data: bytes) -> dict:
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise ManifestError(f"cannot read {job_file_url(root, name)}: {exc}") from None
 
 
 def split_shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
     """The shard URLs of one split, as the manifest lists them (an unknown or empty split is an error)."""
-    urls = [f"{str(root).rstrip('/')}/{s['name']}" for s in manifest["shards"] if s["split"] == split]
+    urls = [job_file_url(root, s["name"]) for s in manifest["shards"] if s["split"] == split]
     if not urls:
         present = sorted(manifest.get("samples_by_split", {}))
         raise ManifestError(f"split {split!r} has no shards in {root}; splits present: {', '.join(present) or 'none'}")

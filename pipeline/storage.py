@@ -1,7 +1,8 @@
 """Where the precompute job's files go: a local directory or any fsspec URL (s3://, gs://, ...).
 
-One code path for both, through ``fsspec.core.url_to_fs``. A file appears whole or not at all,
-because readers (a resuming job, a trainer streaming shards) must never see half of one:
+One code path for both, through :func:`filesystem` (``fsspec.core.url_to_fs`` with svp's timeouts).
+A file appears whole or not at all, because readers (a resuming job, a trainer streaming shards)
+must never see half of one:
 
 - locally it is written to a temporary name next to its final name and renamed (the rename is
   atomic on POSIX);
@@ -10,8 +11,10 @@ because readers (a resuming job, a trainer streaming shards) must never see half
   exponential backoff and its stored size checked (recent botocore also checksums the body);
   a refusal (permission denied, no such bucket) is not retried, since asking again changes nothing.
 
-Whatever still fails raises :class:`StorageError`, which names the URL and the last error, so the
-job can record the shard as failed (and a rerun can redo it) instead of losing it silently.
+Every remote call has a deadline (:class:`StorageSettings`): a store that accepts a connection and
+then never answers (stalled, half-open, black-holed) must become a failed attempt, not a job that
+hangs forever. Whatever still fails raises :class:`StorageError`, which names the URL and the last
+error, so the job can record the shard as failed (and a rerun can redo it) instead of losing it silently.
 
 Credentials and endpoints come from where each fsspec backend looks for them: for s3:// the
 ``AWS_*`` environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
@@ -28,21 +31,32 @@ import posixpath
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
+from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractFileSystem
+from fsspec.utils import get_protocol
 
 log = logging.getLogger(__name__)
 
-UPLOAD_ATTEMPTS = 3
 UPLOAD_BACKOFF_S = 1.0  # waits 1 s, then 2 s, ... between attempts
+# Inside one attempt, botocore retries what it knows to be transient (throttling, a reset
+# connection), with backoff; s3fs's own retry loop (5 tries by default) multiplies those.
+# The attempt's deadline bounds both; these keep a fast-failing store from being asked 25 times.
+BOTOCORE_RETRIES = {"max_attempts": 3, "mode": "standard"}
+S3FS_TRIES = 2
+_S3_PROTOCOLS = ("s3", "s3a")
 # Refusals: the store answered, and asking again would get the same answer.
 _PERMANENT_ERRORS = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
-# What fsspec backends read their credentials and endpoints from; Ray workers get the driver's.
-STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")
+# What fsspec backends read their credentials and endpoints from, and svp's own storage settings;
+# Ray workers get the driver's.
+STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_", "SVP_STORAGE_")
 TEMPORARY_MARKER = ".tmp-"
 
 T = TypeVar("T")
@@ -52,12 +66,111 @@ class StorageError(OSError):
     """A file could not be stored (even after retries) or read; the message names its URL and why."""
 
 
+@dataclass(frozen=True)
+class StorageSettings:
+    """How long a remote storage call may take; each can be set by the environment variable named
+    in its field's metadata (read by :meth:`from_env`, handed to Ray workers with the other
+    storage variables).
+
+    Why each: the connect and read timeouts end a single request to a store that does not accept
+    or stops answering (s3 only: botocore's own); the attempt deadline ends a whole call whatever
+    the backend retries inside it, and grows with the bytes uploaded so that a large shard on a slow
+    link is not cut short. The defaults bound a black-holed store to about a minute per call.
+    """
+
+    connect_timeout_s: float = field(default=10.0, metadata={"env": "SVP_STORAGE_CONNECT_TIMEOUT"})
+    read_timeout_s: float = field(default=30.0, metadata={"env": "SVP_STORAGE_READ_TIMEOUT"})
+    attempt_timeout_s: float = field(default=60.0, metadata={"env": "SVP_STORAGE_ATTEMPT_TIMEOUT"})
+    min_throughput_mb_s: float = field(default=1.0, metadata={"env": "SVP_STORAGE_MIN_THROUGHPUT"})
+    attempts: int = field(default=3, metadata={"env": "SVP_STORAGE_ATTEMPTS"})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StorageSettings:
+        """The defaults, overridden by those of the ``SVP_STORAGE_*`` variables that are set.
+
+        Raises ValueError naming the variable if one is not a positive number.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for setting in fields(cls):
+            name = setting.metadata["env"]
+            if name in env:
+                kind = type(setting.default)
+                try:
+                    values[setting.name] = kind(env[name])
+                    if not values[setting.name] > 0:
+                        raise ValueError
+                except ValueError:
+                    raise ValueError(f"{name} must be a positive {kind.__name__}, got {env[name]!r}") from None
+        return cls(**values)
+
+    def deadline_s(self, nbytes: int = 0) -> float:
+        """Seconds one attempt at a call moving ``nbytes`` may take."""
+        return self.attempt_timeout_s + nbytes / (self.min_throughput_mb_s * 1e6)
+
+    def backend_options(self, protocol: str) -> dict[str, Any]:
+        """fsspec options giving a ``protocol`` filesystem these timeouts (none known for other backends)."""
+        if protocol not in _S3_PROTOCOLS:
+            return {}
+        return {"config_kwargs": {"connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
+                                  "retries": BOTOCORE_RETRIES}}
+
+
+def filesystem(url: str | os.PathLike, settings: StorageSettings | None = None) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem holding ``url`` and the path of ``url`` in it, with svp's timeouts.
+
+    The one place svp makes a filesystem for a URL, so that every remote file it writes, reads or
+    lists gets the same timeouts. fsspec caches the instance per options, so this is cheap to repeat.
+    """
+    settings = settings or StorageSettings.from_env()
+    protocol = get_protocol(str(url))
+    fs, path = fsspec.core.url_to_fs(str(url), **settings.backend_options(protocol))
+    if protocol in _S3_PROTOCOLS:
+        fs.retries = S3FS_TRIES  # a class attribute of s3fs, no constructor option
+    return fs, path
+
+
+def read_url(url: str | os.PathLike) -> bytes:
+    """The bytes of the file at ``url`` (a local path or an fsspec URL), read within one deadline.
+
+    FileNotFoundError if it is absent, :class:`StorageError` if it cannot be read in time.
+    """
+    settings = StorageSettings.from_env()
+    fs, path = filesystem(url, settings)
+    return _read(fs, path, str(url), settings)
+
+
+def open_url(url: str | os.PathLike, mode: str = "rb") -> IO:
+    """A stream of the file at ``url`` (a local path or an fsspec URL), for readers that stop early.
+
+    Each request it makes is bounded by the connect and read timeouts (and the backend's bounded
+    retries); the whole stream has no deadline, since how long it stays open is the reader's choice.
+    """
+    fs, path = filesystem(url)
+    return fs.open(path, mode)
+
+
+def glob_urls(url: str) -> list[str]:
+    """The URLs matching the glob ``url`` (an fsspec URL), sorted, listed within one deadline.
+
+    Raises :class:`StorageError` if the store cannot be listed in time.
+    """
+    settings = StorageSettings.from_env()
+    fs, pattern = filesystem(url, settings)
+    try:
+        paths = _within(fs, settings.deadline_s(), fs.glob, pattern)
+    except Exception as exc:  # backends raise their own types (botocore's are no OSError)
+        raise StorageError(f"cannot list {url}: {type(exc).__name__}: {exc}") from exc
+    return [fs.unstrip_protocol(path) for path in sorted(paths)]
+
+
 class OutputStore:
     """A directory of output files, local or remote, whose files each appear whole or not at all."""
 
-    def __init__(self, url: str | os.PathLike) -> None:
+    def __init__(self, url: str | os.PathLike, settings: StorageSettings | None = None) -> None:
         self.url = str(url).rstrip("/") or "/"
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.settings = settings or StorageSettings.from_env()
+        self.fs, self.root = filesystem(self.url, self.settings)
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def __str__(self) -> str:
@@ -87,7 +200,7 @@ class OutputStore:
         try:
             with open(temporary, "wb") as stream:
                 yield stream
-            with_retries(lambda: self._publish(temporary, final), self.url_of(name))
+            with_retries(lambda: self._publish(temporary, final), self.url_of(name), self.settings.attempts)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
@@ -97,13 +210,8 @@ class OutputStore:
             stream.write(data)
 
     def read_bytes(self, name: str) -> bytes:
-        """The bytes of ``name``; FileNotFoundError if it is absent, StorageError if it cannot be read."""
-        try:
-            return self.fs.cat_file(self._path(name))
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # backends raise their own types (botocore's are no OSError)
-            raise StorageError(f"cannot read {self.url_of(name)}: {type(exc).__name__}: {exc}") from exc
+        """The bytes of ``name``; FileNotFoundError if it is absent, StorageError if it cannot be read in time."""
+        return _read(self.fs, self._path(name), self.url_of(name), self.settings)
 
     def listing(self) -> dict[str, int]:
         """Every file under the root, by name relative to it, with its size in bytes.
@@ -111,11 +219,11 @@ class OutputStore:
         One listing of the whole tree (an object store answers it in pages of 1000 names), so that
         a caller checking many files asks once instead of once per file. Fresh, not from fsspec's
         listing cache: other processes (the workers) write here. Raises :class:`StorageError` if the
-        root cannot be listed; an absent root lists as empty.
+        root cannot be listed in time; an absent root lists as empty.
         """
         self.fs.invalidate_cache(self.root)
         try:
-            found = self.fs.find(self.root, detail=True)
+            found = _within(self.fs, self.settings.deadline_s(), self.fs.find, self.root, detail=True)
         except FileNotFoundError:
             return {}
         except Exception as exc:  # backends raise their own types (botocore's are no OSError)
@@ -123,16 +231,22 @@ class OutputStore:
         prefix = f"{self.root.rstrip('/')}/"
         return {path[len(prefix):]: info["size"] for path, info in found.items() if path.startswith(prefix)}
 
-    def read_many(self, names: list[str]) -> dict[str, bytes | None]:
+    def read_many(self, names: list[str], nbytes: int = 0) -> dict[str, bytes | None]:
         """The bytes of each of ``names``, or None for one that cannot be read (absent, or an error).
 
         In one call to the backend, which an object store's (s3fs) serves with concurrent requests:
         reading a thousand small files costs about as long as a few, not a thousand round trips.
+        ``nbytes``, their total size if known (from :meth:`listing`), lengthens that call's deadline.
+        Raises :class:`StorageError` if the call as a whole does not end in time.
         """
         if not names:
             return {}
         paths = {self._path(name): name for name in names}
-        found = self.fs.cat(list(paths), on_error="return")
+        try:
+            found = _within(self.fs, self.settings.deadline_s(nbytes), self.fs.cat, list(paths), on_error="return")
+        except TimeoutError as exc:
+            raise StorageError(f"cannot read {len(names)} files under {self.url}: {type(exc).__name__}: {exc}") \
+                from exc
         return {paths[path]: data if isinstance(data, bytes) else None for path, data in found.items()}
 
     def remove_temporaries(self, *names: str) -> None:
@@ -152,14 +266,38 @@ class OutputStore:
         if self.local:
             os.replace(temporary, final)
             return
-        self.fs.put_file(temporary, final)
-        expected, stored = os.path.getsize(temporary), self.fs.size(final)
+        expected = os.path.getsize(temporary)
+        _within(self.fs, self.settings.deadline_s(expected), self.fs.put_file, temporary, final)
+        stored = _within(self.fs, self.settings.deadline_s(), self.fs.size, final)
         if stored != expected:
             raise OSError(f"the store holds {stored} bytes after uploading {expected}")
 
 
-def with_retries(action: Callable[[], T], url: str, attempts: int = UPLOAD_ATTEMPTS,
-                 backoff_s: float = UPLOAD_BACKOFF_S) -> T:
+def _read(fs: AbstractFileSystem, path: str, url: str, settings: StorageSettings) -> bytes:
+    try:
+        return _within(fs, settings.deadline_s(), fs.cat_file, path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # backends raise their own types (botocore's are no OSError)
+        raise StorageError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _within(fs: AbstractFileSystem, seconds: float, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, a method of ``fs``, ended with a TimeoutError after ``seconds``.
+
+    fsspec runs an async backend's (s3fs, gcsfs, adlfs) calls on its event loop and cancels one that
+    outlives its ``timeout``, whatever the backend was retrying inside it: a stalled store becomes
+    a failed attempt. Other backends (local files, memory) take no such argument and run as they are.
+    """
+    if not isinstance(fs, AsyncFileSystem):
+        return call(*args, **kwargs)
+    try:
+        return call(*args, timeout=seconds, **kwargs)
+    except FSTimeoutError as exc:
+        raise TimeoutError(f"no answer within {round(seconds, 1):g} s (see SVP_STORAGE_ATTEMPT_TIMEOUT)") from exc
+
+
+def with_retries(action: Callable[[], T], url: str, attempts: int, backoff_s: float = UPLOAD_BACKOFF_S) -> T:
     """Run ``action`` (which stores ``url``) until it succeeds, at most ``attempts`` times.
 
     Any exception counts as a failed attempt, as storage backends raise their own types (botocore's
@@ -181,9 +319,10 @@ def with_retries(action: Callable[[], T], url: str, attempts: int = UPLOAD_ATTEM
 
 
 def storage_env() -> dict[str, str]:
-    """The storage settings of this process's environment (credentials, endpoints, fsspec config).
+    """The storage settings of this process's environment (credentials, endpoints, fsspec config, timeouts).
 
     Ray workers on a running cluster do not inherit the driver's environment: the precompute job
-    hands them these, so that they write where, and as whom, the driver checked it could.
+    hands them these, so that they write where, and as whom, the driver checked it could, and give
+    up on a stalled store when it would.
     """
     return {key: value for key, value in os.environ.items() if key.startswith(STORAGE_ENV_PREFIXES)}

@@ -113,7 +113,8 @@ def test_accuracy_compares_each_seed_with_mlps_same_seed() -> None:
     assert svp["ciou_minus_mlp"]["std"] < svp["ciou"]["std"] / 5  # seeds differ far more than svp and mlp do
     assert "ciou_minus_mlp" not in accuracy.summarise(mlp, None)["val"]
     rung = accuracy.summarise(runs([0.35, 0.45]), mlp)["val"]["ciou_minus_mlp"]
-    assert rung["mean"] == pytest.approx(0.0) and rung["min"] == pytest.approx(-0.05) and rung["max"] == pytest.approx(0.05)
+    assert (rung["mean"] == pytest.approx(0.0) and rung["min"] == pytest.approx(-0.05)
+            and rung["max"] == pytest.approx(0.05))
     with pytest.raises(ValueError):  # a seed without its mlp run is an error, not a shorter comparison
         accuracy.summarise(runs([0.3, 0.4, 0.5, 0.6]), mlp)
 
@@ -154,7 +155,8 @@ def test_the_full_preset_is_the_recorded_run_and_the_default_cpu_preset_smaller(
 def test_the_notes_say_each_value_below_the_full_preset() -> None:
     args = parse_args(PARTS, ["--steps", "1000"], "bench", "")
     notes = differences_from_full(args, accuracy.PRESETS["full"])
-    assert notes == [f"--seeds {args.seeds} (full preset: 2)", f"--headline-seeds {args.headline_seeds} (full preset: 5)",
+    assert notes == [f"--seeds {args.seeds} (full preset: 2)",
+                     f"--headline-seeds {args.headline_seeds} (full preset: 5)",
                      f"--configs {args.configs} (full preset: {','.join(accuracy.LADDER)})"]
     assert differences_from_full(parse_args(PARTS, ["--preset", "full"], "bench", ""), accuracy.PRESETS["full"]) == []
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from train_helpers import assert_checkpoints, tiny_train_config
 
-from trainer.checkpoint import CheckpointError
-from trainer.loop import CHECKPOINTS, TrainConfig, last_checkpoint, resume_point, train, unfinished_checkpoints
+from trainer.checkpoint import CHECKPOINTS, CheckpointError, last_checkpoint, resume_point, unfinished_checkpoints
+from trainer.loop import TrainConfig, train
 
 
 def _leave_unfinished(directory: Path, *files: str) -> None:
@@ -24,7 +24,7 @@ def test_an_unfinished_save_is_no_checkpoint(tmp_path):
     _leave_unfinished(tmp_path / CHECKPOINTS / "step_000004.tmp", "model.safetensors")
     assert last_checkpoint(tmp_path) is None
     assert unfinished_checkpoints(tmp_path) == [tmp_path / CHECKPOINTS / "step_000004.tmp"]
-    config = TrainConfig(train_shards=str(tmp_path / "train-000000.tar"), run_dir=tmp_path)
+    config = TrainConfig(shards=str(tmp_path / "train-000000.tar"), run_dir=tmp_path)
     assert resume_point(config) is None  # nothing complete to train over: a fresh run may start here
     with pytest.raises(CheckpointError, match=r"no complete checkpoint .*ignored unfinished .*step_000004\.tmp"):
         resume_point(replace(config, resume=True))
@@ -60,7 +60,7 @@ def test_a_save_killed_while_replacing_a_checkpoint_leaves_no_step_n_with_files_
     import torch
     from accelerate import Accelerator
 
-    from trainer import loop
+    from trainer import checkpoint as run_directory
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # as the loop builds it
     checkpoint = tmp_path / CHECKPOINTS / "step_000002"
@@ -70,12 +70,47 @@ def test_a_save_killed_while_replacing_a_checkpoint_leaves_no_step_n_with_files_
         next(Path(path).iterdir()).unlink()
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(loop, "shutil", SimpleNamespace(rmtree=killed_midway))  # the loop's deletions only
+    monkeypatch.setattr(run_directory, "shutil", SimpleNamespace(rmtree=killed_midway))  # the saver's deletions only
     with pytest.raises(RuntimeError, match="killed"):
-        loop._save_checkpoint(accelerator, checkpoint)
+        run_directory.save_checkpoint(accelerator, checkpoint)
     # Whatever was cut short, step_N is one whole save: this one (every process's RNG state, nothing older).
     assert last_checkpoint(tmp_path) == checkpoint
     assert {p.name for p in checkpoint.iterdir()} == {"random_states_0.pkl"}
     monkeypatch.undo()
-    loop._save_checkpoint(accelerator, checkpoint)  # the next save of the step clears what the kill left
+    run_directory.save_checkpoint(accelerator, checkpoint)  # the next save of the step clears what the kill left
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["step_000002"]
+
+
+class _Planted:
+    """What a crafted checkpoint file could hold: an object whose unpickling calls a function
+    (here it only creates a file, so the test can tell whether unpickling ran it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"])
+def test_resume_refuses_a_checkpoint_file_holding_more_than_plain_data(shards, tiny_sam_checkpoint, tmp_path, capsys,
+                                                                       planted):
+    import pickle
+
+    import torch
+    from train_helpers import train_flags
+
+    from jobs.train import main as svp_train
+
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "1", "--save-every", "1")) == 0
+    target = run_dir / CHECKPOINTS / "step_000001" / planted
+    with open(target, "wb") as stream:  # a torch-format file, as the real one is, holding the object
+        torch.save({"step": _Planted(marker)}, stream, pickle_module=pickle)
+    capsys.readouterr()
+    status = svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "2", "--resume"))
+    error = capsys.readouterr().err
+    assert status == 2
+    assert not marker.exists(), "nothing in the planted file ran"
+    assert str(target) in error and "not written by svp" in error
+    assert "weights_only" not in error, "never advise lowering the safety"

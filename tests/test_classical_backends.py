@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.partition import PartitionConfig
-from pipeline.superpixels.base import BackendSpec
+from pipeline.superpixels.spec import BackendSpec
 
 
 def _images() -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import fsspec
@@ -15,7 +16,15 @@ from PIL import Image
 
 from pipeline.refer import encode_mask
 from pipeline.shards import encode_label_map, encode_sample, write_shard
-from trainer.data import DataConfig, DataError, _LengthGroupedBatches, describe_shards, expand_urls, item_length, make_loader
+from trainer.data import (
+    DataConfig,
+    DataError,
+    _LengthGroupedBatches,
+    describe_shards,
+    expand_urls,
+    item_length,
+    make_loader,
+)
 
 SMALL = DataConfig(vision_size=32, sam_size=64)  # V=32, S=64: low-res masks 16×16, embeddings 4×4
 GREY, RED = (128, 128, 128), (255, 0, 0)
@@ -236,6 +245,30 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     logged = caplog.text
     assert "refcoco-000000000002" in logged and "truncated" in logged and "refcoco-000000000003" in logged
     assert "missing member(s): spx.png" in logged
+
+
+def _with_sentences(sample: dict, texts: dict[int, str]) -> dict:
+    """``sample`` with the sentences of ``texts`` ({sent_id: text}) replaced."""
+    refs = json.loads(sample["refs.json"])
+    for ref in refs:
+        for sentence in ref["sentences"]:
+            sentence["sent"] = texts.get(sentence["sent_id"], sentence["sent"])
+    return {**sample, "refs.json": json.dumps(refs).encode()}
+
+
+def test_empty_sentences_are_skipped_and_counted_in_evaluation_and_training(tmp_path, caplog):
+    partly = _with_sentences(_sample(1), {1000: "", 1011: "  \t"})  # two of image 1's four sentences are blank
+    wholly = _with_sentences(_sample(2, refs=1, sentences=1), {2000: " "})
+    shards = _shards(tmp_path, [partly, wholly, _sample(3)], per_shard=3)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        batches = list(make_loader(shards, SMALL, train=False, batch_size=4))
+    assert sorted(_items(batches)) == sorted(set(_all_pairs([1, 3])) - {("refcoco-000000000001", 100, 1000),
+                                                                        ("refcoco-000000000001", 101, 1011)})
+    assert sum(batch["skipped"] for batch in batches) == 3  # two blank sentences, one image with no other
+    assert "sent_id 1000, 1011" in caplog.text and "every referring sentence is empty" in caplog.text
+    drawn = [item for seed in range(8) for item in _items(make_loader(shards, replace(SMALL, seed=seed), train=True,
+                                                                       batch_size=1, resampled=False))]
+    assert drawn and all(sent_id not in (1000, 1011, 2000) for _, _, sent_id in drawn)
 
 
 def test_all_corrupt_split_is_a_data_error(tmp_path):

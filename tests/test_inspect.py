@@ -28,10 +28,10 @@ from jobs.inspect import main as svp_inspect
 from jobs.precompute import main as precompute
 from pipeline.inspect import (
     BOUNDARY_COLOUR,
-    InspectError,
     PICTURES,
     REF_COLOUR,
     REF_OUTLINE_PX,
+    InspectError,
     choose_rows,
     draw_tile,
     inspect_output,

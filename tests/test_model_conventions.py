@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from test_model import V, make_batch
 
 from bench import hub_models
-from test_model import V, make_batch
 from trainer.model import ModelConfig, SegmentationMLLM
 from trainer.model.vision import default_vision_size, load_vision
 
@@ -113,4 +113,5 @@ def test_all_linear_puts_lora_on_every_decoder_linear_but_the_lm_head():
     adapted = {name.rsplit(".", 1)[-1] for name, module in model.llm.named_modules() if isinstance(module, LoraLayer)}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     default = _model()
-    assert {n.rsplit(".", 1)[-1] for n, m in default.llm.named_modules() if isinstance(m, LoraLayer)} == {"q_proj", "v_proj"}
+    assert ({n.rsplit(".", 1)[-1] for n, m in default.llm.named_modules() if isinstance(m, LoraLayer)}
+            == {"q_proj", "v_proj"})

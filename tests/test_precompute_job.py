@@ -268,7 +268,8 @@ def test_malicious_refs_pickle_is_refused_before_anything_runs(synth_root, tmp_p
     [
         (["--backend", "sam"], "--sam-checkpoint"),
         (["--backend", "sam", "--sam-checkpoint", "{ckpt}", "--sam-model", "vit_b"], "vit_b"),
-        (["--backend", "sam", "--sam-checkpoint", "/nonexistent/sam.pth", "--sam-model", "tiny"], "/nonexistent/sam.pth"),
+        (["--backend", "sam", "--sam-checkpoint", "/nonexistent/sam.pth", "--sam-model", "tiny"],
+         "/nonexistent/sam.pth"),
         (["--backend", "slic", "--store-sam-embeddings"], "--sam-checkpoint"),
     ],
     ids=["sam-without-checkpoint", "wrong-model-type", "missing-checkpoint", "embeddings-without-sam"],
@@ -409,7 +410,8 @@ def _wait_for_records(records: Path, count: int, timeout: float = 120) -> None:
 
 
 def _worker_pids(records: Path, names=None) -> set[int]:
-    return {json.loads(p.read_text())["worker"]["pid"] for p in records.glob("*.json") if names is None or p.stem in names}
+    return {json.loads(p.read_text())["worker"]["pid"] for p in records.glob("*.json")
+            if names is None or p.stem in names}
 
 
 def test_rerun_skips_complete_shards_and_says_so(synth_root, tmp_path, ray_local, capsys):

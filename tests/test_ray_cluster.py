@@ -36,8 +36,10 @@ def test_default_shares_fewer_gpus_than_workers_and_says_so(two_gpu_ray) -> None
     lines = two_gpu_ray.stdout.splitlines()
     assert [line for line in lines if line.startswith("shared")] == [
         "shared 1: 1.0", "shared 2: 1.0", "shared 3: 0.5", "shared 5: 0.3333"]
-    assert "--workers 3 on a cluster with 2 GPUs: the workers share them, 0.5 GPU each (2 per GPU)" in two_gpu_ray.stderr
-    assert "--workers 5 on a cluster with 2 GPUs: the workers share them, 0.3333 GPU each (3 per GPU)" in two_gpu_ray.stderr
+    assert ("--workers 3 on a cluster with 2 GPUs: the workers share them, 0.5 GPU each (2 per GPU)"
+            in two_gpu_ray.stderr)
+    assert ("--workers 5 on a cluster with 2 GPUs: the workers share them, 0.3333 GPU each (3 per GPU)"
+            in two_gpu_ray.stderr)
     assert "--workers 2 on" not in two_gpu_ray.stderr, "a worker per GPU: nothing to share, nothing said"
 
 
@@ -45,7 +47,8 @@ def test_default_is_refused_where_workers_may_not_share_and_explicit_values_stay
     assert "unshared 2: 1.0" in two_gpu_ray.stdout
     assert ("refused: --workers 3 x --gpus-per-worker 1 (the default on a cluster with GPUs) needs 3 GPU, but the "
             "Ray cluster has at most 2") in two_gpu_ray.stdout
-    assert "refused: --workers 3 x --gpus-per-worker 1 needs 3 GPU, but the Ray cluster has at most 2" in two_gpu_ray.stdout
+    assert ("refused: --workers 3 x --gpus-per-worker 1 needs 3 GPU, but the Ray cluster has at most 2"
+            in two_gpu_ray.stdout)
 
 
 @pytest.mark.parametrize("gpus, workers", [(1, 2), (1, 3), (2, 3), (1, 6), (3, 7), (4, 9), (1, 7)])

@@ -7,8 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_helpers import (assert_checkpoints, assert_disjoint_keys, assert_restores_saved_state, keys_per_rank,
-                           train_flags)
+from train_helpers import (
+    assert_checkpoints,
+    assert_disjoint_keys,
+    assert_restores_saved_state,
+    keys_per_rank,
+    train_flags,
+)
 
 from jobs import ray_cluster
 from jobs.train import main as svp_train

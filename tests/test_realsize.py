@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from bench import hub_models
 from bench.common import save_random_sam
 
-pytestmark = pytest.mark.realsize
+pytestmark = [pytest.mark.realsize, pytest.mark.timeout(1200)]  # builds and runs models of hundreds of MB
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ def vit_b_shards(hub, rs_root, tmp_path_factory, ray_local) -> Path:
 def _train(hub, shards: Path, run: Path, *extra: str) -> int:
     from jobs.train import main as train
 
-    return train(["--shards", str(shards), "--run-dir", str(run), "--llm", str(hub["llm"]), "--vision", str(hub["vision"]),
+    return train(["--shards", str(shards), "--run-dir", str(run), "--llm", str(hub["llm"]),
+                  "--vision", str(hub["vision"]),
                   "--sam-checkpoint", str(hub["sam"]), "--sam-model", "vit_b", "--batch-size", "2", "--log-every", "1",
                   "--warmup-steps", "0", *extra])
 

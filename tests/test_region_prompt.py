@@ -75,13 +75,9 @@ def test_a_config_from_before_the_region_prompt_has_none() -> None:
 
 
 def test_the_train_command_line_sets_the_region_prompt() -> None:
-    import argparse
+    from jobs import entry, train
 
-    from jobs.train import add_arguments, model_config
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     required = ["--shards", "shards", "--run-dir", "run"]
-    assert model_config(parser.parse_args(required)).region_prompt is True
-    config = model_config(parser.parse_args([*required, "--no-region-prompt", "--region-weight", "0.25"]))
+    assert train.train_config(entry.parse(train, required)).model.region_prompt is True
+    config = train.train_config(entry.parse(train, [*required, "--no-region-prompt", "--region-weight", "0.25"])).model
     assert (config.region_prompt, config.region_weight) == (False, 0.25)

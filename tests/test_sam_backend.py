@@ -22,14 +22,10 @@ from pipeline.partition import (
     partition_from_masks,
     working_shape,
 )
-from pipeline.superpixels.base import BackendConfigError, BackendSpec, SamOptions
-from pipeline.superpixels.sam import (
-    SamCheckpointError,
-    SamSuperpixels,
-    build_sam,
-    save_tiny_sam,
-    validate_sam_checkpoint,
-)
+from pipeline.sam_model import SamCheckpointError, build_sam, save_tiny_sam, validate_sam_checkpoint
+from pipeline.superpixels.base import BackendConfigError, SamOptions
+from pipeline.superpixels.sam import SamSuperpixels
+from pipeline.superpixels.spec import BackendSpec
 
 # Random weights give predicted IoUs around 0.0-0.3 and logits around ±0.05: these thresholds let
 # some masks through and reject others, so the filters are exercised rather than bypassed.
@@ -109,7 +105,7 @@ def assert_partition(labels: np.ndarray, shape: tuple[int, int], config: Partiti
 def test_sam_superpixels_are_partitions(tiny_sam_checkpoint: Path) -> None:
     """Through BackendSpec, as a worker builds it; two encoder batches, one with a single image."""
     config = PartitionConfig(min_area=40, max_regions=12)
-    spec = BackendSpec("sam", config, sam_options(tiny_sam_checkpoint, images_per_batch=2, store_embeddings=True))
+    spec = BackendSpec("sam", config, sam_options(tiny_sam_checkpoint, images_per_batch=2, store_sam_embeddings=True))
     spec.validate()
     gray = np.repeat(shapes_image(64, 64, 2)[..., :1], 3, axis=2)
     images = [shapes_image(96, 160, 0), shapes_image(17, 11, 1), gray]
@@ -122,7 +118,8 @@ def test_sam_superpixels_are_partitions(tiny_sam_checkpoint: Path) -> None:
 
 def test_no_surviving_mask_still_gives_a_partition(tiny_sam_checkpoint: Path) -> None:
     """The random tiny SAM never predicts an IoU of 0.99: nothing survives, the gap-fill makes one region."""
-    backend = SamSuperpixels(sam_options(tiny_sam_checkpoint, points_per_side=2, pred_iou_thresh=0.99), PartitionConfig())
+    backend = SamSuperpixels(sam_options(tiny_sam_checkpoint, points_per_side=2, pred_iou_thresh=0.99),
+                             PartitionConfig())
     image = shapes_image(32, 48, 0)
     assert backend.generate_masks([image])[0].shape == (0, 32, 48)
     (result,) = backend([image])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from segment_anything.modeling import Sam
 
-from pipeline.superpixels.sam import build_sam
-from pipeline.superpixels.sam_decoder import decode_prompts
+from pipeline.sam_decoder import decode_prompts
+from pipeline.sam_model import build_sam
 
 OWNER = torch.tensor([0, 1, 1, 0, 1])  # prompts of two images, interleaved
 

@@ -9,7 +9,7 @@ import torch
 
 from jobs import tiny_sam
 from pipeline.refer import load_refer
-from pipeline.superpixels.sam import build_sam
+from pipeline.sam_model import build_sam
 from trainer.sam_pretraining import PretrainConfig, PretrainingError, _clicks, load_promptable_images, pretrain_sam
 
 S = 512  # the tiny SAM's input frame

@@ -53,7 +53,8 @@ def test_manifest_timing_sums_per_worker_and_in_total():
     ]
     timing = stage_timing(records)
     assert timing["per_worker"] == {
-        "n1:7": {"shards": 2, "images": 5, "seconds": {"decode": 3.0, "embeddings": 1.25, "superpixels": 10.0, "write": 0.5}},
+        "n1:7": {"shards": 2, "images": 5,
+                 "seconds": {"decode": 3.0, "embeddings": 1.25, "superpixels": 10.0, "write": 0.5}},
         "n2:7": {"shards": 1, "images": 1, "seconds": {"decode": 0.5, "superpixels": 1.0}},
     }
     assert timing["total"] == {"shards": 3, "images": 6,

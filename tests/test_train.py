@@ -83,7 +83,8 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(shards,
     assert_checkpoints(run_dir, [2, 4], ranks=1)
 
 
-@pytest.mark.parametrize("flags, key", [(["--projector", "mlp"], "projector"), (["--llm-training", "full"], "llm_training")],
+@pytest.mark.parametrize("flags, key",
+                         [(["--projector", "mlp"], "projector"), (["--llm-training", "full"], "llm_training")],
                          ids=["projector", "llm-training"])
 def test_resume_refuses_a_checkpoint_of_another_model(trained_run, shards, tiny_sam_checkpoint, capsys, flags, key):
     status = svp_train(train_flags(shards, trained_run, tiny_sam_checkpoint, "--max-steps", "5", "--resume", *flags))
@@ -202,6 +203,29 @@ def test_predict_writes_an_overlay_and_a_mask(trained_run, refer_root, tmp_path)
     assert status == 0
     overlay, mask = Image.open(tmp_path / "overlay.png"), Image.open(tmp_path / "mask.png")
     assert mask.size == (width, height) and overlay.width == width and overlay.height > height
+
+
+@pytest.mark.parametrize("text", ["", "   "], ids=["empty", "spaces"])
+def test_predict_refuses_an_empty_expression(trained_run, refer_root, tmp_path, capsys, text):
+    image = sorted((refer_root / "images/mscoco/images/train2014").glob("*.jpg"))[0]
+    status = svp_predict(["--run", str(trained_run), "--image", str(image), "--text", text,
+                          "--out", str(tmp_path / "overlay.png")])
+    assert status == 2 and "--text is empty" in capsys.readouterr().err
+    assert not (tmp_path / "overlay.png").exists()
+
+
+@pytest.mark.parametrize("flags", [[], ["--backend", "sam"]], ids=["run-backend", "sam-backend"])
+def test_predict_refuses_a_sam_model_the_run_was_not_made_with(trained_run, refer_root, tiny_sam_checkpoint, tmp_path,
+                                                               capsys, flags):
+    """The run's shards were made with the tiny SAM (its embeddings): an explicit --sam-model vit_h is an
+    error naming both, never silently replaced by the recorded one; --sam-model tiny agrees."""
+    image = sorted((refer_root / "images/mscoco/images/train2014").glob("*.jpg"))[0]
+    common = ["--run", str(trained_run), "--image", str(image), "--text", "the red circle",
+              "--sam-checkpoint", str(tiny_sam_checkpoint), *flags]
+    assert svp_predict([*common, "--sam-model", "vit_h", "--out", str(tmp_path / "refused.png")]) == 2
+    assert "--sam-model vit_h is not the SAM of the run" in capsys.readouterr().err
+    assert not (tmp_path / "refused.png").exists()
+    assert svp_predict([*common, "--sam-model", "tiny", "--out", str(tmp_path / "overlay.png")]) == 0
 
 
 def _launch(command: list[str], run_dir: Path, shards: Path, sam: Path) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ def assert_disjoint_keys(run_dir: Path, ranks: int) -> None:
 
 def tiny_train_config(shards: Path, run_dir: Path, sam: Path, **overrides) -> TrainConfig:
     """The in-process ``TrainConfig`` of a tiny CPU run on one shard (batch 2), with ``overrides``."""
-    return TrainConfig(train_shards=str(shards / "train-000000.tar"), run_dir=run_dir, batch_size=2,
+    return TrainConfig(shards=str(shards / "train-000000.tar"), run_dir=run_dir, batch_size=2,
                        model=ModelConfig(sam_checkpoint=str(sam), sam_model="tiny"), **overrides)
 
 

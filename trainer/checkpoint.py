@@ -1,4 +1,5 @@
-"""What a run leaves behind, so that it can be resumed, reloaded and reproduced.
+"""What a run directory holds, so that a run can be resumed, reloaded and reproduced; the one
+module that writes and reads it.
 
 - ``run_config.json``: the full resolved config of a run (model ids, projector and its flags, data
   URLs with their manifest hashes, seeds, git commit, library versions) — the answer to "which
@@ -6,25 +7,43 @@
 - ``export/``: only the trained parts (projector, LoRA adapters, new token rows, [SEG] MLP, mask
   decoder) as safetensors plus the model config; loading it is strict: a key that is missing or
   unexpected is an error that lists it, never a silent partial load.
+- ``checkpoints/step_N``: the full training state (Accelerate's ``save_state``), which only ever
+  appears complete (``save_checkpoint``); ``resume_point`` chooses the one ``--resume`` starts from,
+  after checking it was made for the same model and holds nothing but plain data.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import platform
+import re
+import shutil
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from trainer.loop import TrainConfig
 
 RUN_CONFIG = "run_config.json"
 EXPORT_WEIGHTS = "trained.safetensors"
 EXPORT_CONFIG = "model_config.json"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "webdataset", "segment-anything", "ray")
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# A save in progress: renamed to step_N once every process has written its part (see save_checkpoint).
+_UNFINISHED = ".tmp"
+# A step_N being replaced, renamed out of the way first so that no half-deleted step_N is ever seen.
+_REPLACED = ".replaced"
+_UNFINISHED_DIR = re.compile(rf"^step_\d+{re.escape(_UNFINISHED)}$")
 
 
 class CheckpointError(ValueError):
@@ -83,7 +102,8 @@ def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     weights, config = export_dir / EXPORT_WEIGHTS, export_dir / EXPORT_CONFIG
     for path in (weights, config):
         if not path.is_file():
-            raise CheckpointError(f"{path} not found: expected an export written by `svp train` ({EXPORT_WEIGHTS} + {EXPORT_CONFIG})")
+            raise CheckpointError(f"{path} not found: expected an export written by `svp train` "
+                                  f"({EXPORT_WEIGHTS} + {EXPORT_CONFIG})")
     return json.loads(config.read_text()), load_file(str(weights))
 
 
@@ -94,10 +114,12 @@ _ADDED_LATER = {"llm_training": "lora", "region_prompt": False, "gradient_checkp
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
     """Refuse to resume or load a checkpoint made for another model (another projector, flags or LLM).
 
-    A checkpoint written before ``llm_training`` existed trained LoRA: its config lacks the key
-    (likewise a missing ``region_prompt`` means none, see ``_ADDED_LATER``)."""
-    keys = ("llm", "vision", "vision_size", "sam_model", "projector", "lora_r", "lora_targets", "llm_training",
-            "region_prompt")
+    The fields compared are those ``ModelConfig`` marks ``identifies_model``. A checkpoint written
+    before ``llm_training`` existed trained LoRA: its config lacks the key (likewise a missing
+    ``region_prompt`` means none, see ``_ADDED_LATER``)."""
+    from trainer.model import ModelConfig
+
+    keys = [f.name for f in fields(ModelConfig) if f.metadata.get("identifies_model")]
     saved = {**_ADDED_LATER, **saved}
     differences = [f"{k}: checkpoint {saved.get(k)!r} vs requested {current.get(k)!r}"
                    for k in keys if _normalise(saved.get(k)) != _normalise(current.get(k))]
@@ -126,3 +148,113 @@ def load_trained_model(path: Path, device: str | torch.device = "cpu"):
     model = SegmentationMLLM(model_config_from_dict(config))
     model.load_trainable_state_dict(state)
     return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The run's latest complete checkpoint, or None.
+
+    Only a finished save is named ``step_N`` (``save_checkpoint`` renames it so at the end), so the
+    name alone tells complete from cut short; a ``step_N.tmp`` is never returned.
+    """
+    steps = [(int(m.group(1)), p) for p in (run_dir / CHECKPOINTS).glob("step_*") if (m := _STEP_DIR.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def unfinished_checkpoints(run_dir: Path) -> list[Path]:
+    """Saves that never finished (a process killed mid-save), so that resume can name what it ignores."""
+    return sorted(p for p in (run_dir / CHECKPOINTS).glob("step_*") if _UNFINISHED_DIR.match(p.name))
+
+
+def ignored_saves(run_dir: Path) -> str:
+    """The unfinished saves, as the resume message and error name them ('' when there are none)."""
+    unfinished = unfinished_checkpoints(run_dir)
+    return f"ignored unfinished checkpoint saves: {', '.join(p.name for p in unfinished)}" if unfinished else ""
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    """Save the full training state as ``checkpoint`` such that it only ever appears complete.
+
+    Every process writes into ``step_N.tmp`` (the main process model, optimizer and schedule; each
+    process its own RNG state), and once all have written, the main process renames it to
+    ``step_N``: the rename is atomic, so a process killed mid-save leaves a ``.tmp`` that resume
+    ignores, never a ``step_N`` it would load. A ``.tmp`` left by such a save is removed first, lest
+    its files mix with this save's; a ``step_N`` already there is replaced (Ray Train restarts the
+    workers from the last checkpoint they reported, which is older than one saved just before a
+    failure). It is renamed to ``step_N.replaced`` before it is deleted: deleting is one unlink per
+    file, and a process killed half-way through must not leave a ``step_N`` with files missing. The
+    last barrier keeps every process from reporting the checkpoint before it bears its name.
+    """
+    unfinished = checkpoint.with_name(checkpoint.name + _UNFINISHED)
+    replaced = checkpoint.with_name(checkpoint.name + _REPLACED)
+    if accelerator.is_main_process:
+        for stale in (unfinished, replaced):
+            if stale.exists():
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(unfinished))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if checkpoint.exists():
+            checkpoint.rename(replaced)
+        unfinished.rename(checkpoint)
+        if replaced.exists():
+            shutil.rmtree(replaced)
+    accelerator.wait_for_everyone()
+
+
+def resume_point(config: TrainConfig) -> Path | None:
+    """The checkpoint this run starts from (None: from scratch), or why it cannot start.
+
+    Public so that a launcher can refuse a bad run directory before it starts any worker. A run
+    directory that already holds complete checkpoints is never trained over from scratch without
+    --resume; unfinished saves count for nothing either way.
+    """
+    if not config.resume:
+        if last_checkpoint(config.run_dir) is not None:
+            raise CheckpointError(f"{config.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                                  f"or choose a new --run-dir")
+        return None
+    checkpoint = config.resume_from or last_checkpoint(config.run_dir)
+    if checkpoint is None:
+        ignored = ignored_saves(config.run_dir)
+        raise CheckpointError(f"--resume: no complete checkpoint under {config.run_dir / CHECKPOINTS}"
+                              + (f" ({ignored})" if ignored else ""))
+    saved = read_run_config(config.run_dir)
+    check_same_model(saved.get("model", {}), _normalise(asdict(config.model)), f"--resume checkpoint {checkpoint}")
+    check_plain_data(checkpoint)
+    return checkpoint
+
+
+# Files of a checkpoint directory that Accelerate unpickles (optimizer, scheduler, RNG and
+# registered objects' states); the model's weights are safetensors, which hold no code.
+_PICKLED = (".bin", ".pkl", ".pt")
+
+
+def check_plain_data(checkpoint: Path) -> None:
+    """Refuse ``checkpoint`` unless every pickled file in it holds plain data (tensors, numbers,
+    containers, the numpy arrays of RNG states) and nothing that unpickling would call.
+
+    Accelerate's ``load_state`` unpickles registered objects (``custom_checkpoint_N.pkl``) without
+    restriction and skips RNG states it cannot read without a word, so a file planted in a run
+    directory could run code on ``--resume`` or silently change the run. Each file is read here
+    first through Accelerate's own restricted loader; any refusal names the file.
+    """
+    from accelerate.utils import load  # torch.load with weights_only and the numpy types RNG states need
+
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix not in _PICKLED:
+            continue
+        try:
+            load(path, map_location="cpu")
+        except pickle.UnpicklingError as exc:
+            named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise CheckpointError(f"{path} was not written by svp: it holds more than tensors and plain data"
+                                  + (f" (it names {named.group(1)})" if named else "")
+                                  + ", and loading it could run code; refused with nothing loaded. Resume from a "
+                                  "checkpoint svp wrote, or start a new --run-dir") from None
+        except Exception as exc:  # truncated or not a torch file: also nothing svp wrote
+            raise CheckpointError(f"{path} cannot be read as a checkpoint file ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); refused with nothing loaded") from None

@@ -25,21 +25,21 @@ of uint8 (H,W) tensors; ``skipped``: corrupt samples this worker skipped since i
 
 from __future__ import annotations
 
+import enum
 import functools
 import glob
-import hashlib
 import itertools
 import json
 import logging
 import math
 import posixpath
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import braceexpand
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,13 +49,22 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.images import decode_image
 from pipeline.refer import ref_mask
-from pipeline.shards import decode_label_map, decode_sam_embedding
+from pipeline.sam_model import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from pipeline.shards import (
+    MANIFEST_FILE,
+    ManifestError,
+    ManifestNotFound,
+    decode_label_map,
+    decode_sam_embedding,
+    job_file_url,
+    read_manifest,
+    read_manifest_and_sha256,
+    split_shard_urls,
+)
+from pipeline.storage import StorageError, glob_urls, open_url
 
 log = logging.getLogger(__name__)
 
-# segment_anything's Sam.pixel_mean / pixel_std (0-255 RGB).
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 SAM_MASK_STRIDE = 4  # SAM's mask decoder predicts masks at a quarter of its input frame
 REQUIRED_MEMBERS = ("jpg", "spx.png", "refs.json", "meta.json")
 LOGGED_SKIPS = 5  # per worker: the first few corrupt samples are named, the rest only counted
@@ -156,6 +165,17 @@ def _column(values: Sequence[float]) -> torch.Tensor:
 # Shard URLs
 
 
+def shard_urls(shards: str, split: str) -> list[str] | str:
+    """What to read for ``split``: ``shards`` itself when it names shards (a spec that
+    :func:`expand_urls` reads: a ``.tar``, a brace, glob or list spec, a ``pipe:`` command), else the
+    split's shards as the manifest of the shard root ``shards`` (a directory or prefix written by
+    ``svp precompute``) lists them."""
+    names_shards = len(_split_specs(shards)) != 1 or _is_pipe(shards) or _is_glob(shards) or "{" in shards
+    if names_shards or shards.endswith(".tar"):
+        return shards
+    return split_shard_urls(shards, read_manifest(shards), split)
+
+
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Shard specs → a list of shard URLs.
 
@@ -199,8 +219,10 @@ def _resolve(url: str) -> list[str]:
     """One URL → its shards: a glob is listed, a local path must exist, the rest pass through."""
     if _is_glob(url) and not _is_pipe(url):
         if "://" in url:
-            fs, pattern = fsspec.core.url_to_fs(url)
-            matches = [fs.unstrip_protocol(path) for path in sorted(fs.glob(pattern))]
+            try:
+                matches = glob_urls(url)
+            except StorageError as exc:
+                raise DataError(str(exc)) from None
         else:
             matches = sorted(glob.glob(str(Path(url).expanduser())))
         if not matches:
@@ -229,20 +251,17 @@ def describe_shards(urls: str | Sequence[str]) -> dict:
     shards = [url for url in expand_urls(urls) if not _is_pipe(url)]
     sources = []
     for directory in sorted({_parent(url) for url in shards}):
-        manifest_url = posixpath.join(directory, "manifest.json")
         try:
-            with fsspec.open(manifest_url, "rb") as stream:
-                raw = stream.read()
-        except FileNotFoundError:
+            manifest, manifest_sha256 = read_manifest_and_sha256(directory)
+        except ManifestNotFound:
             continue
-        except OSError as exc:
-            raise DataError(f"cannot read {manifest_url}: {exc}") from None
-        manifest = json.loads(raw)
+        except ManifestError as exc:
+            raise DataError(str(exc)) from None
         used = {posixpath.basename(url) for url in shards if _parent(url) == directory}
         listed = [shard for shard in manifest.get("shards", []) if shard["name"] in used]
         sources.append({
-            "manifest": manifest_url,
-            "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+            "manifest": job_file_url(directory, MANIFEST_FILE),
+            "manifest_sha256": manifest_sha256,
             "config_hash": manifest.get("config_hash"),
             "config": manifest.get("config", {}),
             "shards": {shard["name"]: shard["sha256"] for shard in listed},
@@ -273,7 +292,7 @@ def _open_shards(shards: Iterable[dict]) -> Iterator[dict]:
     for shard in shards:
         url = shard["url"]
         try:
-            stream = fsspec.open(url, "rb").open() if "://" in url else wds.gopen(url)
+            stream = open_url(url) if "://" in url else wds.gopen(url)
         except Exception as exc:  # noqa: BLE001 - whatever the store raises, reported per shard
             _log_shard_error(DataError(f"cannot open {url}: {exc}"))
             continue
@@ -283,10 +302,19 @@ def _open_shards(shards: Iterable[dict]) -> Iterator[dict]:
             stream.close()
 
 
-def _worker_rng(seed: int, purpose: int, epoch: int) -> random.Random:
+class _Purpose(enum.IntEnum):
+    """What a worker's random stream is for: each gets its own, so that changing how one is used
+    (more draws, another order) leaves the others' draws as they were."""
+
+    SAMPLE_SHUFFLE = 1
+    SENTENCE_DRAW = 2
+    BATCH_ORDER = 3
+
+
+def _worker_rng(seed: int, purpose: _Purpose, epoch: int) -> random.Random:
     """Reproducible from ``seed``, yet distinct per purpose, rank, DataLoader worker and pass."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    return random.Random(wds.utils.make_seed(seed, purpose, rank, worker, epoch))
+    return random.Random(wds.utils.make_seed(seed, int(purpose), rank, worker, epoch))
 
 
 class _SampleShuffle(wds.PipelineStage):
@@ -298,7 +326,7 @@ class _SampleShuffle(wds.PipelineStage):
 
     def run(self, samples: Iterable[dict]) -> Iterator[dict]:
         self.epoch += 1
-        return wds.shuffle(self.bufsize, rng=_worker_rng(self.seed, 1, self.epoch))(samples)
+        return wds.shuffle(self.bufsize, rng=_worker_rng(self.seed, _Purpose.SAMPLE_SHUFFLE, self.epoch))(samples)
 
 
 def item_length(item: dict) -> int:
@@ -324,14 +352,14 @@ class _LengthGroupedBatches(wds.PipelineStage):
     def run(self, items: Iterable[dict]) -> Iterator[dict]:
         """While a window's batches leave, the next window is read ``batch_size`` items per batch.
 
-        Reading a whole window only once the last one is gone made the DataLoader worker decode
-        ``group × batch_size`` items in one burst, every ``group`` batches, while the step had
-        only the DataLoader's prefetched batches left: the training step waited about a second
-        each time (a sixth of the demo's training time). Reading in step keeps the worker's
-        decoding as even as plain batching; the windows, and so the batches, are the same.
+        Reading a whole window only once the last one is gone would have the DataLoader worker
+        decode ``group × batch_size`` items in one burst every ``group`` batches, while the step
+        has only the DataLoader's prefetched batches left, so the step would wait on it. Reading in
+        step keeps the worker's decoding as even as plain batching (BENCHMARKS.md has what it
+        saved); the windows, and so the batches, are the same.
         """
         self.epoch += 1
-        rng = _worker_rng(self.seed, 3, self.epoch)
+        rng = _worker_rng(self.seed, _Purpose.BATCH_ORDER, self.epoch)
         source = iter(items)
         size = self.batch_size * self.group
         window = list(itertools.islice(source, size))
@@ -370,7 +398,7 @@ class _Decoder(wds.PipelineStage):
 
     def run(self, samples: Iterable[dict]) -> Iterator[dict]:
         self.epoch += 1
-        rng = _worker_rng(self.config.seed, 2, self.epoch)
+        rng = _worker_rng(self.config.seed, _Purpose.SENTENCE_DRAW, self.epoch)
         for sample in samples:
             try:
                 image, masks, pairs = self._decode(sample)
@@ -407,6 +435,13 @@ class _Decoder(wds.PipelineStage):
         pairs = [(index, ref, sentence) for index, ref in enumerate(refs) for sentence in ref["sentences"]]
         if not pairs:
             raise ValueError("no referring sentence")
+        blank = [sentence["sent_id"] for _, _, sentence in pairs if not str(sentence["sent"]).strip()]
+        if blank:  # nothing to refer to: as a target it would teach the model to segment without a text
+            pairs = [pair for pair in pairs if str(pair[2]["sent"]).strip()]
+            if not pairs:
+                raise ValueError("every referring sentence is empty")
+            self._skip(sample, ValueError(f"empty sentence(s) left out: sent_id {', '.join(map(str, blank))}"),
+                       count=len(blank))
         pixel_values, superpixels, num_superpixels = vision_inputs(rgb, labels, self.config)
         embedding = self._sam_embedding(sample)
         if embedding is None:
@@ -435,8 +470,9 @@ class _Decoder(wds.PipelineStage):
             return None
         return torch.from_numpy(embedding.astype(np.float32))
 
-    def _skip(self, sample: dict, exc: Exception) -> None:
-        self.skipped += 1
+    def _skip(self, sample: dict, exc: Exception, count: int = 1) -> None:
+        """Count ``count`` items of ``sample`` as skipped (its unusable sentences, or the whole image)."""
+        self.skipped += count
         self.skipped_total += 1
         if self.skipped_total <= LOGGED_SKIPS:
             log.warning("skipping corrupt sample %s from %s: %s: %s", sample.get("__key__"), sample.get("__url__"),
@@ -493,6 +529,20 @@ class ShardLoader(wds.WebLoader):
         if empty and self.expect_batches:
             raise DataError(f"{self.source} yielded no batch: no usable sample (training drops a last "
                             f"batch that is not full, so it also needs at least batch_size samples)")
+
+    def close(self) -> None:
+        """Stop the DataLoader's worker processes now.
+
+        They are persistent (kept between passes) and forked from this process: left to the
+        garbage collector, they outlive a finished training or evaluation for as long as anything
+        holds the loader, and hold copies of every file and socket the parent had open at the fork.
+        Torch keeps the live workers in the DataLoader's cached iterator and offers no public call
+        to end them early, hence the private ``_shutdown_workers``. Safe to call more than once.
+        """
+        loader = self.pipeline[0]
+        iterator, loader._iterator = loader._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def make_loader(

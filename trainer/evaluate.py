@@ -10,9 +10,10 @@ Masks are compared at the original image resolution.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from accelerate import Accelerator
@@ -22,7 +23,8 @@ from trainer.data import DataConfig, make_loader
 
 
 def evaluate(model: torch.nn.Module, split_urls: dict[str, list[str]], data_config: DataConfig, *,
-             batch_size: int = 8, accelerator: Accelerator | None = None, max_samples: int | None = None) -> dict[str, dict]:
+             batch_size: int = 8, accelerator: Accelerator | None = None,
+             max_samples: int | None = None) -> dict[str, dict]:
     """Evaluate ``model`` on every split of ``split_urls`` ({split name: shard URLs})."""
     model.eval()
     return {split: _evaluate_split(model, urls, data_config, batch_size, accelerator, max_samples)
@@ -33,11 +35,11 @@ def evaluate(model: torch.nn.Module, split_urls: dict[str, list[str]], data_conf
 def _evaluate_split(model, urls, data_config, batch_size, accelerator, max_samples) -> dict:
     started = time.perf_counter()
     records: list[dict] = []
-    loader = make_loader(urls, data_config, train=False, batch_size=batch_size)
-    for batch in loader:
-        records.extend(_score_batch(model, batch))
-        if max_samples is not None and len(records) >= max_samples:
-            break
+    with contextlib.closing(make_loader(urls, data_config, train=False, batch_size=batch_size)) as loader:
+        for batch in loader:
+            records.extend(_score_batch(model, batch))
+            if max_samples is not None and len(records) >= max_samples:
+                break
     seconds = time.perf_counter() - started
     if accelerator is not None and accelerator.num_processes > 1:
         records = gather_object(records)
@@ -79,7 +81,8 @@ def summarise(records: list[dict], seconds: float) -> dict:
 
 
 def format_table(results: dict[str, dict], title: str) -> str:
-    header = f"{'split':<22}{'cIoU':>8}{'gIoU':>8}{'all-fg cIoU':>13}{'tokens mean/med/max':>22}{'samples':>9}{'samples/s':>11}"
+    header = (f"{'split':<22}{'cIoU':>8}{'gIoU':>8}{'all-fg cIoU':>13}{'tokens mean/med/max':>22}"
+              f"{'samples':>9}{'samples/s':>11}")
     lines = [title, header]
     for split, r in results.items():
         tokens = f"{r['tokens_mean']:.1f}/{r['tokens_median']:g}/{r['tokens_max']}"

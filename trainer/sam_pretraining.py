@@ -31,7 +31,7 @@ from segment_anything.modeling import Sam
 
 from pipeline.images import decode_image
 from pipeline.refer import load_refer, ref_mask
-from pipeline.superpixels.sam_decoder import decode_prompts
+from pipeline.sam_decoder import decode_prompts
 from trainer.data import SAM_MASK_STRIDE, DataConfig, sam_inputs, sam_mask_target
 from trainer.model.losses import mask_bce_per_sample, mask_dice_per_sample
 

@@ -1,25 +1,22 @@
-"""The one interface every superpixel backend implements, and the spec that names a backend.
+"""The one interface every superpixel backend implements, the SAM settings, and a builder's signature.
 
-A :class:`BackendSpec` is small, picklable and checked on the driver *before* any work starts
-(missing or mismatched SAM checkpoint, unknown backend); each Ray worker then calls
-:meth:`BackendSpec.build` once to hold one model for all the shards it processes.
+This module imports no backend: the concrete ones (``classical``, ``sam``) import it, and the
+registry in :mod:`pipeline.superpixels` names them.
 """
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
+from pipeline.hashing import file_sha256
 from pipeline.partition import PartitionConfig
+from pipeline.sam_model import SAM_MODEL_TYPES
 from pipeline.timing import StageTimer
-
-BACKENDS = ("sam", "felzenszwalb", "slic")
-CLASSICAL_BACKENDS = ("felzenszwalb", "slic")
 
 
 class BackendConfigError(ValueError):
@@ -52,91 +49,61 @@ class SuperpixelBackend(ABC):
     def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]: ...
 
 
+def sam_checkpoint_field() -> Any:
+    """``--sam-checkpoint``, declared through here by every config that names a SAM."""
+    return field(default=None, metadata={
+        "help": "official SAM .pth of --sam-model (e.g. sam_vit_h_4b8939.pth), or a tiny one from `svp tiny-sam`; "
+                "never downloaded, and readable on every node that loads it. Where a command can do without: "
+                "omitted means random weights (svp train: only for --sam-model tiny, for tests and the demo)"})
+
+
+def sam_model_field(default: str | None, **metadata: Any) -> Any:
+    """``--sam-model``, declared through here by every config that names a SAM, with ``metadata`` of
+    the config's own. The default is the config's too: a model for tests and the demo has a tiny SAM,
+    the precompute job SAM's largest, and ``svp predict`` none (the run's record says)."""
+    return field(default=default, metadata={
+        "help": "architecture of --sam-checkpoint (tiny: SAM at toy sizes, for tests and CPUs)",
+        "choices": SAM_MODEL_TYPES, **metadata})
+
+
+# The names shard configs record two settings by, kept from before the fields took their flags'
+# names: a config hash must not change with a rename, and predict reads older records too.
+_RECORDED_AS = {"sam_model": "model_type", "store_sam_embeddings": "store_embeddings"}
+
+
 @dataclass(frozen=True)
 class SamOptions:
-    """SAM automatic-mask settings (SAM's own defaults, DESIGN §4) and where the weights are."""
+    """SAM: which weights, and the automatic-mask settings (SAM's own defaults, DESIGN §4)."""
 
-    checkpoint: str
-    model_type: str = "vit_h"
-    points_per_side: int = 32
-    points_per_batch: int = 256
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    images_per_batch: int = 4
-    store_embeddings: bool = False
+    sam_checkpoint: str | None = sam_checkpoint_field()
+    sam_model: str = sam_model_field("vit_h")
+    points_per_side: int = field(default=32, metadata={"help": "SAM point grid per side"})
+    points_per_batch: int = field(default=256, metadata={
+        "help": "point prompts per pass of SAM's mask decoder (memory for speed; the same masks)", "speed_only": True})
+    pred_iou_thresh: float = field(default=0.88, metadata={"help": "SAM predicted-IoU filter"})
+    stability_score_thresh: float = field(default=0.95, metadata={"help": "SAM stability filter"})
+    stability_score_offset: float = field(default=1.0, metadata={"help": "logit offset of SAM's stability score"})
+    box_nms_thresh: float = field(default=0.7, metadata={"help": "box NMS IoU between SAM masks"})
+    images_per_batch: int = field(default=4, metadata={
+        "help": "images per SAM encoder batch (memory for speed; the same masks)", "speed_only": True})
+    store_sam_embeddings: bool = field(default=False, metadata={
+        "help": "also write sam.npy (float16 256x64x64 SAM image embedding; with --backend sam from the same SAM "
+                "pass, with a classical backend from SAM's encoder alone; needs --sam-checkpoint) so that training "
+                "skips the SAM encoder"})
 
+    def record(self) -> dict[str, Any]:
+        """What of these settings changes the output, for the shard config and its hash: the
+        checkpoint by its content (a path can move), and nothing that only changes the speed."""
+        recorded = {_RECORDED_AS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)
+                    if f.name != "sam_checkpoint" and not f.metadata.get("speed_only")}
+        return recorded | {"checkpoint_sha256": file_sha256(self.sam_checkpoint)}
 
-@dataclass(frozen=True)
-class BackendSpec:
-    """Which backend, with which settings; what the shard config hash is computed from."""
-
-    name: str
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    sam: SamOptions | None = None
-
-    def validate(self) -> None:
-        """Refuse, with a message naming the option, anything that would fail on every worker."""
-        if self.name not in BACKENDS:
-            raise BackendConfigError(f"unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}")
-        if self.name == "sam":
-            if self.sam is None or not self.sam.checkpoint:
-                raise BackendConfigError(
-                    "--backend sam needs --sam-checkpoint PATH (an official SAM .pth such as "
-                    "sam_vit_h_4b8939.pth); weights are never downloaded. For CPU-only runs use "
-                    "--backend felzenszwalb or --backend slic."
-                )
-            from pipeline.superpixels.sam import validate_sam_checkpoint
-
-            validate_sam_checkpoint(self.sam.checkpoint, self.sam.model_type)
-        elif self.stores_sam_embeddings:
-            if not self.sam.checkpoint:
-                raise BackendConfigError(
-                    "--store-sam-embeddings needs --sam-checkpoint: the embedding comes from SAM's image encoder"
-                )
-            from pipeline.superpixels.sam import validate_sam_checkpoint
-
-            validate_sam_checkpoint(self.sam.checkpoint, self.sam.model_type)
-
-    def config(self) -> dict:
-        """Everything that changes the output bytes (the checkpoint by content, not by path)."""
-        config: dict = {"backend": self.name, "partition": self.partition.as_dict()}
-        if self.name == "sam" or self.stores_sam_embeddings:
-            assert self.sam is not None
-            options = {k: v for k, v in vars(self.sam).items() if k not in ("checkpoint", "points_per_batch", "images_per_batch")}
-            config["sam"] = options | {"checkpoint_sha256": file_sha256(self.sam.checkpoint)}
-        if self.name != "sam":
-            from pipeline.superpixels.classical import CLASSICAL_PARAMS
-
-            config["params"] = CLASSICAL_PARAMS[self.name]
-        return config
-
-    @property
-    def stores_sam_embeddings(self) -> bool:
-        return self.sam is not None and self.sam.store_embeddings
-
-    def build(self, device: str = "cpu", timer: StageTimer | None = None) -> SuperpixelBackend:
-        """Instantiate the backend on ``device`` (called once per worker), timing its stages on ``timer``."""
-        if self.name == "sam":
-            from pipeline.superpixels.sam import SamSuperpixels
-
-            assert self.sam is not None
-            return SamSuperpixels(self.sam, self.partition, device=device, timer=timer)
-        from pipeline.superpixels.classical import ClassicalSuperpixels
-
-        backend: SuperpixelBackend = ClassicalSuperpixels(self.name, self.partition, timer)
-        if self.stores_sam_embeddings:
-            from pipeline.superpixels.sam import WithSamEmbeddings
-
-            assert self.sam is not None
-            backend = WithSamEmbeddings(backend, self.sam, device=device)
-        return backend
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SamOptions:
+        """The settings a shard config recorded (:meth:`record`), defaults for what it lacks; no checkpoint."""
+        return cls(**{f.name: record[_RECORDED_AS.get(f.name, f.name)] for f in fields(cls)
+                      if _RECORDED_AS.get(f.name, f.name) in record and f.name != "sam_checkpoint"})
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+# What the registry holds per backend name: (partition, SAM options or None, device, timer) → backend.
+Builder = Callable[[PartitionConfig, SamOptions | None, str, StageTimer | None], SuperpixelBackend]

@@ -7,14 +7,14 @@ are segmented at SAM's working resolution (longest side 1024) and the partition 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 from skimage.segmentation import felzenszwalb, slic
 
 from pipeline.partition import PartitionConfig, partition_at_working_resolution, working_shape
-from pipeline.superpixels.base import SuperpixelBackend, SuperpixelResult
+from pipeline.superpixels.base import Builder, SamOptions, SuperpixelBackend, SuperpixelResult
 from pipeline.timing import StageTimer
 
 CLASSICAL_PARAMS: dict[str, dict] = {
@@ -44,3 +44,14 @@ class ClassicalSuperpixels(SuperpixelBackend):
             raw = self._segment(image, **self._params)
         with self.timer.stage("partition"):
             return partition_at_working_resolution(raw, full, self.partition)
+
+
+def builder(name: str) -> Builder:
+    """The registry's builder of the classical backend ``name``: it runs on the CPU and takes no SAM
+    options (SAM embeddings, when asked for, are added around it by ``BackendSpec.build``)."""
+
+    def build(partition: PartitionConfig, sam: SamOptions | None, device: str,
+              timer: StageTimer | None) -> ClassicalSuperpixels:
+        return ClassicalSuperpixels(name, partition, timer)
+
+    return build

@@ -1,4 +1,4 @@
-"""SAM backend: checkpoint loading and a fast, batched automatic-mask generator (DESIGN §4).
+"""SAM backend: a fast, batched automatic-mask generator (DESIGN §4).
 
 The masks follow ``segment_anything.SamAutomaticMaskGenerator`` with ``crop_n_layers=0`` (points
 grid, three multimask outputs per point, predicted-IoU filter, stability score, box NMS); only the
@@ -6,7 +6,8 @@ grid, three multimask outputs per point, predicted-IoU filter, stability score, 
 
 - the image encoder runs on a batch of images, not one at a time, and so does the mask decoder:
   one call takes the point prompts of every image of the encoder batch, and runs its first layer's
-  image side once per image and its attention through fused kernels (``sam_decoder.decode_prompts``);
+  image side once per image and its attention through fused kernels
+  (``pipeline.sam_decoder.decode_prompts``);
 - the predicted-IoU filter runs on the 256×256 low-res logits, so only survivors are upsampled;
 - survivors are upsampled to the *working resolution* (the image itself up to 1024 px on the long
   side, SAM's own input frame beyond), never to a 3000×2000 photo's full size: the stability
@@ -15,204 +16,25 @@ grid, three multimask outputs per point, predicted-IoU filter, stability score, 
 - masks stay tensors on the device from the decoder to the partition: no RLE round trip, no
   ``MaskData.cat`` copies, no Python loop over masks; on a GPU the encoder and decoder run under
   bf16 autocast.
-
-``tiny`` is SAM's architecture at toy sizes: every module of SAM (ViT image encoder with a neck,
-prompt encoder, two-way-transformer mask decoder, SAM's 256-wide IoU head), with a 2-block,
-32-wide encoder on a 512 px frame and a 64-wide prompt encoder and decoder, so its embedding is
-64×32×32 instead of 256×64×64. The decoder is what a training step spends most of its time in,
-and the tiny one costs a small fraction of SAM's, which is what lets the demo train on a CPU. It
-exists for tests, the demo and CPU benchmarks, where the real ViT-H weights (2.5 GB, never
-downloaded by us) are not at hand. Random, its masks mean nothing; ``svp tiny-sam --pretrain-on``
-teaches it clicks → masks first (``trainer.sam_pretraining``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from functools import partial
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from segment_anything import sam_model_registry
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.amg import batched_mask_to_box, build_all_layer_point_grids, calculate_stability_score
-from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
 
 from pipeline.partition import PartitionConfig, paint_masks, partition_at_working_resolution, working_shape
-from pipeline.superpixels.base import BackendConfigError, SamOptions, SuperpixelBackend, SuperpixelResult
-from pipeline.superpixels.sam_decoder import decode_prompts
+from pipeline.sam_decoder import decode_prompts
+from pipeline.sam_model import build_sam
+from pipeline.superpixels.base import SamOptions, SuperpixelBackend, SuperpixelResult
+from pipeline.superpixels.sam_embeddings import SamImageEncoder, stored_embedding
 from pipeline.timing import StageTimer
 
-SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
 _UPSAMPLE_CHUNK = 64  # masks upsampled at once: bounds the (n, 1024, 1024) float temporary
-_KEYS_SHOWN = 5
-
-
-class SamCheckpointError(BackendConfigError):
-    """The SAM checkpoint is missing, unreadable, or does not match ``--sam-model``."""
-
-
-def _architecture(model_type: str) -> Sam:
-    """SAM with random weights; under ``torch.device("meta")`` it allocates nothing."""
-    if model_type not in SAM_MODEL_TYPES:
-        raise SamCheckpointError(f"unknown SAM model type {model_type!r}; choose one of {', '.join(SAM_MODEL_TYPES)}")
-    if model_type == "tiny":
-        return _tiny_architecture()
-    return sam_model_registry[model_type](checkpoint=None)
-
-
-def _tiny_architecture(image_size: int = 512, width: int = 64) -> Sam:
-    """SAM's modules wired as ``segment_anything.build_sam._build_sam`` wires them, at toy sizes."""
-    grid = image_size // 16
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=2, embed_dim=32, img_size=image_size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16, qkv_bias=True,
-            use_rel_pos=True, global_attn_indexes=(1,), window_size=14, out_chans=width,
-        ),
-        prompt_encoder=PromptEncoder(embed_dim=width, image_embedding_size=(grid, grid),
-                                     input_image_size=(image_size, image_size), mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=4 * width, num_heads=4),
-            transformer_dim=width, iou_head_depth=3, iou_head_hidden_dim=256,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-
-
-def _load_state_dict(path: str | Path, model_type: str) -> Mapping[str, torch.Tensor]:
-    """Read a checkpoint memory-mapped (nothing is copied until used) and refuse what is not a state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise SamCheckpointError(f"SAM checkpoint {str(path)!r} (--sam-model {model_type}) does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises several types for "this is not a torch file"
-        raise SamCheckpointError(
-            f"SAM checkpoint {str(path)!r} is not a torch state dict saved with torch.save: {error}"
-        ) from error
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SamCheckpointError(f"SAM checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict of tensors")
-    return state
-
-
-def _check_matches(state: Mapping[str, torch.Tensor], model: Sam, path: str | Path, model_type: str) -> None:
-    """Compare names and shapes only, and say which keys are wrong (a vit_b file given as vit_h, ...)."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected if k in state and tuple(state[k].shape) != expected[k]
-    ]
-    found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches (file vs model)": mismatched}
-    problems = [
-        f"{len(keys)} {what}: {', '.join(keys[:_KEYS_SHOWN])}{', ...' if len(keys) > _KEYS_SHOWN else ''}"
-        for what, keys in found.items()
-        if keys
-    ]
-    if problems:
-        raise SamCheckpointError(
-            f"SAM checkpoint {str(path)!r} does not match --sam-model {model_type}: " + "; ".join(problems)
-        )
-
-
-def validate_sam_checkpoint(path: str | Path, model_type: str) -> None:
-    """Fail fast on the driver: the file exists, is a state dict and fits ``model_type``.
-
-    Cheap on purpose (it runs before any work): the model is built on the ``meta`` device and the
-    checkpoint is memory-mapped, so only names and shapes are read.
-    """
-    with torch.device("meta"):
-        model = _architecture(model_type)
-    _check_matches(_load_state_dict(path, model_type), model, path, model_type)
-
-
-def build_sam(model_type: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Sam:
-    """SAM of ``model_type`` in eval mode on ``device``; random weights when ``checkpoint`` is None.
-
-    Weights are loaded with ``weights_only=True`` (a checkpoint is data, never code) and strictly.
-    """
-    model = _architecture(model_type)
-    if checkpoint is not None:
-        state = _load_state_dict(checkpoint, model_type)
-        _check_matches(state, model, checkpoint, model_type)
-        model.load_state_dict(state, strict=True)
-    return model.eval().to(device)
-
-
-def save_tiny_sam(path: str | Path, seed: int = 0) -> Path:
-    """Write a random-initialised ``tiny`` SAM state dict: the stand-in checkpoint for tests and the demo."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build_sam("tiny")
-    path = Path(path)
-    torch.save(model.state_dict(), path)
-    return path
-
-
-class SamImageEncoder:
-    """SAM's image encoder alone, a batch of images at a time: the embedding that both the mask
-    generator and the trainer's mask decoder read (so it is computed once and can be stored)."""
-
-    def __init__(self, sam: Sam, images_per_batch: int, device: torch.device) -> None:
-        self.sam, self.images_per_batch, self.device = sam, images_per_batch, device
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
-
-    def __call__(self, images: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
-        """One (C, S/16, S/16) embedding per image ((256, 64, 64) for SAM), on the device, in input order."""
-        for _, embeddings in self.batches(images):
-            yield from embeddings
-
-    @torch.inference_mode()
-    def batches(self, images: Sequence[np.ndarray]) -> Iterator[tuple[Sequence[np.ndarray], torch.Tensor]]:
-        """(images, their (b, C, S/16, S/16) embeddings) for each run of ``images_per_batch`` images.
-
-        Autocast ends before each yield: a generator suspended inside the ``with`` would leave it
-        on for whatever code the consumer runs in between.
-        """
-        for start in range(0, len(images), self.images_per_batch):
-            chunk = images[start : start + self.images_per_batch]
-            with self.autocast():
-                embeddings = self.sam.image_encoder(torch.cat([self._preprocess(image) for image in chunk]))
-            yield chunk, embeddings
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-
-    def _preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """What ``SamPredictor.set_image`` feeds the encoder: resize the long side to 1024, normalise, pad."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"SAM expects RGB uint8 images (H, W, 3), got {image.dtype} {image.shape}")
-        resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
-        return self.sam.preprocess(resized.permute(2, 0, 1)[None].float())
-
-
-def stored_embedding(embedding: torch.Tensor) -> np.ndarray:
-    """The shard's ``sam.npy`` form: float16 on the CPU."""
-    return embedding.to(torch.float16).cpu().numpy()
-
-
-class WithSamEmbeddings(SuperpixelBackend):
-    """Any backend's superpixels plus SAM image embeddings, for shards that feed a trainer whose
-    SAM encoder should not run at every step (a classical partition with a SAM mask head)."""
-
-    def __init__(self, inner: SuperpixelBackend, options: SamOptions, device: str | torch.device = "cpu") -> None:
-        super().__init__(inner.timer)
-        self.inner = inner
-        device = torch.device(device)
-        self.encoder = SamImageEncoder(build_sam(options.model_type, options.checkpoint, device),
-                                       options.images_per_batch, device)
-
-    def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
-        results = self.inner(images)
-        with self.timer.stage("embeddings"):
-            for result, embedding in zip(results, self.encoder(images), strict=True):
-                result.sam_embedding = stored_embedding(embedding)
-        return results
 
 
 class SamSuperpixels(SuperpixelBackend):
@@ -224,7 +46,7 @@ class SamSuperpixels(SuperpixelBackend):
         self.options = options
         self.partition = partition
         self.device = torch.device(device)
-        self.sam = build_sam(options.model_type, options.checkpoint, self.device)
+        self.sam = build_sam(options.sam_model, options.sam_checkpoint, self.device)
         self.encoder = SamImageEncoder(self.sam, options.images_per_batch, self.device)
         self.transform = self.encoder.transform
         (self.point_grid,) = build_all_layer_point_grids(options.points_per_side, 0, 1)
@@ -238,7 +60,7 @@ class SamSuperpixels(SuperpixelBackend):
                 painted = paint_masks(masks).cpu().numpy()
                 labels = partition_at_working_resolution(painted, image.shape[:2], self.partition)
                 result = SuperpixelResult(labels=labels)
-            if self.options.store_embeddings:
+            if self.options.store_sam_embeddings:
                 with self.timer.stage("embeddings"):
                     result.sam_embedding = stored_embedding(embedding)
             results.append(result)
@@ -310,3 +132,9 @@ class SamSuperpixels(SuperpixelBackend):
         outputs = low_res.shape[1] - 1
         return (low_res[:, multimask].flatten(0, 1).float(), scores[:, multimask].flatten().float(),
                 owner.repeat_interleave(outputs))
+
+
+def build(partition: PartitionConfig, sam: SamOptions | None, device: str, timer: StageTimer | None) -> SamSuperpixels:
+    """The registry's builder of ``sam``; ``BackendSpec.validate`` has made sure the options are there."""
+    assert sam is not None, "--backend sam needs SAM options"
+    return SamSuperpixels(sam, partition, device=device, timer=timer)

@@ -15,7 +15,7 @@ import torch
 from segment_anything.modeling import Sam
 from torch import nn
 
-from pipeline.superpixels.sam_decoder import decode_prompts
+from pipeline.sam_decoder import decode_prompts
 
 
 class MaskHead(nn.Module):

@@ -10,8 +10,7 @@ ever attends to a pad, so a sample's outputs do not depend on what it is batched
 The sentence comes *before* the image. In a causal LLM a visual token's state sees only what
 precedes it; with the image first (LLaVA's order) every visual token is encoded blind to the
 question, and the one ``[SEG]`` state has to do all the matching. Text first, each visual token
-can already tell whether it is what the sentence describes. On the demo's data (with the region
-prompt) this lifted the train-batch cIoU at 1500 steps from 0.38 to 0.49 (BENCHMARKS.md, 2026-12-02).
+can already tell whether it is what the sentence describes (BENCHMARKS.md has what it gained).
 
 ``[SEG]`` is teacher-forced: training and inference feed the same full template, answer included,
 and take the last-layer hidden state at the ``[SEG]`` position. There is no free generation: the
@@ -32,7 +31,7 @@ nothing, and a low-rank update of random frozen weights learns the words of the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -40,7 +39,9 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from pipeline.superpixels.sam import SamCheckpointError, build_sam, validate_sam_checkpoint
+from pipeline.sam_model import SamCheckpointError, build_sam, validate_sam_checkpoint
+from pipeline.state_dicts import state_dict_problems
+from pipeline.superpixels.base import sam_checkpoint_field, sam_model_field
 from trainer.model.losses import IGNORE_INDEX, answer_ce, mask_bce, mask_dice
 from trainer.model.mask_head import MaskHead
 from trainer.model.projectors import ProjectorConfig, build_projector
@@ -57,28 +58,52 @@ _TINY_LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num
                  initializer_range=0.3)
 
 
+# A field with ``identifies_model`` in its metadata tells one model from another: a checkpoint or
+# export is only resumed or loaded into a model whose config agrees on every such field
+# (``trainer.checkpoint.check_same_model``); the others (loss weights, LoRA alpha, ...) may change.
+_IDENTIFIES = {"identifies_model": True}
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild the model; JSON-serialisable with ``asdict``."""
 
-    llm: str = TINY  # "tiny" (random tiny Llama + word-level tokenizer), a hub id or a local directory
-    vision: str = TINY  # "tiny" (random tiny DINOv2), a hub id or a local directory; real runs: facebook/dinov2-base
-    vision_size: int | None = None  # None: the encoder's own input size (224 for tiny and DINOv2, 336 for CLIP-336)
-    sam_checkpoint: str | None = None  # None: random SAM, only for sam_model "tiny" (tests, demo)
-    sam_model: str = "tiny"
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # ("all-linear",): every linear layer but the LM head
-    llm_training: str = "lora"  # "lora" (adapters on lora_targets) or "full" (every LLM weight trains)
-    region_prompt: bool = True  # [SEG] also selects visual tokens, drawn as SAM's mask prompt
-    gradient_checkpointing: bool = False  # recompute the LLM's activations in backward: memory for time
-    ce_weight: float = 1.0
-    bce_weight: float = 2.0
-    dice_weight: float = 0.5
-    region_weight: float = 1.0  # BCE of the region prompt's map against the target (with region_prompt)
-    seed: int = 0
+    llm: str = field(default=TINY, metadata={**_IDENTIFIES, "help": (
+        "causal LM: an HF model id or local directory, or 'tiny' (a random tiny Llama with a word-level tokenizer, "
+        "for tests and the demo)")})
+    vision: str = field(default=TINY, metadata={**_IDENTIFIES, "help": (
+        "vision encoder: an HF id or local directory (e.g. facebook/dinov2-base), or 'tiny' (a random tiny DINOv2)")})
+    vision_size: int | None = field(default=None, metadata={**_IDENTIFIES, "help": (
+        "square input size of the vision encoder; omitted: the encoder's own, from its image processor config "
+        "(224 for DINOv2 and tiny, 336 for CLIP ViT-L/14-336, SigLIP's resize), recorded as resolved")})
+    sam_checkpoint: str | None = sam_checkpoint_field()
+    sam_model: str = sam_model_field("tiny", **_IDENTIFIES)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig, metadata=_IDENTIFIES)
+    lora_r: int = field(default=8, metadata={**_IDENTIFIES, "help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={**_IDENTIFIES, "help": (
+        "comma-separated LLM modules that get LoRA, or all-linear (every linear layer of the decoder but the LM "
+        "head, as peft names it)")})
+    llm_training: str = field(default="lora", metadata={**_IDENTIFIES, "choices": LLM_TRAINING, "help": (
+        "lora: LoRA adapters on --lora-targets, the LLM frozen (for pretrained LLMs); full: every LLM weight "
+        "trains, in float32, no LoRA (for a random-initialised LLM such as tiny, which has nothing for adapters "
+        "to adapt)")})
+    region_prompt: bool = field(default=True, metadata={**_IDENTIFIES, "help": (
+        "[SEG] also scores every visual token, and the tokens' image regions (superpixels, or grid cells for "
+        "mlp/pool) painted with those scores become SAM's mask prompt; --no-region-prompt: the [SEG] sparse "
+        "prompt alone")})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": (
+        "recompute the LLM's activations in the backward pass (HF gradient checkpointing, non-reentrant): less "
+        "activation memory for a second forward pass of the LLM in each step; for long sequences or large "
+        "batches on a GPU")})
+    ce_weight: float = field(default=1.0, metadata={"help": "weight of the text cross-entropy"})
+    bce_weight: float = field(default=2.0, metadata={"help": "weight of the mask BCE"})
+    dice_weight: float = field(default=0.5, metadata={"help": "weight of the mask Dice loss"})
+    region_weight: float = field(default=1.0, metadata={"help": (
+        "weight of the region prompt's BCE against the target mask (with --region-prompt)")})
+    seed: int = field(default=0, metadata={"same_as": "seed", "help": (
+        "seed of the model's random initialisation; svp train's --seed, which also seeds the data order")})
 
     def __post_init__(self) -> None:
         """Accept the JSON form (a dict projector, a list of targets), so ``ModelConfig(**asdict(c)) == c``."""
@@ -100,6 +125,16 @@ class ModelOutput:
     region_loss: torch.Tensor  # 0 without the region prompt
     mask_logits: torch.Tensor  # (B, 1, S/4, S/4), SAM's low-res frame
     num_visual_tokens: torch.Tensor  # (B,) long
+
+
+class _Forward(NamedTuple):
+    """One forward pass, before any loss: what training scores and prediction returns."""
+
+    mask_logits: torch.Tensor  # (B, 1, S/4, S/4)
+    lm_logits: torch.Tensor  # (B, L, vocab)
+    labels: torch.Tensor  # (B, L), IGNORE_INDEX but on the answer
+    num_tokens: torch.Tensor  # (B,) visual tokens per sample
+    region_logits: torch.Tensor | None  # the region prompt's mask logits; None without it
 
 
 @dataclass
@@ -200,7 +235,8 @@ class SegmentationMLLM(nn.Module):
             self.llm = _add_lora(llm, config, self.seg_id) if config.llm_training == "lora" else llm.float()
             self.projector = build_projector(config.projector, vision_dim, llm_dim)
             self.mask_head = MaskHead(build_sam(config.sam_model, config.sam_checkpoint))
-            self.seg_mlp = nn.Sequential(nn.Linear(llm_dim, llm_dim), nn.ReLU(), nn.Linear(llm_dim, self.mask_head.prompt_dim))
+            self.seg_mlp = nn.Sequential(nn.Linear(llm_dim, llm_dim), nn.ReLU(),
+                                         nn.Linear(llm_dim, self.mask_head.prompt_dim))
             self.region_prompt = RegionPrompt(llm_dim) if config.region_prompt else None
         self.prompt_format = PromptFormat(self.tokenizer)
         self.answer_ids = self.prompt_format.answer_ids
@@ -217,25 +253,24 @@ class SegmentationMLLM(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> ModelOutput:
         """Losses and low-res mask logits of a collated batch (see ``trainer.data``)."""
-        mask_logits, lm_logits, labels, num_tokens, region_logits = self._run(batch)
-        ce = answer_ce(lm_logits, labels)
+        run = self._run(batch)
+        ce = answer_ce(run.lm_logits, run.labels)
         targets = batch["gt_masks"].to(self.device)[:, None]
-        bce, dice = mask_bce(mask_logits, targets), mask_dice(mask_logits, targets)
-        region = mask_bce(region_logits, targets) if region_logits is not None else bce.new_zeros(())
+        bce, dice = mask_bce(run.mask_logits, targets), mask_dice(run.mask_logits, targets)
+        region = mask_bce(run.region_logits, targets) if run.region_logits is not None else bce.new_zeros(())
         config = self.config
         loss = (config.ce_weight * ce + config.bce_weight * bce + config.dice_weight * dice
                 + config.region_weight * region)
-        return ModelOutput(loss, ce.detach(), bce.detach(), dice.detach(), region.detach(), mask_logits, num_tokens)
+        return ModelOutput(loss, ce.detach(), bce.detach(), dice.detach(), region.detach(), run.mask_logits,
+                           run.num_tokens)
 
     @torch.inference_mode()
     def predict_masks(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(low-res mask logits (B, 1, S/4, S/4), visual tokens per sample) without targets or losses."""
-        mask_logits, _, _, num_tokens, _ = self._run(batch)
-        return mask_logits, num_tokens
+        run = self._run(batch)
+        return run.mask_logits, run.num_tokens
 
-    def _run(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    torch.Tensor | None]:
-        """(mask logits, LM logits, LM labels, visual tokens per sample, region-prompt logits or None)."""
+    def _run(self, batch: dict[str, Any]) -> _Forward:
         device = self.device
         features, grid = self.vision(batch["pixel_values"].to(device))
         tokens, valid = self.projector(
@@ -262,7 +297,7 @@ class SegmentationMLLM(nn.Module):
         else:
             embeddings = self.mask_head.image_embeddings(batch["sam_pixels"].to(device))
         masks = self.mask_head(embeddings, prompts, mask_prompt)
-        return masks, out.logits, sequences.labels, valid.sum(1), mask_prompt
+        return _Forward(masks, out.logits, sequences.labels, valid.sum(1), mask_prompt)
 
     @staticmethod
     def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -331,16 +366,7 @@ class SegmentationMLLM(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Strict: every trained tensor, nothing else, each of the right shape; else nothing loads."""
         expected = self.trainable_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = [
-            f"{name} {tuple(state[name].shape)} vs {tuple(tensor.shape)}"
-            for name, tensor in expected.items()
-            if name in state and state[name].shape != tensor.shape
-        ]
-        found = {"missing keys": missing, "unexpected keys": unexpected,
-                 "shape mismatches (given vs model)": mismatched}
-        problems = [f"{len(keys)} {what}: {', '.join(keys)}" for what, keys in found.items() if keys]
+        problems = state_dict_problems(state, expected)
         if problems:
             raise TrainableStateError("trained weights do not fit this model: " + "; ".join(problems))
         with torch.no_grad():

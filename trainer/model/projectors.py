@@ -14,7 +14,7 @@ over superpixels or over batch items.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,16 @@ FFN_RATIO = 2  # SSA's feed-forward is kept at half the usual ViT ratio: it refi
 class ProjectorConfig:
     """Which projector, and the knobs of the ablation ladder; part of the resolved run config."""
 
-    kind: str = "svp"  # mlp | pool | svp
-    pool_tokens: int = 16  # pool: token budget, realised as the near-square grid closest to it (see pool_grid)
-    sspe: bool = True  # svp: semantic superpixel positional embedding
-    ssa: bool = True  # svp: semantic superpixel aggregator
-    ssa_layers: int = 1
-    ssa_heads: int = 4
+    kind: str = field(default="svp", metadata={"choices": PROJECTORS, "help": (
+        "svp: one token per superpixel; pool: fixed-grid pooling; mlp: one token per patch")})
+    pool_tokens: int = field(default=16, metadata={"help": (
+        "pool: token budget per image, realised as the closest near-square grid (see pool_grid)")})
+    sspe: bool = field(default=True, metadata={"help": (
+        "svp: semantic superpixel positional embedding (shape and place of each superpixel)")})
+    ssa: bool = field(default=True, metadata={"help": (
+        "svp: semantic superpixel aggregator (detail inside, context outside each superpixel)")})
+    ssa_layers: int = field(default=1, metadata={"help": "svp: aggregator blocks"})
+    ssa_heads: int = field(default=4, metadata={"help": "svp: attention heads of each aggregator block"})
 
     def __post_init__(self) -> None:
         if self.kind not in PROJECTORS:

@@ -43,7 +43,8 @@ def to_sam_frame(image_map: Tensor, input_sizes: Tensor, sam_size: int, out_size
     y = centres[None, :] / sizes[:, :1] * 2 - 1  # (B, out): -1 .. 1 inside the image
     x = centres[None, :] / sizes[:, 1:] * 2 - 1
     grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1)  # (B, out, out, (x, y))
-    sampled = F.grid_sample(image_map[:, None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sampled = F.grid_sample(image_map[:, None].float(), grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)
     inside = (grid <= 1).all(-1)[:, None]  # centres past the image's bottom or right edge are padding
     return sampled.masked_fill(~inside, fill)
 

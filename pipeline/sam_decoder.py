@@ -9,14 +9,15 @@ mask head spend their time in, once per prompt:
   repeats *one* image's embedding for every prompt, so one call serves one image);
 - every attention runs through ``torch.nn.functional.scaled_dot_product_attention``, one fused
   kernel, instead of a matmul, a softmax over rows of 7 tokens, a second matmul and the copies of
-  splitting and joining heads (about half of SAM's decoder time on a CPU, torch.profiler);
+  splitting and joining heads (much of SAM's decoder time on a CPU);
 - without mask prompts (``dense`` given once for all prompts), the first layer's image side runs
   once per image instead of once per prompt: until the first image-to-token attention writes into
   them, the image tokens of every prompt of an image are the same, and so are their
   token-to-image keys and values and their image-to-token queries.
 
-Measured on a 2-core CPU (BENCHMARKS.md, 2026-12-02): the automatic mask generator went from 1.34×
-to 1.71× SAM's reference generator; the trainer's step, one prompt per image, did not change.
+Sharing the first layer's image side pays where an image has many prompts (the automatic mask
+generator's points grid), not in the trainer's step, which has one prompt per image (BENCHMARKS.md
+has the figures).
 """
 
 from __future__ import annotations

@@ -1,0 +1,75 @@
+"""SAM's image encoder, a batch of images at a time, and the wrapper that adds its embeddings to
+any backend's output: the embedding the trainer's mask decoder reads (``sam.npy`` in a shard)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from pipeline.sam_model import build_sam
+from pipeline.superpixels.base import SamOptions, SuperpixelBackend, SuperpixelResult
+
+
+class SamImageEncoder:
+    """SAM's image encoder alone, a batch of images at a time: the embedding that both the mask
+    generator and the trainer's mask decoder read (so it is computed once and can be stored)."""
+
+    def __init__(self, sam: Sam, images_per_batch: int, device: torch.device) -> None:
+        self.sam, self.images_per_batch, self.device = sam, images_per_batch, device
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
+        """One (C, S/16, S/16) embedding per image ((256, 64, 64) for SAM), on the device, in input order."""
+        for _, embeddings in self.batches(images):
+            yield from embeddings
+
+    @torch.inference_mode()
+    def batches(self, images: Sequence[np.ndarray]) -> Iterator[tuple[Sequence[np.ndarray], torch.Tensor]]:
+        """(images, their (b, C, S/16, S/16) embeddings) for each run of ``images_per_batch`` images.
+
+        Autocast ends before each yield: a generator suspended inside the ``with`` would leave it
+        on for whatever code the consumer runs in between.
+        """
+        for start in range(0, len(images), self.images_per_batch):
+            chunk = images[start : start + self.images_per_batch]
+            with self.autocast():
+                embeddings = self.sam.image_encoder(torch.cat([self._preprocess(image) for image in chunk]))
+            yield chunk, embeddings
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """What ``SamPredictor.set_image`` feeds the encoder: resize the long side to 1024, normalise, pad."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"SAM expects RGB uint8 images (H, W, 3), got {image.dtype} {image.shape}")
+        resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+        return self.sam.preprocess(resized.permute(2, 0, 1)[None].float())
+
+
+def stored_embedding(embedding: torch.Tensor) -> np.ndarray:
+    """The shard's ``sam.npy`` form: float16 on the CPU."""
+    return embedding.to(torch.float16).cpu().numpy()
+
+
+class WithSamEmbeddings(SuperpixelBackend):
+    """Any backend's superpixels plus SAM image embeddings, for shards that feed a trainer whose
+    SAM encoder should not run at every step (a classical partition with a SAM mask head)."""
+
+    def __init__(self, inner: SuperpixelBackend, options: SamOptions, device: str | torch.device = "cpu") -> None:
+        super().__init__(inner.timer)
+        self.inner = inner
+        device = torch.device(device)
+        self.encoder = SamImageEncoder(build_sam(options.sam_model, options.sam_checkpoint, device),
+                                       options.images_per_batch, device)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
+        results = self.inner(images)
+        with self.timer.stage("embeddings"):
+            for result, embedding in zip(results, self.encoder(images), strict=True):
+                result.sam_embedding = stored_embedding(embedding)
+        return results
