@@ -1,4 +1,4 @@
-# Two commands for a fresh machine: `make demo` and `make test`; and the benchmarks, `make bench`
+# Two commands for a fresh machine: `make demo` and `make test` (ruff, then pytest); and the benchmarks, `make bench`
 # (CPU, the cpu preset: about a quarter of an hour on 2 cores, fewer accuracy steps and seeds, its notes
 # say what shrank; `make bench BENCH_FLAGS="--preset full"` the recorded sizes, about an hour and a half;
 # `make bench BENCH_FLAGS=--quick` in a minute or two) and `make bench-gpu` (CUDA). All create .venv if

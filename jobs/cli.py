@@ -28,8 +28,7 @@ def build_parser() -> OptionsParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args._command(args)
+    return entry.run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

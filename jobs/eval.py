@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs import entry, options
 from pipeline.shards import ManifestError, read_manifest, split_shard_urls
-from trainer.checkpoint import CheckpointError, load_trained_model
-from trainer.data import DataConfig, DataError
+from trainer.checkpoint import load_trained_model
+from trainer.data import DataConfig
 from trainer.evaluate import evaluate, format_table
 from trainer.plots import eval_chart
 
@@ -67,12 +66,7 @@ def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: i
 
 def run(args: argparse.Namespace) -> int:
     given = options.build(EvalOptions, args)
-    try:
-        report, table = run_eval(given.run, given.shards, list(given.splits or ()), given.batch_size,
-                                 given.max_samples)
-    except (ManifestError, DataError, CheckpointError, ValueError) as exc:
-        print(f"svp eval: error: {exc}", file=sys.stderr)
-        return 2
+    report, table = run_eval(given.run, given.shards, list(given.splits or ()), given.batch_size, given.max_samples)
     out = given.out or (given.run / "eval.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     chart = eval_chart(report, out.with_suffix(".png"))

@@ -17,14 +17,12 @@ written by any superpixel backend; only the shards holding the sampled images ar
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs import entry, options
-from pipeline.inspect import InspectError, inspect_output
-from pipeline.shards import ManifestError
-from pipeline.storage import OutputStore, StorageError
+from pipeline.inspect import inspect_output
+from pipeline.storage import OutputStore
 
 
 @dataclass(frozen=True)
@@ -60,12 +58,8 @@ def default_report_dir(out: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     given = options.build(InspectOptions, args)
     report_dir = given.report_dir or default_report_dir(given.out)
-    try:
-        report = inspect_output(given.out, report_dir, samples=given.samples, seed=given.seed, split=given.split,
-                                with_html=given.html)
-    except (ManifestError, InspectError, StorageError) as exc:
-        print(f"svp inspect: error: {exc}", file=sys.stderr)
-        return 2
+    report = inspect_output(given.out, report_dir, samples=given.samples, seed=given.seed, split=given.split,
+                            with_html=given.html)
     print(report.text, end="")
     print("\nreport:\n" + "\n".join(f"  {name:<22}{path}" for name, path in report.files.items()))
     return 0

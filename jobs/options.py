@@ -46,6 +46,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.errors import SvpError
+
 T = TypeVar("T")
 # What run_config.json holds beside the options (trainer.checkpoint.write_run_config and
 # trainer.loop.setup_training add it): a record of the run, which a recipe sets nothing from.
@@ -53,8 +55,13 @@ RUN_RECORD = ("data", "world_size", "git_commit", "libraries")
 _UNSET = object()  # an option not given on the command line
 
 
-class RecipeError(ValueError):
+class RecipeError(SvpError, ValueError):
     """A recipe file that cannot be read, or that names an option wrongly."""
+
+
+class OptionError(SvpError, ValueError):
+    """An option's value that no flag type refuses but its config does (``--pool-tokens 0``), or a
+    combination of options that cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +125,17 @@ def build(config: type[T], args: argparse.Namespace, holder: str | None = None) 
     the name of the field that holds ``config``, for a nested one).
 
     A config's own checks (``__post_init__``) raise ValueError for values no flag type could
-    refuse, such as ``--pool-tokens 0``."""
+    refuse, such as ``--pool-tokens 0``: that is an :class:`OptionError`."""
     hints = typing.get_type_hints(config)
-    return config(**{
+    values = {
         field.name: (build(hints[field.name], args, field.name) if dataclasses.is_dataclass(hints[field.name])
                      else getattr(args, _dest(field, holder)))
         for field in dataclasses.fields(config)
-    })
+    }
+    try:
+        return config(**values)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from exc
 
 
 def add_options(parser: argparse.ArgumentParser, *configs: type) -> list[Option]:

@@ -36,9 +36,8 @@ from pipeline.precompute import (
     problem_rows,
     select,
 )
-from pipeline.refer import DATASETS, ReferError, load_refer
+from pipeline.refer import DATASETS, load_refer
 from pipeline.shards import (
-    OutputConfigMismatch,
     ShardRecord,
     claim_output_dir,
     load_complete_records,
@@ -99,30 +98,26 @@ def backend_spec(args: argparse.Namespace) -> BackendSpec:
 
 def run(args: argparse.Namespace) -> int:
     given = options.build(PrecomputeOptions, args)
-    try:
-        if given.workers < 1:
-            raise BackendConfigError(f"--workers must be >= 1, got {given.workers}")
-        refer = load_refer(given.refer_root, given.dataset, given.split_by)
-        spec = backend_spec(args)
-        spec.validate()
-        config = {
-            "dataset": given.dataset,
-            "split_by": given.split_by,
-            "refs_sha256": file_sha256(refer.refs_path),
-            "instances_sha256": file_sha256(refer.instances_path),
-            "shard_size": given.shard_size,
-            "store_sam_embeddings": spec.stores_sam_embeddings,
-            **spec.config(),
-        }
-        tasks = plan_shards(refer.samples, given.shard_size)
-        selected = select(tasks, given.only_split, given.limit)
-        config_hash = claim_output_dir(given.out, config)
-        finished = load_complete_records(given.out, [t.name for t in tasks])
-        todo = [t for t in selected if not covers(finished.get(t.name), t)]
-        gpus = _connect_ray(given.workers, options.build(ray_cluster.RayOptions, args)) if todo else 0.0
-    except (ReferError, BackendConfigError, OutputConfigMismatch, StorageError, ValueError) as exc:
-        print(f"svp precompute: error: {exc}", file=sys.stderr)
-        return 2
+    if given.workers < 1:
+        raise BackendConfigError(f"--workers must be >= 1, got {given.workers}")
+    refer = load_refer(given.refer_root, given.dataset, given.split_by)
+    spec = backend_spec(args)
+    spec.validate()
+    config = {
+        "dataset": given.dataset,
+        "split_by": given.split_by,
+        "refs_sha256": file_sha256(refer.refs_path),
+        "instances_sha256": file_sha256(refer.instances_path),
+        "shard_size": given.shard_size,
+        "store_sam_embeddings": spec.stores_sam_embeddings,
+        **spec.config(),
+    }
+    tasks = plan_shards(refer.samples, given.shard_size)
+    selected = select(tasks, given.only_split, given.limit)
+    config_hash = claim_output_dir(given.out, config)
+    finished = load_complete_records(given.out, [t.name for t in tasks])
+    todo = [t for t in selected if not covers(finished.get(t.name), t)]
+    gpus = _connect_ray(given.workers, options.build(ray_cluster.RayOptions, args)) if todo else 0.0
 
     skipped = len(selected) - len(todo)
     if skipped:

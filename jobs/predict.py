@@ -9,7 +9,6 @@ The image gets superpixels from the same backend the run was trained on (as reco
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pipeline.partition import PartitionConfig
 from pipeline.superpixels import BACKENDS
 from pipeline.superpixels.base import BackendConfigError, SamOptions, sam_checkpoint_field, sam_model_field
 from pipeline.superpixels.spec import BackendSpec
-from trainer.checkpoint import CheckpointError, load_trained_model, read_run_config
+from trainer.checkpoint import load_trained_model, read_run_config
 from trainer.predict import predict_mask, render_overlay
 
 
@@ -70,16 +69,14 @@ def superpixel_backend(given: PredictOptions) -> BackendSpec:
 def run(args: argparse.Namespace) -> int:
     given = options.build(PredictOptions, args)
     if not given.text.strip():  # the model would still paint a mask, of nothing anyone asked for
-        print("svp predict: error: --text is empty: give the expression to segment, e.g. --text 'the red circle'",
-              file=sys.stderr)
-        return 2
+        raise options.OptionError("--text is empty: give the expression to segment, e.g. --text 'the red circle'")
     try:
-        image = decode_image(given.image.read_bytes())
-        spec = superpixel_backend(given)
-        model = load_trained_model(given.run)
-    except (OSError, ImageDecodeError, BackendConfigError, CheckpointError) as exc:
-        print(f"svp predict: error: {exc}", file=sys.stderr)
-        return 2
+        data = given.image.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read --image {given.image}: {exc}") from exc
+    image = decode_image(data)
+    spec = superpixel_backend(given)
+    model = load_trained_model(given.run)
     labels = spec.build()([image.rgb])[0].labels
     mask, tokens = predict_mask(model, image.rgb, labels, given.text)
     given.out.parent.mkdir(parents=True, exist_ok=True)

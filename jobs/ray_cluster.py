@@ -15,13 +15,15 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.errors import SvpError
+
 # Written by `ray up` on the head node: the cluster config, node types included.
 LAUNCHER_CONFIG = Path("~/ray_bootstrap_config.yaml")
 # Ray counts resources in units of 0.0001 (ray._raylet.RESOURCE_UNIT_SCALING).
 RAY_RESOURCE_UNITS = 10_000
 
 
-class ClusterResourceError(ValueError):
+class ClusterResourceError(SvpError, ValueError):
     """The job asks for resources the Ray cluster does not have and cannot get."""
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,9 +26,8 @@ def run(args: argparse.Namespace) -> int:
     """Generate the dataset; a bad argument is reported on stderr with exit status 2, like argparse."""
     try:
         summary = synthesize(**asdict(options.build(SynthOptions, args)))
-    except ValueError as error:
-        print(f"svp synth: error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # the generator checks its own arguments, for its Python callers too
+        raise options.OptionError(str(error)) from error
     print(f"wrote {summary.images} images with {summary.objects} objects to {summary.root}")
     for dataset, splits in summary.images_per_split.items():
         counts = ", ".join(f"{split} {count}" for split, count in splits.items())

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from jobs import entry, options, ray_cluster
-from pipeline.shards import ManifestError
-from trainer.checkpoint import CheckpointError, resume_point
-from trainer.data import DataError, shard_urls
+from trainer.checkpoint import resume_point
+from trainer.data import shard_urls
 from trainer.loop import TrainConfig, train
-from trainer.model import ModelLoadError
 
 # The Ray options that mean nothing without --ray-workers; None unless given, so that a run
 # without Ray can refuse them rather than ignore them. --cpus-per-worker defaults to this under Ray.
@@ -67,22 +64,12 @@ def resolve_shards(config: TrainConfig) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     given = [f"--{name.replace('_', '-')}" for name in RAY_WORKER_FLAGS if getattr(args, name) is not None]
     if given and not args.ray_workers:
-        print(f"svp train: error: Ray Train worker options without --ray-workers: {', '.join(given)}; they need "
-              f"--ray-workers N (without it the run uses no Ray and would ignore them)", file=sys.stderr)
-        return 2
-    try:
-        config = train_config(args)
-    except ValueError as exc:  # a value no flag type refuses, such as --pool-tokens 0
-        print(f"svp train: error: {exc}", file=sys.stderr)
-        return 2
+        raise options.OptionError(f"Ray Train worker options without --ray-workers: {', '.join(given)}; they need "
+                                  f"--ray-workers N (without it the run uses no Ray and would ignore them)")
+    config = resolve_shards(train_config(args))
     workers = options.build(RayTrainOptions, args)
-    try:
-        config = resolve_shards(config)
-        result = (_train_on_ray(config, workers, options.build(ray_cluster.RayOptions, args)) if workers.ray_workers
-                  else train(config))
-    except (ManifestError, DataError, CheckpointError, ModelLoadError, ray_cluster.ClusterResourceError) as exc:
-        print(f"svp train: error: {exc}", file=sys.stderr)
-        return 2
+    result = (_train_on_ray(config, workers, options.build(ray_cluster.RayOptions, args)) if workers.ray_workers
+              else train(config))
     if not result["main_process"]:
         return 0
     print(f"train: {result['step']} steps, {result['skipped_samples']} corrupt samples skipped; "

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from pipeline.errors import SvpError
+
 # A truncated file must fail loudly, never decode as a grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -31,7 +33,7 @@ _EXIF_TRANSPOSE = {
 }
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(SvpError, ValueError):
     """The bytes are not a usable image; the message says why."""
 
 

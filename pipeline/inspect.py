@@ -38,6 +38,7 @@ from skimage.morphology import diamond, erosion
 from skimage.segmentation import find_boundaries
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from pipeline.errors import SvpError
 from pipeline.images import decode_image
 from pipeline.plotting import pyplot, save_figure
 from pipeline.refer import ref_mask
@@ -53,7 +54,7 @@ READ_MEMBERS = ("jpg", "spx.png", "refs.json")  # sam.npy (megabytes per sample)
 PICTURES = ("contact_sheet.png", "superpixels_hist.png", "area_hist.png")
 
 
-class InspectError(ValueError):
+class InspectError(SvpError, ValueError):
     """The output cannot be inspected as asked (no written samples, an unknown split, ...)."""
 
 

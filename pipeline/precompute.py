@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pycocotools import mask as mask_utils
 
+from pipeline.errors import SvpError
 from pipeline.images import DecodedImage, ImageDecodeError, decode_image, to_displayed_frame
 from pipeline.refer import AnnotationProblem, ImageRefs, ReferError, encode_mask, ref_mask
 from pipeline.shards import ShardRecord, encode_sample, failed_row, index_row, sample_key, shard_name, write_shard
@@ -45,10 +46,14 @@ class OutputSpec:
     config_hash: str
 
 
+class SelectionError(SvpError, ValueError):
+    """A shard size, split or image limit that cannot select the work of a run."""
+
+
 def plan_shards(samples: Sequence[ImageRefs], shard_size: int) -> list[ShardTask]:
     """Group samples into fixed-size shards per split, in (split, image_id) order."""
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        raise SelectionError(f"--shard-size must be >= 1, got {shard_size}")
     by_split: dict[str, list[ImageRefs]] = {}
     for sample in sorted(samples, key=lambda s: (s.split, s.image.image_id)):
         by_split.setdefault(sample.split, []).append(sample)
@@ -69,12 +74,13 @@ def select(tasks: Sequence[ShardTask], only_split: str | None = None, limit: int
     if only_split is not None:
         splits = sorted({task.split for task in tasks})
         if only_split not in splits:
-            raise ValueError(f"--only-split {only_split!r} is not a split of this dataset; splits: {', '.join(splits)}")
+            raise SelectionError(f"--only-split {only_split!r} is not a split of this dataset; "
+                                 f"splits: {', '.join(splits)}")
         tasks = [task for task in tasks if task.split == only_split]
     if limit is None:
         return list(tasks)
     if limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+        raise SelectionError(f"--limit must be >= 1, got {limit}")
     selected, left = [], limit
     for task in tasks:
         if left == 0:

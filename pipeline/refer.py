@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from pipeline.errors import SvpError
+
 DATASETS: dict[str, tuple[str, ...]] = {
     "refcoco": ("unc", "google"),
     "refcoco+": ("unc",),
@@ -38,7 +40,7 @@ IMAGE_SUBDIR = Path("images/mscoco/images/train2014")
 UNKNOWN_IMAGE_ID = -1  # AnnotationProblem.image_id of a ref that names no usable image_id
 
 
-class ReferError(ValueError):
+class ReferError(SvpError, ValueError):
     """A REFER root, file or record that cannot be used, with the reason and where it is."""
 
 

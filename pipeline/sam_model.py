@@ -24,6 +24,7 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from pipeline.errors import SvpError
 from pipeline.state_dicts import state_dict_problems
 
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
@@ -32,7 +33,7 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-class SamCheckpointError(ValueError):
+class SamCheckpointError(SvpError, ValueError):
     """The SAM checkpoint is missing, unreadable, or does not match ``--sam-model``."""
 
 

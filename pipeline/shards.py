@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from pipeline.errors import SvpError
 from pipeline.storage import OutputStore, StorageError, read_url
 
 FORMAT_VERSION = 1
@@ -61,7 +62,7 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-class OutputConfigMismatch(RuntimeError):
+class OutputConfigMismatch(SvpError, RuntimeError):
     """OUT already holds shards made with another configuration; mixing them would corrupt it."""
 
 
@@ -382,7 +383,7 @@ def _timing_entry() -> dict:
 # Reading a written dataset back (local directory or any fsspec URL prefix)
 
 
-class ManifestError(ValueError):
+class ManifestError(SvpError, ValueError):
     """The shard root has no usable manifest, or lacks what was asked of it."""
 
 

@@ -43,6 +43,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 from fsspec.utils import get_protocol
 
+from pipeline.errors import SvpError
+
 log = logging.getLogger(__name__)
 
 UPLOAD_BACKOFF_S = 1.0  # waits 1 s, then 2 s, ... between attempts
@@ -62,8 +64,12 @@ TEMPORARY_MARKER = ".tmp-"
 T = TypeVar("T")
 
 
-class StorageError(OSError):
+class StorageError(SvpError, OSError):
     """A file could not be stored (even after retries) or read; the message names its URL and why."""
+
+
+class StorageSettingsError(SvpError, ValueError):
+    """An ``SVP_STORAGE_*`` variable that is not a positive number."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ class StorageSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> StorageSettings:
         """The defaults, overridden by those of the ``SVP_STORAGE_*`` variables that are set.
 
-        Raises ValueError naming the variable if one is not a positive number.
+        Raises :class:`StorageSettingsError` naming the variable if one is not a positive number.
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
@@ -101,7 +107,8 @@ class StorageSettings:
                     if not values[setting.name] > 0:
                         raise ValueError
                 except ValueError:
-                    raise ValueError(f"{name} must be a positive {kind.__name__}, got {env[name]!r}") from None
+                    raise StorageSettingsError(f"{name} must be a positive {kind.__name__}, "
+                                               f"got {env[name]!r}") from None
         return cls(**values)
 
     def deadline_s(self, nbytes: int = 0) -> float:

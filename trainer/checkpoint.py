@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import SvpError
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -46,7 +48,7 @@ _REPLACED = ".replaced"
 _UNFINISHED_DIR = re.compile(rf"^step_\d+{re.escape(_UNFINISHED)}$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SvpError, ValueError):
     """A checkpoint that does not belong to the model it is loaded into."""
 
 

@@ -47,6 +47,7 @@ import webdataset as wds
 from segment_anything.utils.transforms import ResizeLongestSide
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from pipeline.errors import SvpError
 from pipeline.images import decode_image
 from pipeline.refer import ref_mask
 from pipeline.sam_model import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -73,7 +74,7 @@ LOGGED_SKIPS = 5  # per worker: the first few corrupt samples are named, the res
 _CORRUPT_SAMPLE_ERRORS = (ValueError, KeyError, TypeError, IndexError, OSError, EOFError)
 
 
-class DataError(ValueError):
+class DataError(SvpError, ValueError):
     """The shards asked for cannot be read as a dataset; the message names the URL or split."""
 
 

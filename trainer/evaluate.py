@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from trainer.data import DataConfig, make_loader
+from trainer.data import DataConfig, DataError, make_loader
 
 
 def evaluate(model: torch.nn.Module, split_urls: dict[str, list[str]], data_config: DataConfig, *,
@@ -64,7 +64,7 @@ def _score_batch(model, batch: dict) -> Iterable[dict]:
 def summarise(records: list[dict], seconds: float) -> dict:
     """Split-level metrics from per-sample records (also used to merge records of several processes)."""
     if not records:
-        raise ValueError("the split yielded no samples")
+        raise DataError("the split yielded no samples")
     ious = [r["intersection"] / r["union"] if r["union"] else 1.0 for r in records]
     tokens = list({r["key"]: r["tokens"] for r in records}.values())  # per image, not per sentence
     return {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
 
+from pipeline.errors import SvpError
 from pipeline.plotting import pyplot, save_figure
 
 TENSORBOARD_DIR = "tensorboard"  # Accelerate's tracker writes RUN/tensorboard/events.out.tfevents.*
@@ -21,7 +22,7 @@ LR_TAG = "lr"
 CURVES_FILE = "training_curves.png"
 
 
-class PlotError(ValueError):
+class PlotError(SvpError, ValueError):
     """There is nothing to plot (no event files, no scores)."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import Sam
 
+from pipeline.errors import SvpError
 from pipeline.images import decode_image
 from pipeline.refer import load_refer, ref_mask
 from pipeline.sam_decoder import decode_prompts
@@ -36,7 +37,7 @@ from trainer.data import SAM_MASK_STRIDE, DataConfig, sam_inputs, sam_mask_targe
 from trainer.model.losses import mask_bce_per_sample, mask_dice_per_sample
 
 
-class PretrainingError(ValueError):
+class PretrainingError(SvpError, ValueError):
     """The referring data offers nothing to pretrain on."""
 
 

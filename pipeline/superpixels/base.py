@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import SvpError
 from pipeline.hashing import file_sha256
 from pipeline.partition import PartitionConfig
 from pipeline.sam_model import SAM_MODEL_TYPES
 from pipeline.timing import StageTimer
 
 
-class BackendConfigError(ValueError):
+class BackendConfigError(SvpError, ValueError):
     """A backend was asked for with options that cannot work; raised before any work starts."""
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from pipeline.errors import SvpError
 from pipeline.sam_model import SamCheckpointError, build_sam, validate_sam_checkpoint
 from pipeline.state_dicts import state_dict_problems
 from pipeline.superpixels.base import sam_checkpoint_field, sam_model_field
@@ -148,7 +149,7 @@ class _Sequences:
     visual_start: torch.Tensor  # (B,): where each sample's visual tokens begin
 
 
-class TrainableStateError(ValueError):
+class TrainableStateError(SvpError, ValueError):
     """A trained-weights dict that does not fit this model exactly."""
 
 

@@ -33,6 +33,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from pipeline.errors import SvpError
+
 TINY = "tiny"
 TINY_VISION_SIZE = 224
 # Checkpoints with a text tower beside the vision tower: load the vision tower alone.
@@ -42,7 +44,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _TINY_VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, patch_size=14)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SvpError, ValueError):
     """A model option (``--llm``, ``--vision``, ``--sam-checkpoint``) names nothing loadable."""
 
 
