@@ -28,7 +28,15 @@ import time
 from collections.abc import Sequence
 
 from bench import accuracy, precompute, tokens, train_step
-from bench.common import COMMON_PRESETS, describe_device, differences_from_full, parse_args, run_parts, write_json
+from bench.common import (
+    COMMON_PRESETS,
+    describe_device,
+    differences_from_full,
+    machine_load,
+    parse_args,
+    run_parts,
+    write_json,
+)
 
 PARTS = (tokens, train_step, precompute, accuracy)
 
@@ -41,6 +49,7 @@ def git_commit() -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(PARTS, argv, "python -m bench", __doc__.split("\n")[0])
     commit = git_commit()  # the code that runs: read before the parts, while which HEAD may move
+    before = machine_load(args)
     started = time.perf_counter()
     parts = run_parts(PARTS, args)
     load = os.getloadavg()
@@ -52,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "seconds": time.perf_counter() - started,
         # What shrank from the full preset and what each cIoU rests on, beside the figures it qualifies.
+        **before,
         "load_average": load,
         "notes": [*differences_from_full(args, COMMON_PRESETS["full"]), *shared_cpu_note(load[2]),
                   *(f"{name}: {note}" for name, results in parts.items() for note in results["notes"])],

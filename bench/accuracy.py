@@ -24,11 +24,14 @@ import argparse
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from bench.common import Workspace, run_alone, spread
+from bench.options import option_of
 from bench.tokens import pool_budget
 from jobs.eval import run_eval
 from jobs.workflow import tiny_model, train_config, train_on_shards
+from trainer.loop import TrainConfig
 from trainer.model import ProjectorConfig
 
 NAME = "accuracy"
@@ -46,25 +49,28 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("accuracy: cIoU/gIoU at an equal training budget")
-    group.add_argument("--steps", type=int, default=STEPS,
-                       help=f"training steps of every run (default {STEPS}, the full preset 1000: the demo's head "
-                            f"starts to pick the referred object after ~{SELECTS_AFTER_STEPS}, and the notes say so "
-                            "below that; a run of 1000 and its evaluation take ~4.3 min on 2 cores)")
-    group.add_argument("--seeds", type=int, default=1,
-                       help="runs per configuration, seeds 0..N-1 (default 1, the full preset 2: one seed cannot "
-                            "rank the ladder's rungs, and the results' notes say so)")
-    group.add_argument("--headline-seeds", type=int, default=3,
-                       help="runs of mlp and svp (at least --seeds): their difference is the headline, a point or "
-                            "so, and one seed moves svp's cIoU by two or three, so 2 seeds cannot tell its sign "
-                            "(BENCHMARKS.md); default 3, the full preset 5")
-    group.add_argument("--batch-size", type=int, default=8, help="training batch (default 8)")
-    group.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3, as the demo)")
-    group.add_argument("--configs", default=",".join(HEADLINE_CONFIGS),
-                       help=f"configurations to train, comma-separated, from {','.join(LADDER)} (default "
-                            f"{','.join(HEADLINE_CONFIGS)}, those of the headline; the full, quick and gpu presets: "
-                            "all)")
+@dataclass(frozen=True)
+class AccuracyOptions:
+    """accuracy: cIoU/gIoU at an equal training budget (every run trains as ``svp train`` would)."""
+
+    steps: int = field(default=STEPS, metadata={"help": (
+        f"training steps of every run (the full preset: 1000; the demo's head starts to pick the referred object "
+        f"after ~{SELECTS_AFTER_STEPS}, and the notes say so below that; a run of 1000 and its evaluation take "
+        "~4.3 min on 2 cores)")})
+    seeds: int = field(default=1, metadata={"help": (
+        "runs per configuration, seeds 0..N-1 (the full preset: 2; one seed cannot rank the ladder's rungs, and the "
+        "results' notes say so)")})
+    headline_seeds: int = field(default=3, metadata={"help": (
+        "runs of mlp and svp (at least --seeds): their difference is the headline, a point or so, and one seed "
+        "moves svp's cIoU by two or three, so 2 seeds cannot tell its sign (BENCHMARKS.md); the full preset: 5")})
+    batch_size: int = option_of(TrainConfig, "batch_size", 8)
+    lr: float = option_of(TrainConfig, "lr", 1e-3)  # the demo's
+    configs: str = field(default=",".join(HEADLINE_CONFIGS), metadata={"help": (
+        f"configurations to train, comma-separated, from {','.join(LADDER)} (the default: those of the headline; "
+        "the full, quick and gpu presets: all)")})
+
+
+OPTIONS = (AccuracyOptions,)
 
 
 def projector(name: str, pool_tokens: int) -> ProjectorConfig:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -30,7 +31,7 @@ from types import ModuleType
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from jobs.options import add_options
+from jobs.options import OptionsParser
 from jobs.workflow import SAM_PRETRAIN_STEPS, SyntheticData, synthetic_data
 from pipeline.sam_model import build_sam
 from pipeline.superpixels.base import sam_checkpoint_field, sam_model_field
@@ -43,6 +44,7 @@ COMMON_PRESETS = {"cpu": {}, "full": {}, "quick": {"images": 16, "sam_pretrain_s
                   "gpu": {"images": 400, "sam_model": "vit_h", "dtype": "bf16"}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESULTS = Path("bench/results")
+QUIET_LOAD = 0.5  # the 1-minute load average below which a machine counts as quiet
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -50,21 +52,18 @@ RESULTS = Path("bench/results")
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """Every part: the sizes (a preset), where results and work go, the dataset the parts share, and
-    the SAM of the speed measurements (precompute, train_step: random weights of --sam-model unless
+    """Every part: the sizes (a preset), where work goes, the dataset the parts share, and the SAM of
+    the speed measurements (precompute, train_step: random weights of --sam-model unless
     --sam-checkpoint)."""
 
     preset: str = field(default="cpu", metadata={"choices": PRESETS, "help": (
         "sizes of everything: cpu (make bench, about 15 min on 2 cores: fewer accuracy steps and seeds, fewer "
         "repetitions; the results' notes say what shrank), full (the recorded CPU sizes, about 1.5 h on 2 cores), "
         "quick (toy sizes, minutes), gpu (make bench-gpu: CUDA, bf16, SAM ViT-H and a ~0.7B LLM)")})
+    quick: bool = field(default=False, metadata={"help": "the same as --preset quick (and wins over it)"})
     device: str | None = field(default=None, metadata={"help": (
         "torch device of the speed measurements; omitted: cuda for the gpu preset, else cpu (accuracy trains "
         "where the trainer does: on the GPU if there is one)")})
-    dtype: str = field(default="fp32", metadata={"choices": tuple(sorted(DTYPES)), "help": (
-        "fp32, or bf16: train steps and latency under bf16 autocast with the LLM stored in bf16, accuracy runs "
-        "with bf16 mixed precision (the gpu preset's)")})
-    results: Path = field(default=RESULTS, metadata={"help": "where results go"})
     work: Path | None = field(default=None, metadata={"help": (
         "working directory (data, runs, models); omitted: a temporary one, removed at the end")})
     images: int = field(default=400, metadata={"help": (
@@ -77,26 +76,46 @@ class BenchOptions:
     sam_checkpoint: str | None = sam_checkpoint_field()
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of every part: :class:`BenchOptions`, and ``--quick`` for the preset most often typed."""
-    add_options(parser, BenchOptions)
-    parser.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                        help="the same as --preset quick")
+@dataclass(frozen=True)
+class OutputOptions:
+    """Every benchmark: where its results go, and whether a busy machine may produce them."""
+
+    results: Path = field(default=RESULTS, metadata={"help": "where the results (JSON, figures) go"})
+    allow_busy: bool = field(default=False, metadata={"help": (
+        f"measure and write results even when the 1-minute load average before the run is {QUIET_LOAD} or more "
+        "(another job shares the machine: its figures are noise); the results then say the machine was busy")})
+
+
+@dataclass(frozen=True)
+class MeasurementOptions:
+    """The parts and bench.inference: the precision their models run at."""
+
+    dtype: str = field(default="fp32", metadata={"choices": tuple(sorted(DTYPES)), "help": (
+        "fp32, or bf16: train steps and latency under bf16 autocast (train_step stores its LLM in bf16 too, as a "
+        "bf16 run stores its frozen base), accuracy with bf16 mixed precision (the gpu preset's)")})
+
+
+def build_parser(parts: Sequence[ModuleType], prog: str, description: str) -> OptionsParser:
+    """The flags of ``parts``: :class:`BenchOptions`, :class:`OutputOptions`, :class:`MeasurementOptions`
+    and each part's ``OPTIONS``."""
+    parser = OptionsParser(prog=prog, description=description)
+    parser.add_options(BenchOptions, OutputOptions, MeasurementOptions,
+                       *(config for part in parts for config in part.OPTIONS))
+    return parser
 
 
 def parse_args(parts: Sequence[ModuleType], argv: Sequence[str] | None, prog: str,
                description: str) -> argparse.Namespace:
-    """One parser for ``parts`` (each adds its flags and names its presets' values), with the
-    preset's values as defaults: an explicit flag always wins."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_common_arguments(parser)
-    for part in parts:
-        part.add_arguments(parser)
-    preset = parser.parse_known_args(argv)[0].preset
+    """``argv`` parsed by :func:`build_parser`, with the preset's values (each part names its own in
+    its ``PRESETS``) as the defaults: an explicit flag always wins."""
+    parser = build_parser(parts, prog, description)
+    first = parser.parse_known_args(argv)[0]
+    preset = "quick" if first.quick else first.preset
     parser.set_defaults(**COMMON_PRESETS[preset])
     for part in parts:
         parser.set_defaults(**part.PRESETS[preset])
     args = parser.parse_args(argv)
+    args.preset = preset
     args.device = args.device or ("cuda" if preset == "gpu" else "cpu")
     return args
 
@@ -173,7 +192,25 @@ def differences_from_full(args: argparse.Namespace, full: dict) -> list[str]:
 def run_alone(part: ModuleType, argv: Sequence[str] | None) -> dict:
     """``python -m bench.<part>``: that part alone, with the same flags and presets as in ``python -m bench``."""
     args = parse_args([part], argv, f"python -m bench.{part.NAME}", part.__doc__.split("\n")[0])
-    return run_parts([part], args)[part.NAME]
+    load = machine_load(args)
+    results = run_parts([part], args)[part.NAME]
+    results.update(load)
+    write_json(args.results / f"{part.NAME}.json", results)
+    return results
+
+
+def machine_load(args: argparse.Namespace) -> dict:
+    """The load average before a run, printed with the results to come; a busy machine is refused
+    (``SystemExit``) unless ``--allow-busy``, and the returned record then says it was busy."""
+    load = os.getloadavg()
+    busy = load[0] >= QUIET_LOAD
+    print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
+          + (" (busy)" if busy else ""), flush=True)
+    if busy and not args.allow_busy:
+        raise SystemExit(f"bench: the machine is busy (1-minute load average {load[0]:.2f} >= {QUIET_LOAD}): figures "
+                         f"measured beside another job are noise. Wait until it is quiet, or pass --allow-busy (the "
+                         f"results then say the machine was busy)")
+    return {"load_average_before": [round(value, 2) for value in load], "busy": busy}
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -267,3 +304,67 @@ class LlmSize:
             model.to(dtype).save_pretrained(path)
             tokenizer.save_pretrained(path)
         return str(path)
+
+
+class PartClock:
+    """Seconds per part of a model's step or prediction: forward hooks charge each call's wall time
+    to its part (``parts``: name → module), :meth:`stage` charges a block (backward, the optimizer,
+    decoding) to a name, and :meth:`take` hands the sums over, with ``other`` the rest of ``total``.
+
+    Parts must not nest (a part's time would count twice); on a GPU the hooks time the launch, so
+    this is a CPU tool unless the caller synchronises."""
+
+    def __init__(self, parts: dict[str, torch.nn.Module]) -> None:
+        self.seconds: dict[str, float] = {}
+        self._handles = [handle for name, module in parts.items() for handle in self._hook(name, module)]
+
+    def _hook(self, name: str, module: torch.nn.Module) -> list:
+        started: list[float] = []
+
+        def before(*_: object) -> None:
+            started.append(time.perf_counter())
+
+        def after(*_: object) -> None:
+            self.add(name, time.perf_counter() - started.pop())
+
+        return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
+
+    def take(self, total: float) -> dict[str, float]:
+        """The seconds per part since the last take, ``other`` (``total`` less them) and ``total``."""
+        seconds, self.seconds = self.seconds, {}
+        return {**seconds, "other": max(0.0, total - sum(seconds.values())), "total": total}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def model_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The parts of a ``SegmentationMLLM`` a step or a prediction is timed by (:class:`PartClock`)."""
+    llm = model.causal_lm()
+    return {"sam_encoder": model.mask_head.sam.image_encoder, "vision": model.vision, "projector": model.projector,
+            "llm_body": llm.get_decoder(), "lm_head": llm.get_output_embeddings(), "mask_head": model.mask_head}
+
+
+def median_parts(run: Callable[[], None], clock: PartClock, repeats: int) -> dict[str, float]:
+    """Median seconds per part (and ``total``) over ``repeats`` runs of ``run``, after a warm-up run."""
+    run()
+    clock.take(0.0)
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        runs.append(clock.take(time.perf_counter() - started))
+    keys = {key for measured in runs for key in measured}
+    return {key: statistics.median(measured.get(key, 0.0) for measured in runs) for key in sorted(keys)}

@@ -8,12 +8,15 @@ Peak memory is the process's max RSS, so run it in a fresh process (as this comm
 
 from __future__ import annotations
 
-import argparse
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.options import RANDOM_WEIGHT_THRESHOLDS, option_of
+from jobs.options import OptionsParser, build
 from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig
 from pipeline.sam_model import save_tiny_sam
@@ -22,19 +25,36 @@ from pipeline.superpixels.sam import SamSuperpixels
 from pipeline.synth import synthesize
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.large_image", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pred-iou-thresh", type=float, default=0.2, help="SAM predicted-IoU filter (0 disables)")
-    parser.add_argument("--stability-score-thresh", type=float, default=0.6, help="SAM stability filter (0 disables)")
-    parser.add_argument("--points-per-side", type=int, default=8, help="SAM point grid per side (default 8)")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class LargeImageOptions:
+    """SAM's settings: svp precompute's, at the thresholds that let a random-weight tiny SAM's masks
+    through (bench.options.RANDOM_WEIGHT_THRESHOLDS: SAM's own keep none of them) and an 8² grid."""
+
+    points_per_side: int = option_of(SamOptions, "points_per_side", 8)
+    pred_iou_thresh: float = option_of(SamOptions, "pred_iou_thresh", RANDOM_WEIGHT_THRESHOLDS["pred_iou_thresh"])
+    stability_score_thresh: float = option_of(SamOptions, "stability_score_thresh",
+                                              RANDOM_WEIGHT_THRESHOLDS["stability_score_thresh"])
+
+
+OPTIONS = (LargeImageOptions,)
+
+
+def build_parser() -> OptionsParser:
+    """``python -m bench.large_image``'s flags, from :data:`OPTIONS` (tests/test_options.py walks them with every
+    other command's)."""
+    parser = OptionsParser(prog="python -m bench.large_image", description=__doc__.split("\n\n")[0])
+    parser.add_options(*OPTIONS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    given = build(LargeImageOptions, build_parser().parse_args(argv))
     with tempfile.TemporaryDirectory() as scratch:
         dataset = synthesize(Path(scratch), images=1, seed=0, sizes=[(3000, 2000)])
         image = decode_image(next(dataset.image_dir.glob("*.jpg")).read_bytes()).rgb
-        options = SamOptions(str(save_tiny_sam(Path(scratch) / "sam.pth")), "tiny",
-                             points_per_side=args.points_per_side,
-                             points_per_batch=64, pred_iou_thresh=args.pred_iou_thresh,
-                             stability_score_thresh=args.stability_score_thresh, stability_score_offset=0.01)
+        options = SamOptions(str(save_tiny_sam(Path(scratch) / "sam.pth")), "tiny", points_per_batch=64,
+                             stability_score_offset=RANDOM_WEIGHT_THRESHOLDS["stability_score_offset"],
+                             **asdict(given))
         backend = SamSuperpixels(options, PartitionConfig())
         start = time.perf_counter()
         (result,) = backend([image])

@@ -42,7 +42,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 
 from bench.common import Workspace, run_alone, speed_sam_checkpoint
+from bench.options import RANDOM_WEIGHT_THRESHOLDS, option_of
 from jobs import tiny_sam
 from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig, partition_agreement, partition_from_masks
@@ -67,35 +68,36 @@ PRESETS: dict[str, dict] = {
     "gpu": {"precompute_images": 16, "workers_images": 32, "image_size": 1024, "points_per_side": 32,
             "points_per_batch": 256},
 }
-RANDOM_WEIGHT_THRESHOLDS = {"pred_iou_thresh": 0.2, "stability_score_thresh": 0.6, "stability_score_offset": 0.01}
 PRETRAINED_TINY_THRESHOLDS = {"pred_iou_thresh": 0.5, "stability_score_thresh": 0.8}
 THRESHOLDS = {"checkpoint": {}, "pretrained": PRETRAINED_TINY_THRESHOLDS, "random": RANDOM_WEIGHT_THRESHOLDS}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("precompute: SAM superpixels vs the reference, 1 vs 2 workers")
-    group.add_argument("--precompute-images", type=int, default=8,
-                       help="synthetic images both generators segment (default 8)")
-    group.add_argument("--workers-images", type=int, default=64,
-                       help="synthetic images of the 1 vs 2 workers job (default 64, the full preset 128: half a "
-                            "minute or a minute of work per worker, so that the job's ~5 fixed start-up seconds and "
-                            "this machine's noise do not hide the scaling)")
-    group.add_argument("--image-size", type=int, default=256,
-                       help="long side of those images in px (default 256; above 1024 ours partitions at 1024)")
-    group.add_argument("--points-per-side", type=int, default=8,
-                       help="points grid (default 8: a few minutes on 2 CPU cores; SAM's own is 32)")
-    group.add_argument("--points-per-batch", type=int, default=64,
-                       help="prompts per decoder call, both sides (default 64)")
-    group.add_argument("--images-per-batch", type=int, default=4,
-                       help="images per encoder and decoder call, ours only (default 4)")
-    group.add_argument("--precompute-sam-pretrain-steps", type=int, default=200,
-                       help="without --sam-checkpoint and with --sam-model tiny: first pretrain the tiny SAM on the "
-                            "synthetic images for this many steps, so that its masks are objects (default 200, "
-                            "about 1.5 min on 2 cores); 0: random weights, whose masks are speckle")
-    group.add_argument("--skip-workers", action="store_true", help="skip the 1 vs 2 Ray workers job comparison")
-    group.add_argument("--profile", action="store_true",
-                       help="also run each generator once more under cProfile and print where its time goes "
-                            "(mask decoder, mask upsampling, encoder, the rest)")
+@dataclass(frozen=True)
+class PrecomputeOptions:
+    """precompute: SAM superpixels vs the reference, 1 vs 2 workers. SAM's settings are svp
+    precompute's, sized for 2 CPU cores (8² points, a few minutes; SAM's own grid is 32²);
+    --images-per-batch batches ours only (the reference takes one image at a time)."""
+
+    precompute_images: int = field(default=8, metadata={"help": "synthetic images both generators segment"})
+    workers_images: int = field(default=64, metadata={"help": (
+        "synthetic images of the 1 vs 2 workers job (the full preset: 128; half a minute or a minute of work per "
+        "worker, so that the job's ~5 fixed start-up seconds and this machine's noise do not hide the scaling)")})
+    image_size: int = field(default=256, metadata={"help": (
+        "long side of those images in px (above 1024 ours partitions at 1024)")})
+    points_per_side: int = option_of(SamOptions, "points_per_side", 8)
+    points_per_batch: int = option_of(SamOptions, "points_per_batch", 64)
+    images_per_batch: int = option_of(SamOptions, "images_per_batch", SamOptions.images_per_batch)
+    precompute_sam_pretrain_steps: int = field(default=200, metadata={"help": (
+        "without --sam-checkpoint and with --sam-model tiny: first pretrain the tiny SAM on the synthetic images "
+        "for this many steps, so that its masks are objects (200: about 1.5 min on 2 cores); 0: random weights, "
+        "whose masks are speckle")})
+    skip_workers: bool = field(default=False, metadata={"help": "skip the 1 vs 2 Ray workers job comparison"})
+    profile: bool = field(default=False, metadata={"help": (
+        "also run each generator once more under cProfile and print where its time goes (mask decoder, mask "
+        "upsampling, encoder, the rest)")})
+
+
+OPTIONS = (PrecomputeOptions,)
 
 
 def dataset_images(root: Path, count: int, size: int, seed: int = 0) -> list[np.ndarray]:

@@ -4,13 +4,15 @@ The stack a user starts from, at its real sizes with random weights (``bench.hub
 and loaded as hub directories): a Qwen2.5-0.5B-shaped LLM (bf16, as shipped), DINOv2-base and SAM
 ViT-B, whose embeddings the precompute job stores in the shards (so no step runs SAM's encoder, as
 in a real run). For ``mlp``, ``pool`` (at svp's mean token budget) and ``svp``, each in a process
-of its own so that its peak memory is its own: parameters trained and frozen, peak RSS (model built,
-data read, steps run), the median train step (forward, backward, AdamW) and the inference latency
-of one sample; steps and latency also as ratios to ``mlp``.
+of its own so that its peak memory is its own: parameters trained and frozen; the median train step
+(forward, backward, AdamW) at each ``--batch-sizes`` in fp32 and under bf16 autocast, split into
+its parts (vision encoder, projector, LLM body, LM head, mask head, backward, optimizer: forward
+hooks and timed blocks, ``bench.common.PartClock``); the inference latency of one sample; the
+bytes of a training checkpoint as ``svp train`` writes it; and the peak RSS of the steps. Steps
+and latency also as ratios to ``mlp``.
 
 Not a part of ``python -m bench`` (it takes ~3 GB per model and minutes of building); results go to
-``RESULTS/realsize.json``.
-"""
+``RESULTS/realsize.json``."""
 
 from __future__ import annotations
 
@@ -19,16 +21,29 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bench import hub_models
-from bench.common import DTYPES, RESULTS, describe_device, save_random_sam, write_json
+from bench.common import (
+    DTYPES,
+    OutputOptions,
+    PartClock,
+    describe_device,
+    machine_load,
+    median_parts,
+    model_parts,
+    save_random_sam,
+    write_json,
+)
 from bench.tokens import pool_budget
 from bench.train_step import Timer, first_batch
+from jobs.options import OptionsParser
 from trainer.data import DataConfig
 from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, SegmentationMLLM
 
@@ -38,23 +53,37 @@ VISIONS = {"dinov2-base": hub_models.save_dinov2, "clip-vit-l-14-336": hub_model
            "siglip-base-16-224": hub_models.save_siglip}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.realsize", description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/svp-bench-realsize"),
-                        help="where the hub directories, data and shards go (kept: a rerun reuses them); "
-                             "default /tmp/svp-bench-realsize")
-    parser.add_argument("--results", type=Path, default=RESULTS, help=f"where realsize.json goes; default {RESULTS}")
-    parser.add_argument("--llm", choices=sorted(LLMS), default="qwen2.5-0.5b",
-                        help="LLM architecture; default qwen2.5-0.5b")
-    parser.add_argument("--vision", choices=sorted(VISIONS), default="dinov2-base",
-                        help="vision encoder architecture; default dinov2-base")
-    parser.add_argument("--projectors", default=",".join(PROJECTORS), help="comma-separated; default mlp,pool,svp")
-    parser.add_argument("--batch-size", type=int, default=2, help="samples per train step; default 2")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps (the median is kept); default 3")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                        help="fp32, or bf16 autocast (as --mixed-precision bf16); default fp32")
-    parser.add_argument("--images", type=int, default=10, help="synthetic images precomputed; default 10")
-    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one projector, in a child process
+@dataclass(frozen=True)
+class RealsizeOptions:
+    """The real-size stack and how it is measured."""
+
+    work: Path = field(default=Path("/tmp/svp-bench-realsize"), metadata={"help": (
+        "where the hub directories, data and shards go (kept: a rerun reuses them)")})
+    llm: str = field(default="qwen2.5-0.5b", metadata={"choices": tuple(sorted(LLMS)), "help": "LLM architecture"})
+    vision: str = field(default="dinov2-base", metadata={"choices": tuple(sorted(VISIONS)), "help": (
+        "vision encoder architecture")})
+    projectors: str = field(default=",".join(PROJECTORS), metadata={"help": "projectors to measure, comma-separated"})
+    batch_sizes: tuple[int, ...] = field(default=(2, 8), metadata={"help": "samples per train step, comma-separated"})
+    dtypes: tuple[str, ...] = field(default=("fp32", "bf16"), metadata={"help": (
+        "comma-separated: fp32, and/or bf16 (steps and latency under bf16 autocast)")})
+    repeats: int = field(default=2, metadata={"help": "timed steps after a warm-up one (the median is kept)"})
+    images: int = field(default=24, metadata={"help": (
+        "synthetic images precomputed (the train split must hold the largest batch)")})
+    measure: str | None = field(default=None, metadata={"choices": PROJECTORS, "metavar": "PROJECTOR", "help": (
+        "measure this projector alone, in this process, and print its row as JSON (what each projector's child "
+        "process of a run does, so that the peak RSS is its own); writes no results")})
+
+
+OPTIONS = (RealsizeOptions, OutputOptions)
+# A step's parts, in the order they run; "other" is the rest of the step (splicing, the losses, ...).
+STEP_PARTS = ("vision", "projector", "llm_body", "lm_head", "mask_head", "backward", "optimizer", "other")
+
+
+def build_parser() -> OptionsParser:
+    """``python -m bench.realsize``'s flags, from :data:`OPTIONS` (tests/test_options.py walks them with every
+    other command's)."""
+    parser = OptionsParser(prog="python -m bench.realsize", description=__doc__.split("\n")[0])
+    parser.add_options(*OPTIONS)
     return parser
 
 
@@ -65,7 +94,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Path]:
 
     work = args.work
     paths = {"llm": work / args.llm, "vision": work / args.vision, "sam": work / "sam_vit_b.pth",
-             "refer": work / "refer", "shards": work / "shards"}
+             "refer": work / f"refer-{args.images}", "shards": work / f"shards-{args.images}"}
     for key, builders, name in (("llm", LLMS, args.llm), ("vision", VISIONS, args.vision)):
         if not (paths[key] / "config.json").is_file():
             builders[name](paths[key])
@@ -89,16 +118,61 @@ def measure(kind: str, args: argparse.Namespace, paths: dict[str, Path]) -> dict
                          projector=ProjectorConfig(kind=kind, pool_tokens=pool_budget(paths["shards"])))
     model = SegmentationMLLM(config)
     built_s = time.perf_counter() - started
-    batch = first_batch(paths["shards"], DataConfig(**model.data_config_fields(), use_sam_embeddings=True),
-                        args.batch_size)
-    timer = Timer(torch.device("cpu"), DTYPES[args.dtype], args.repeats)
+    data_config = DataConfig(**model.data_config_fields(), use_sam_embeddings=True)
+    batches = {size: first_batch(paths["shards"], data_config, size) for size in args.batch_sizes}
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters()) - trained
-    tokens = float(model.predict_masks(batch)[1].float().mean())
-    step_s, latency_s = timer.step(model, batch), timer.latency(model, batch)
+    tokens = float(model.predict_masks(batches[min(batches)])[1].float().mean())
+    clock = PartClock(model_parts(model))
+    steps, latency = {}, {}
+    for dtype in args.dtypes:
+        timer = Timer(torch.device("cpu"), DTYPES[dtype], args.repeats)
+        for size, batch in batches.items():
+            measured = median_parts(train_step(model, batch, timer, clock), clock, args.repeats)
+            steps[f"batch{size}_{dtype}"] = {part: measured.get(part, 0.0) for part in (*STEP_PARTS, "total")}
+        latency[dtype] = timer.latency(model, batches[min(batches)])
+    clock.close()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the checkpoint's own memory
     return {"projector": kind, "visual_tokens_mean": tokens, "parameters_trained": trained,
-            "parameters_frozen": frozen, "build_s": built_s, "step_s": step_s, "latency_s": latency_s,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "parameters_frozen": frozen, "build_s": built_s, "steps": steps, "latency_s": latency,
+            "peak_rss_gib": peak_rss, "checkpoint_bytes": checkpoint_bytes(model, batches[min(batches)], args.work)}
+
+
+def train_step(model: SegmentationMLLM, batch: dict, timer: Timer, clock: PartClock) -> Callable[[], None]:
+    """One training step (forward, backward, AdamW) of ``model`` on ``batch``, its backward and
+    optimizer charged to ``clock`` (the forward's parts are by the clock's hooks)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        with timer.autocast():
+            loss = model(batch).loss
+        with clock.stage("backward"):
+            loss.backward()
+        with clock.stage("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad()
+
+    return step
+
+
+def checkpoint_bytes(model: SegmentationMLLM, batch: dict, work: Path) -> int:
+    """The bytes of a training checkpoint of ``model`` after one step, written as ``svp train`` writes
+    it (``trainer.checkpoint``: the trained tensors, optimizer, schedule and RNG states)."""
+    from accelerate import Accelerator
+
+    from trainer.checkpoint import save_checkpoint, save_trained_weights_only
+
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    save_trained_weights_only(accelerator)
+    accelerator.backward(model(batch).loss)
+    optimizer.step()
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        checkpoint = Path(scratch) / "step_000001"
+        save_checkpoint(accelerator, checkpoint)
+        return sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
@@ -110,25 +184,38 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         if child.returncode != 0:
             raise SystemExit(f"bench.realsize: measuring {kind} failed:\n{child.stderr[-4000:]}")
         rows[kind] = json.loads(child.stdout.strip().splitlines()[-1])
-    for row in rows.values():
-        for name in ("step_s", "latency_s"):
-            if "mlp" in rows:
-                row[f"{name}_ratio_to_mlp"] = row[name] / rows["mlp"][name]
-    return {"llm": args.llm, "vision": args.vision, "sam": "vit_b", "batch_size": args.batch_size,
-            "dtype": args.dtype, "repeats": args.repeats, "device": describe_device("cpu"),
+    if "mlp" in rows:
+        for row in rows.values():
+            row["step_ratio_to_mlp"] = {key: step["total"] / rows["mlp"]["steps"][key]["total"]
+                                        for key, step in row["steps"].items()}
+            row["latency_ratio_to_mlp"] = {key: value / rows["mlp"]["latency_s"][key]
+                                           for key, value in row["latency_s"].items()}
+            row["peak_rss_ratio_to_mlp"] = row["peak_rss_gib"] / rows["mlp"]["peak_rss_gib"]
+    return {"llm": args.llm, "vision": args.vision, "sam": "vit_b", "batch_sizes": list(args.batch_sizes),
+            "dtypes": list(args.dtypes), "repeats": args.repeats, "device": describe_device("cpu"),
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "projectors": rows}
 
 
 def format_table(results: dict) -> str:
     lines = [f"real size: {results['llm']} + {results['vision']} + SAM {results['sam']} (embeddings stored), "
-             f"batch {results['batch_size']}, {results['dtype']}, {results['device']}",
-             f"{'projector':<10}{'tokens':>8}{'trained':>14}{'frozen':>15}{'peak RSS':>10}{'step s':>9}"
-             f"{'x mlp':>7}{'latency s':>11}{'x mlp':>7}"]
+             f"{results['device']}",
+             f"{'projector':<10}{'tokens':>8}{'trained':>14}{'frozen':>15}{'peak RSS':>10}{'x mlp':>7}"
+             f"{'checkpoint':>12}"]
     for kind, row in results["projectors"].items():
         lines.append(f"{kind:<10}{row['visual_tokens_mean']:>8.1f}{row['parameters_trained']:>14,}"
-                     f"{row['parameters_frozen']:>15,}{row['peak_rss_gib']:>7.2f}GiB{row['step_s']:>9.2f}"
-                     f"{row.get('step_s_ratio_to_mlp', float('nan')):>7.2f}{row['latency_s']:>11.2f}"
-                     f"{row.get('latency_s_ratio_to_mlp', float('nan')):>7.2f}")
+                     f"{row['parameters_frozen']:>15,}{row['peak_rss_gib']:>7.2f}GiB"
+                     f"{row.get('peak_rss_ratio_to_mlp', float('nan')):>7.2f}"
+                     f"{row['checkpoint_bytes'] / 2**20:>9.1f}MiB")
+    lines += ["", "train step, seconds: total and its parts",
+              f"{'projector':<10}{'step':<15}{'total':>8}{'x mlp':>7}" + "".join(f"{p[:9]:>10}" for p in STEP_PARTS)]
+    for kind, row in results["projectors"].items():
+        for key, step in row["steps"].items():
+            lines.append(f"{kind:<10}{key:<15}{step['total']:>8.2f}"
+                         f"{row.get('step_ratio_to_mlp', {}).get(key, float('nan')):>7.2f}"
+                         + "".join(f"{step[part]:>10.3f}" for part in STEP_PARTS))
+    lines += ["", "latency of one sample, seconds: " + ", ".join(
+        f"{kind} " + " / ".join(f"{dtype} {value:.2f}" for dtype, value in row["latency_s"].items())
+        for kind, row in results["projectors"].items())]
     return "\n".join(lines)
 
 
@@ -138,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if args.measure:
         print(json.dumps(measure(args.measure, args, prepare(args))))
         return None
-    results = run(args, argv)
+    load = machine_load(args)
+    results = {**run(args, argv), **load}
     write_json(args.results / f"{NAME}.json", results)
     print(format_table(results))
     return results

@@ -28,11 +28,8 @@ from trainer.model.vision import TINY, load_vision
 
 NAME = "tokens"
 PRESETS: dict[str, dict] = {"cpu": {}, "full": {}, "quick": {}, "gpu": {}}
+OPTIONS: tuple[type, ...] = ()  # no flags of its own: the images are the workspace's (--images)
 VISION_SIZE = 224  # the trainer's default input: 16×16 patches of 14 px
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No flags of its own: the images are the workspace's (``--images``)."""
 
 
 def pool_budget(shards: Path) -> int:

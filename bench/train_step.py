@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from bench.common import (
     speed_sam_checkpoint,
     synchronize,
 )
+from bench.options import option_of
 from bench.tokens import pool_budget
 from pipeline.shards import read_manifest, split_shard_urls
 from trainer.data import DataConfig, item_length, make_loader
@@ -66,30 +68,30 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("train_step: step time and latency per projector")
-    group.add_argument("--step-batch-size", type=int, default=8, help="training batch of the step (default 8)")
-    group.add_argument("--repeats", type=int, default=3,
-                       help="timed repetitions per measurement, their median reported (default 3, the full preset 5)")
-    group.add_argument("--vision-size", type=int, default=224, help="vision input (default 224: 16x16 patches)")
-    group.add_argument("--llm-sizes", default="tiny,768x12",
-                       help="comma-separated LLM sizes, 'tiny' or HIDDENxLAYERS (random Llama-style decoder); "
-                            "default tiny,768x12 (85M parameters: about a minute on 2 CPU cores; 1536x24, 0.7B, "
-                            "for the gpu preset)")
-    group.add_argument("--length-group", type=int, default=TrainConfig.length_group,
-                       help=f"window (in batches) of the length-grouped pass; default {TrainConfig.length_group}, "
-                            "the trainer's")
-    group.add_argument("--loader-batches", type=int, default=20,
-                       help="batches the loader throughput is measured over (default 20)")
-    group.add_argument("--embedding-sam-models", default="vit_b",
-                       help="comma-separated SAMs (random weights) whose svp step with stored embeddings is also "
-                            "timed against the step that runs their encoder, at the tiny LLM; default vit_b (the "
-                            "gpu preset's --sam-model is vit_h already: none); '' for none")
-    group.add_argument("--embedding-batch-size", type=int, default=1,
-                       help="batch of those steps (default 1, the full preset 2: ViT-B's encoder takes ~20 s per "
-                            "image on 2 CPU cores)")
-    group.add_argument("--embedding-repeats", type=int, default=1,
-                       help="timed repetitions of those steps, after one warm-up (default 1, the full preset 2)")
+@dataclass(frozen=True)
+class TrainStepOptions:
+    """train_step: step time and latency per projector."""
+
+    step_batch_size: int = field(default=8, metadata={"help": "training batch of the step"})
+    repeats: int = field(default=3, metadata={"help": (
+        "timed repetitions per measurement, their median reported (the full preset: 5)")})
+    vision_size: int = field(default=224, metadata={"help": "vision input in px (224: 16x16 patches)"})
+    llm_sizes: str = field(default="tiny,768x12", metadata={"help": (
+        "comma-separated LLM sizes, 'tiny' or HIDDENxLAYERS (random Llama-style decoder); 768x12 has 85M "
+        "parameters: about a minute on 2 CPU cores; 1536x24, 0.7B, for the gpu preset")})
+    length_group: int = option_of(TrainConfig, "length_group", TrainConfig.length_group)  # a run's grouping
+    loader_batches: int = field(default=20, metadata={"help": "batches the loader throughput is measured over"})
+    embedding_sam_models: str = field(default="vit_b", metadata={"help": (
+        "comma-separated SAMs (random weights) whose svp step with stored embeddings is also timed against the "
+        "step that runs their encoder, at the tiny LLM (the gpu preset's --sam-model is vit_h already: none); "
+        "'' for none")})
+    embedding_batch_size: int = field(default=1, metadata={"help": (
+        "batch of those steps (the full preset: 2; ViT-B's encoder takes ~20 s per image on 2 CPU cores)")})
+    embedding_repeats: int = field(default=1, metadata={"help": (
+        "timed repetitions of those steps, after one warm-up (the full preset: 2)")})
+
+
+OPTIONS = (TrainStepOptions,)
 
 
 def first_batch(shards: Path, data_config: DataConfig, batch_size: int) -> dict:

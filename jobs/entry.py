@@ -17,8 +17,9 @@ from pipeline.errors import SvpError
 
 
 def command_name(module: ModuleType) -> str:
-    """``jobs.tiny_sam`` → ``tiny-sam``."""
-    return module.__name__.rsplit(".", 1)[-1].replace("_", "-")
+    """``jobs.tiny_sam`` → ``tiny-sam`` (also when it runs as ``python -m jobs.tiny_sam``, named ``__main__``)."""
+    name = module.__spec__.name if module.__name__ == "__main__" and module.__spec__ else module.__name__
+    return name.rsplit(".", 1)[-1].replace("_", "-")
 
 
 def configure(parser: OptionsParser, module: ModuleType) -> OptionsParser:

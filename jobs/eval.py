@@ -11,67 +11,92 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+
 from jobs import entry, options
-from pipeline.shards import ManifestError, read_manifest, split_shard_urls
+from pipeline.shards import ManifestError, read_manifest
 from trainer.checkpoint import load_trained_model
 from trainer.data import DataConfig
-from trainer.evaluate import evaluate, format_table
+from trainer.evaluate import evaluate, evaluation_splits, format_table, paper_csv, paper_markdown, paper_table
 from trainer.plots import eval_chart
 
-SPLIT_ORDER = ("val", "test", "testA", "testB", "testC")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalOptions:
-    """Which run to evaluate on which shards, and where the report goes."""
+    """Which runs to evaluate on which shards, and where the report goes."""
 
-    run: Path = field(metadata={"help": "run directory of `svp train` (or its export/)"})
+    run: Path | None = field(default=None, metadata={"help": (
+        "run directory of `svp train` (or its export/); give this or --runs")})
+    runs: tuple[Path, ...] | None = field(default=None, metadata={"help": (
+        "comma-separated run directories, evaluated on the same splits and reported as one table, a row per "
+        "run (e.g. the mlp, pool and svp runs); give this or --run")})
     shards: str = field(metadata={"help": "directory or URL prefix written by `svp precompute`"})
     splits: tuple[str, ...] | None = field(default=None, metadata={"help": (
-        "comma-separated splits to evaluate; omitted: every split in the manifest except train")})
+        "comma-separated splits to evaluate: as REFER spells them (val, testA) for an output of one dataset, as "
+        "dataset/split (refcoco/val, refcocog/test) for one of several; omitted: every one but train, in the order "
+        "the papers print them")})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
-    max_samples: int | None = field(default=None, metadata={"help": "stop each split after this many samples"})
+    max_samples: int | None = field(default=None, metadata={"help": (
+        "stop each split after this many samples (per process under torchrun / accelerate launch)")})
     out: Path | None = field(default=None, metadata={"help": (
-        "JSON report; omitted: RUN/eval.json. A bar chart of cIoU/gIoU per split goes beside it, named as the "
-        "report with .png (RUN/eval.png)")})
+        "JSON report; omitted: RUN/eval.json for one --run, ./eval.json for --runs. The table goes beside it as "
+        ".csv and .md, and a bar chart of cIoU/gIoU per split as .png (RUN/eval.csv, RUN/eval.md, RUN/eval.png)")})
+
+    def run_dirs(self) -> list[Path]:
+        """The runs to evaluate: exactly one of --run and --runs names them."""
+        if (self.run is None) == (not self.runs):
+            raise options.OptionError("give either --run RUN or --runs RUN1,RUN2,... (not both)")
+        return [self.run] if self.run is not None else list(self.runs)
 
 
 OPTIONS = (EvalOptions,)
 RECIPES = True
 
 
-def default_splits(manifest: dict) -> list[str]:
-    present = [s for s in manifest["samples_by_split"] if s != "train"]
-    return sorted(present, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
+def processes() -> PartialState:
+    """This process among those ``torchrun``/``accelerate launch`` started (one, without a launcher).
+
+    ``cpu=True`` where there is no GPU: that is what makes Accelerate join the launcher's processes
+    over gloo (else each would see a world of one and evaluate every sample)."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: int = EvalOptions.batch_size,
              max_samples: int | None = None) -> tuple[dict, str]:
     """Evaluate a run on the shards' splits; return (results, printable table)."""
     manifest = read_manifest(shards)
-    splits = splits or default_splits(manifest)
-    if not splits:  # else an empty report, and a chart of nothing
+    chosen = evaluation_splits(shards, manifest, splits or None)
+    if not chosen:  # else an empty report, and a chart of nothing
         raise ManifestError(f"{shards} holds no split but train to evaluate; name one with --splits")
-    urls = {split: split_shard_urls(shards, manifest, split) for split in splits}
-    model = load_trained_model(run_dir)
+    model = load_trained_model(run_dir, device=processes().device)
     data_config = DataConfig(**model.data_config_fields())
-    results = evaluate(model, urls, data_config, batch_size=batch_size, max_samples=max_samples)
+    results = evaluate(model, chosen, data_config, batch_size=batch_size, max_samples=max_samples)
     source = manifest["config"]
-    title = (f"{source['dataset']} ({source['split_by']}), projector {model.config.projector.kind}, "
+    title = (f"{run_dir}: {source['dataset']} ({source['split_by']}), projector {model.config.projector.kind}, "
              f"superpixels {source['backend']}")
-    return {"source": {k: source[k] for k in ("dataset", "split_by", "backend")},
+    return {"run": str(run_dir), "source": {k: source[k] for k in ("dataset", "split_by", "backend")},
             "config_hash": manifest["config_hash"], "projector": model.config.projector.kind,
             "splits": results}, format_table(results, title)
 
 
 def run(args: argparse.Namespace) -> int:
     given = options.build(EvalOptions, args)
-    report, table = run_eval(given.run, given.shards, list(given.splits or ()), given.batch_size, given.max_samples)
-    out = given.out or (given.run / "eval.json")
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    chart = eval_chart(report, out.with_suffix(".png"))
-    print(table)
-    print(f"report: {out}\nchart:  {chart}")
+    run_dirs = given.run_dirs()
+    evaluated = [run_eval(run_dir, given.shards, list(given.splits or ()), given.batch_size, given.max_samples)
+                 for run_dir in run_dirs]
+    if not processes().is_main_process:  # every process evaluated its share; one reports
+        return 0
+    reports = [report for report, _ in evaluated]
+    out = given.out or (run_dirs[0] / "eval.json" if given.run is not None else Path("eval.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": reports}, indent=2) + "\n")
+    out.with_suffix(".csv").write_text(paper_csv(reports))
+    out.with_suffix(".md").write_text(paper_markdown(reports))
+    chart = eval_chart(reports, out.with_suffix(".png"))
+    print("\n\n".join(table for _, table in evaluated))
+    print(f"\n{paper_table(reports)}")
+    print(f"report: {out} (.csv, .md beside it)\nchart:  {chart}")
     return 0
 
 

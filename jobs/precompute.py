@@ -7,6 +7,10 @@ dies. A rerun with the same options skips the shards that are complete and finis
 OUT may be a local directory or an object-store URL (s3://bucket/prefix, any fsspec URL); a shard
 that cannot be stored there, even after retries, is reported as failed and redone by a rerun.
 
+``--dataset refcoco,refcoco+,refcocog`` makes one output of several datasets: they annotate the
+same COCO images, and each image is decoded, segmented (and its SAM embedding stored) once, its
+sample holding the refs of every (dataset, split) that refers to it (see :mod:`pipeline.shards`).
+
 ``--limit`` and ``--only-split`` process part of the input (a dry run) without changing the
 output's config: a later run into the same OUT without them keeps what is complete and does the
 rest. The job ends by saying where this run's worker time went, per stage and per worker;
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs import entry, options, ray_cluster
+from jobs.options import OptionError
 from pipeline.hashing import file_sha256
 from pipeline.partition import PartitionConfig
 from pipeline.precompute import (
@@ -36,7 +41,7 @@ from pipeline.precompute import (
     problem_rows,
     select,
 )
-from pipeline.refer import DATASETS, load_refer
+from pipeline.refer import DATASETS, load_refer, refer_images
 from pipeline.shards import (
     ShardRecord,
     claim_output_dir,
@@ -63,22 +68,27 @@ class PrecomputeOptions:
     refer_root: Path = field(metadata={"help": (
         "REFER root: holds {dataset}/refs({split_by}).p, {dataset}/instances.json and "
         "images/mscoco/images/train2014/")})
-    dataset: str = field(metadata={"choices": tuple(sorted(DATASETS)), "help": "which REFER dataset to read"})
-    split_by: str = field(metadata={"help": (
-        "REFER split: unc or google for refcoco, unc for refcoco+, umd or google for refcocog")})
+    dataset: str = field(metadata={"help": (
+        f"which REFER dataset to read ({', '.join(DATASETS)}), or several comma-separated "
+        "(refcoco,refcoco+,refcocog): one output in which each image is segmented and written once, with the refs "
+        "of every dataset")})
     out: str = field(metadata={"help": (
         "output directory or object-store prefix (s3://bucket/prefix, or any fsspec URL; credentials and endpoint "
         "from AWS_* variables or fsspec's config) for {split}-{shard:06d}.tar shards, manifest.json, "
         "failures.jsonl, index.parquet; rerunning into the same OUT resumes")})
+    split_by: str | None = field(default=None, metadata={"help": (
+        "REFER split of each --dataset, comma-separated in the same order: unc or google for refcoco, unc for "
+        "refcoco+, umd or google for refcocog; omitted: " + ", ".join(
+            f"{split_bys[0]} for {dataset}" for dataset, split_bys in DATASETS.items()))})
     shard_size: int = field(default=64, metadata={"help": "images per shard (one unit of work)"})
     backend: str = field(default="sam", metadata={"choices": tuple(BACKENDS), "help": (
         "sam: SAM automatic masks (the method; needs --sam-checkpoint). felzenszwalb / slic: classical CPU-only "
         "colour superpixels for laptops, demos and tests, not the method")})
     only_split: str | None = field(default=None, metadata={"metavar": "NAME", "help": (
-        "process only the images of this split (e.g. val); a name the dataset lacks is refused with the list of "
-        "its splits")})
+        "process only the shards holding images of this split (e.g. val; dataset/split, e.g. refcocog/val, with "
+        "several --dataset); a name the output lacks is refused with the list of its splits")})
     limit: int | None = field(default=None, metadata={"metavar": "N", "help": (
-        "process only the first N images in (split, image_id) order, after --only-split. Neither option changes "
+        "process only the first N images in (shard group, image_id) order, after --only-split. Neither option changes "
         "the output's config: rerunning into the same --out without them keeps the complete shards and processes "
         "the rest; the manifest counts what is left as images_pending")})
     workers: int = field(default=1, metadata={"help": "number of Ray actors, each holding one model"})
@@ -96,23 +106,44 @@ def backend_spec(args: argparse.Namespace) -> BackendSpec:
     return BackendSpec(backend, options.build(PartitionConfig, args), sam if uses_sam else None)
 
 
+def inputs(given: PrecomputeOptions) -> list[tuple[str, str]]:
+    """The (dataset, split_by) pairs that --dataset and --split-by name, sorted by dataset, so that the
+    order they are given in changes neither the output nor its config."""
+    datasets = [name.strip() for name in given.dataset.split(",")]
+    for name in datasets:
+        if name not in DATASETS:
+            raise OptionError(f"argument --dataset: invalid choice: {name!r} (choose from {', '.join(DATASETS)})")
+    if len(set(datasets)) < len(datasets):
+        raise OptionError(f"--dataset names a dataset twice: {given.dataset}")
+    if given.split_by is None:
+        split_bys = [DATASETS[name][0] for name in datasets]
+    else:
+        split_bys = [name.strip() for name in given.split_by.split(",")]
+        if len(split_bys) != len(datasets):
+            raise OptionError(f"--split-by {given.split_by} names {len(split_bys)} splits for {len(datasets)} "
+                              f"datasets; give one per --dataset, in its order, or none for the defaults")
+    return sorted(zip(datasets, split_bys, strict=True))
+
+
 def run(args: argparse.Namespace) -> int:
     given = options.build(PrecomputeOptions, args)
     if given.workers < 1:
         raise BackendConfigError(f"--workers must be >= 1, got {given.workers}")
-    refer = load_refer(given.refer_root, given.dataset, given.split_by)
+    refers = [load_refer(given.refer_root, dataset, split_by) for dataset, split_by in inputs(given)]
+    datasets = tuple(refer.dataset for refer in refers)
     spec = backend_spec(args)
     spec.validate()
     config = {
-        "dataset": given.dataset,
-        "split_by": given.split_by,
-        "refs_sha256": file_sha256(refer.refs_path),
-        "instances_sha256": file_sha256(refer.instances_path),
+        "dataset": ",".join(datasets),
+        "split_by": ",".join(refer.split_by for refer in refers),
+        "refs_sha256": {refer.dataset: file_sha256(refer.refs_path) for refer in refers},
+        "instances_sha256": {refer.dataset: file_sha256(refer.instances_path) for refer in refers},
         "shard_size": given.shard_size,
         "store_sam_embeddings": spec.stores_sam_embeddings,
         **spec.config(),
     }
-    tasks = plan_shards(refer.samples, given.shard_size)
+    images, problems = refer_images(refers)
+    tasks = plan_shards(images, given.shard_size, datasets)
     selected = select(tasks, given.only_split, given.limit)
     config_hash = claim_output_dir(given.out, config)
     finished = load_complete_records(given.out, [t.name for t in tasks])
@@ -123,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         print(f"resume: {skipped} of {len(selected)} shards already complete in {given.out}, skipping them",
               file=sys.stderr)
-    output = OutputSpec(given.out, refer.image_dir, given.dataset, refer.categories, config_hash)
+    output = OutputSpec(given.out, refers[0].image_dir, datasets, {r.dataset: r.categories for r in refers},
+                        config_hash)
 
     started = time.perf_counter()
     new_records = _run_on_ray(todo, spec, output, given.workers, gpus) if todo else []
@@ -132,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     records = {**finished, **{record.name: record for record in new_records}}
     pending = sum(len(t.items) for t in tasks) - sum(len(r.rows) for r in records.values())
     try:
-        manifest = write_job_outputs(given.out, list(records.values()), problem_rows(given.dataset, refer.problems),
+        manifest = write_job_outputs(given.out, list(records.values()), problem_rows(datasets, problems),
                                      config, config_hash, pending)
     except StorageError as exc:  # the shards' records are stored: a rerun resumes and writes these again
         print(f"svp precompute: error: {exc}", file=sys.stderr)
@@ -147,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
     if pending:
         print(f"pending: {pending} images are not processed yet (--limit / --only-split); "
               f"rerun into the same --out without those options to finish")
+    if manifest["overlaps"]:
+        print(f"{manifest['images_in_several_sources']} images serve more than one (dataset, split): "
+              + ", ".join(f"{pair} {count}" for pair, count in manifest["overlaps"].items()))
     for line in _timing_lines(stage_timing(new_records)):
         print(line)
     return 0
@@ -215,7 +250,7 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
                 record = self.processor(task)
                 save_record(output.out_dir, record)  # recorded by the worker: a driver crash loses nothing done
             except StorageError as exc:  # not recorded, so a rerun writes this shard again
-                return failed_shard(task, output.dataset, "write", str(exc))
+                return failed_shard(task, output.key_prefix, "write", str(exc))
             return record
 
     # Workers of a running cluster do not inherit the driver's environment: give them its storage settings.
@@ -240,7 +275,7 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 reason = (f"worker failed {TASK_MAX_RETRIES + 1} times on this shard: "
                           f"{type(exc).__name__}: {str(exc)[:300]}")
-                record = failed_shard(task, output.dataset, "worker", reason)
+                record = failed_shard(task, output.key_prefix, "worker", reason)
             records.append(record)
             progress.set_postfix(written=sum(r.written for r in records), failed=sum(r.failed for r in records))
             progress.update()

@@ -1,46 +1,85 @@
-"""``svp predict --run RUN --image IMG --text TEXT --out overlay.png``: segment what the text refers to.
+"""``svp predict``: segment what a text refers to, in one image or in a batch of (image, text) pairs.
 
-The image gets superpixels from the same backend the run was trained on (as recorded in its
+One image: ``svp predict --run RUN --image IMG --text TEXT --out overlay.png`` writes the overlay (mask
+tinted red, the expression written above) and, with ``--mask-out``, the binary mask.
+
+A batch: ``svp predict --run RUN --inputs PAIRS.jsonl --out DIR`` reads one ``{"image": path-or-URL,
+"text": ...}`` per line (or a .csv with image and text columns) and writes DIR/predictions.jsonl (a mask
+as COCO RLE per input) and DIR/failures.jsonl (unreadable images, empty expressions: recorded, the rest
+goes on); ``--overlays`` adds DIR/overlays/. A rerun into the same DIR skips what is done. ``--workers N``
+runs it on Ray, N actors holding one model each (``python -m jobs.predict`` for ``ray job submit``).
+
+The images get superpixels from the same backend the run was trained on (as recorded in its
 ``run_config.json``; override with ``--backend``), with the SAM settings it recorded; a
-``--sam-model`` given here must be the run's. Then the model predicts the mask. Writes the overlay
-(mask tinted red, the expression written above) and, with ``--mask-out``, the binary mask.
+``--sam-model`` given here must be the run's. SAM's image encoder runs once per image when the
+backend's SAM is the run's own checkpoint (see ``trainer.predict``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from jobs import entry, options
+from jobs import entry, options, ray_cluster
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.partition import PartitionConfig
+from pipeline.storage import read_url, storage_env
 from pipeline.superpixels import BACKENDS
 from pipeline.superpixels.base import BackendConfigError, SamOptions, sam_checkpoint_field, sam_model_field
 from pipeline.superpixels.spec import BackendSpec
-from trainer.checkpoint import load_trained_model, read_run_config
-from trainer.predict import predict_mask, render_overlay
+from trainer.checkpoint import read_run_config
+from trainer.predict import Predictor, render_overlay
+from trainer.predictions import (
+    Outcome,
+    PredictInput,
+    PredictionsDir,
+    failure,
+    group_by_image,
+    predict_inputs,
+    read_inputs,
+)
+
+ACTOR_MAX_RESTARTS = -1  # a dead worker is always replaced ...
+TASK_MAX_RETRIES = 2  # ... but a batch that kills its worker three times is recorded as failed
 
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """What to segment in which image, with which run, and where the overlay goes."""
+    """Which run; one image (--image, --text) or a batch (--inputs); where the results go."""
 
     run: Path = field(metadata={"help": "run directory of `svp train`"})
-    image: Path = field(metadata={"help": "image file (JPEG, PNG, ...)"})
-    text: str = field(metadata={"help": "the referring expression, e.g. 'the red circle'; never empty"})
-    out: Path = field(metadata={"help": "overlay PNG to write"})
-    mask_out: Path | None = field(default=None, metadata={"help": "also write the binary mask as a PNG"})
+    out: Path = field(metadata={"help": (
+        "with --image: the overlay PNG to write; with --inputs: the output directory (predictions.jsonl, "
+        "failures.jsonl, overlays/), where a rerun skips the inputs already done")})
+    image: str | None = field(default=None, metadata={"help": (
+        "one image (JPEG, PNG, ...; a path or an fsspec URL such as s3://...); needs --text. Not with --inputs")})
+    text: str | None = field(default=None, metadata={"help": (
+        "the referring expression for --image, e.g. 'the red circle'; never empty")})
+    inputs: str | None = field(default=None, metadata={"help": (
+        "a batch: JSON lines {\"image\": path-or-URL, \"text\": ...}, or a .csv with image and text columns (a path "
+        "or an fsspec URL). Not with --image")})
+    mask_out: Path | None = field(default=None, metadata={"help": "with --image: also write the binary mask as a PNG"})
+    overlays: bool = field(default=False, metadata={"help": (
+        "with --inputs: also write each prediction's overlay as OUT/overlays/LINE.png")})
+    batch_size: int = field(default=8, metadata={"help": (
+        "expressions per forward pass of the model, and images per pass of its mask head's SAM encoder")})
+    workers: int | None = field(default=None, metadata={"help": (
+        "with --inputs: run on Ray with this many actors, each holding one model; omitted: in this process")})
     backend: str | None = field(default=None, metadata={"choices": tuple(BACKENDS), "help": (
         "superpixel backend; omitted: the one the run's training shards were made with")})
     sam_checkpoint: str | None = sam_checkpoint_field()
     sam_model: str | None = sam_model_field(None)
 
 
-OPTIONS = (PredictOptions,)
+OPTIONS = (PredictOptions, ray_cluster.RayOptions)
 
 
 def superpixel_backend(given: PredictOptions) -> BackendSpec:
@@ -66,25 +105,150 @@ def superpixel_backend(given: PredictOptions) -> BackendSpec:
     return spec
 
 
+def check_modes(given: PredictOptions, cluster: ray_cluster.RayOptions) -> None:
+    """Exactly one of the two modes, and no option of the other."""
+    if (given.image is None) == (given.inputs is None):
+        raise options.OptionError("give either --image IMG --text TEXT (one image) or --inputs PAIRS (a batch)")
+    if given.batch_size < 1:
+        raise options.OptionError(f"--batch-size must be >= 1, got {given.batch_size}")
+    if given.image is not None:
+        if given.text is None:
+            raise options.OptionError("--image needs --text: the expression to segment, e.g. --text 'the red circle'")
+        if not given.text.strip():  # the model would still paint a mask, of nothing anyone asked for
+            raise options.OptionError("--text is empty: give the expression to segment, e.g. --text 'the red circle'")
+        _refuse({"--overlays": given.overlays, "--workers": given.workers is not None,
+                 "--address": cluster.address is not None, "--gpus-per-worker": cluster.gpus_per_worker is not None},
+                "for a batch (--inputs), not one --image")
+        return
+    _refuse({"--text": given.text is not None, "--mask-out": given.mask_out is not None},
+            "for one --image; with --inputs each line has its text")
+    if given.workers is not None and given.workers < 1:
+        raise options.OptionError(f"--workers must be >= 1, got {given.workers}")
+    if given.workers is None and (cluster.address is not None or cluster.gpus_per_worker is not None):
+        raise options.OptionError("--address and --gpus-per-worker are for Ray workers: give --workers N too")
+
+
+def _refuse(flags: dict[str, bool], why: str) -> None:
+    """An OptionError naming those of ``flags`` that were given (True), if any."""
+    given = [flag for flag, present in flags.items() if present]
+    if given:
+        raise options.OptionError(f"{', '.join(given)}: {why}")
+
+
 def run(args: argparse.Namespace) -> int:
-    given = options.build(PredictOptions, args)
-    if not given.text.strip():  # the model would still paint a mask, of nothing anyone asked for
-        raise options.OptionError("--text is empty: give the expression to segment, e.g. --text 'the red circle'")
+    given, cluster = options.build(PredictOptions, args), options.build(ray_cluster.RayOptions, args)
+    check_modes(given, cluster)
+    spec = superpixel_backend(given)
+    if given.inputs is not None:
+        return predict_batch(given, spec, cluster)
     try:
-        data = given.image.read_bytes()
+        data = read_url(given.image)
     except OSError as exc:
         raise ImageDecodeError(f"cannot read --image {given.image}: {exc}") from exc
     image = decode_image(data)
-    spec = superpixel_backend(given)
-    model = load_trained_model(given.run)
-    labels = spec.build()([image.rgb])[0].labels
-    mask, tokens = predict_mask(model, image.rgb, labels, given.text)
+    predictor = Predictor.load(given.run, spec, _local_device(), given.batch_size)
+    [(mask, tokens)] = predictor.masks([(predictor.prepare([image.rgb])[0], given.text)])
     given.out.parent.mkdir(parents=True, exist_ok=True)
     render_overlay(image.rgb, mask, given.text).save(given.out)
     if given.mask_out is not None:
         Image.fromarray((mask * 255).astype(np.uint8)).save(given.mask_out)
     print(f"predict: {int(mask.sum())} of {mask.size} pixels, {tokens} visual tokens; overlay: {given.out}")
     return 0
+
+
+def predict_batch(given: PredictOptions, spec: BackendSpec, cluster: ray_cluster.RayOptions) -> int:
+    """Every input not yet in OUT, in batches grouped by image, in this process or on Ray workers;
+    each outcome is appended to OUT as it comes, so a killed run loses only the batches in flight."""
+    from tqdm import tqdm
+
+    inputs, bad = read_inputs(given.inputs)
+    with PredictionsDir(given.out) as out:
+        todo = [item for item in inputs if item.key not in out.done]
+        bad_todo = [outcome for outcome in bad if outcome.key not in out.done]
+        skipped = len(inputs) + len(bad) - len(todo) - len(bad_todo)
+        out.write(bad_todo)
+        batches = group_by_image(todo, given.batch_size)
+        if given.workers is None:
+            results = _in_process(given, spec, batches)
+        else:
+            results = _on_ray(given, spec, cluster, batches)
+        predicted, failed = 0, len(bad_todo)
+        with tqdm(total=len(todo), unit="input", desc="predict", file=sys.stderr) as progress:
+            for outcomes in results:
+                out.write(outcomes)
+                failed += sum(outcome.failed for outcome in outcomes)
+                predicted += sum(not outcome.failed for outcome in outcomes)
+                progress.set_postfix(predicted=predicted, failed=failed)
+                progress.update(len(outcomes))
+    print(f"predict: {predicted} predicted, {failed} failed, {skipped} skipped as done in an earlier run; "
+          f"out: {given.out}")
+    return 0
+
+
+def _local_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _in_process(given: PredictOptions, spec: BackendSpec, batches: list[list[PredictInput]]) -> Iterator[list[Outcome]]:
+    if not batches:
+        return
+    predictor = Predictor.load(given.run, spec, _local_device(), given.batch_size)
+    for batch in batches:
+        yield predict_inputs(predictor, batch, given.overlays)
+
+
+def _on_ray(given: PredictOptions, spec: BackendSpec, cluster: ray_cluster.RayOptions,
+            batches: list[list[PredictInput]]) -> Iterator[list[Outcome]]:
+    """Batches on a pool of actors, each holding one model; a batch goes to whichever actor is free.
+
+    An actor that dies is restarted and its batch retried; a batch that kills it every time is
+    recorded as failed (stage ``worker``), and the rest goes on.
+    """
+    if not batches:
+        return
+    import ray
+
+    from jobs.precompute import _worker_device
+
+    ray_cluster.connect(cluster.address)
+    gpus = ray_cluster.gpus_per_worker(cluster.gpus_per_worker, given.workers, "--workers", share=True)
+    run_dir, overlays, batch_size = given.run, given.overlays, given.batch_size
+
+    @ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=TASK_MAX_RETRIES)
+    class PredictWorker:
+        def __init__(self) -> None:
+            self.predictor = Predictor.load(run_dir, spec, _worker_device(), batch_size)
+
+        def predict(self, batch: list[PredictInput]) -> list[Outcome]:
+            return predict_inputs(self.predictor, batch, overlays)
+
+    # Workers of a running cluster do not inherit the driver's environment: give them its storage settings.
+    env = storage_env()
+    actor_options = {"runtime_env": {"env_vars": env}} if env else {}
+    actors = [PredictWorker.options(**actor_options).remote() for _ in range(min(given.workers, len(batches)))]
+    pending, in_flight = deque(batches), {}
+
+    def submit(actor) -> None:
+        if pending:
+            batch = pending.popleft()
+            in_flight[actor.predict.remote(batch)] = (actor, batch)
+
+    try:
+        for actor in actors:
+            submit(actor)
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor, batch = in_flight.pop(ref)
+            try:
+                outcomes = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                reason = f"worker failed {TASK_MAX_RETRIES + 1} times on this batch: {type(exc).__name__}: {exc}"
+                outcomes = [failure(*item.key, "worker", reason[:500]) for item in batch]
+            submit(actor)
+            yield outcomes
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from jobs import entry, options
-from pipeline.refer import ReferError
+from pipeline.errors import SvpError
 from pipeline.sam_model import build_sam, save_tiny_sam
-from trainer.sam_pretraining import PretrainConfig, PretrainingError, load_promptable_images, pretrain_sam
+from trainer.sam_pretraining import PretrainConfig, load_promptable_images, pretrain_sam
+
+
+class PretrainOnError(SvpError, ValueError):
+    """A ``--pretrain-on`` REFER root that cannot be read or offers nothing to pretrain on."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,18 @@ class TinySamOptions:
         "images per pretraining step (one click in each of their objects)")})
     lr: float = field(default=PretrainConfig.lr, metadata={"help": "pretraining learning rate (AdamW)"})
 
+    def __post_init__(self) -> None:
+        """Refuse what cannot pretrain before anything is written (``options.build`` reports it: exit 2)."""
+        for name in ("steps", "images_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    def pretraining(self) -> PretrainConfig:
+        """The pretraining asked for: each field of ``PretrainConfig`` that is an option here takes its
+        value, the rest keep ``PretrainConfig``'s defaults (so a new option needs no line here)."""
+        given = {f.name for f in fields(self)}
+        return PretrainConfig(**{f.name: getattr(self, f.name) for f in fields(PretrainConfig) if f.name in given})
+
 
 OPTIONS = (TinySamOptions,)
 
@@ -49,17 +65,15 @@ def run(args: argparse.Namespace) -> int:
         path = save_tiny_sam(given.out, seed=given.seed)
         print(f"random tiny SAM written to {path} (use: --sam-checkpoint {path} --sam-model tiny)")
         return 0
-    if given.steps < 1 or given.images_per_step < 1:
-        raise SystemExit("svp tiny-sam: --steps and --images-per-step must be >= 1")
     # Written under a temporary name and renamed when trained: an interrupted run leaves no
     # random checkpoint where a trained one is expected.
     staging = save_tiny_sam(given.out.with_name(given.out.name + ".partial"), seed=given.seed)
     sam = build_sam("tiny", staging)
     try:
         images = load_promptable_images(given.pretrain_on, sam.image_encoder.img_size)
-    except (ReferError, PretrainingError, OSError) as error:
+    except (SvpError, OSError) as error:  # a missing or malformed root, or one without train images
         staging.unlink()
-        raise SystemExit(f"svp tiny-sam: --pretrain-on {given.pretrain_on}: {error}") from error
+        raise PretrainOnError(f"--pretrain-on {given.pretrain_on}: {error}") from error
     print(f"pretraining the tiny SAM on {len(images)} train images "
           f"({sum(len(image.masks) for image in images)} objects), {given.steps} steps")
     started = time.perf_counter()
@@ -70,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     with torch.random.fork_rng():
         torch.manual_seed(given.seed)
-        pretrain_sam(sam, images, PretrainConfig(steps=given.steps, images_per_step=given.images_per_step,
-                                                 lr=given.lr, seed=given.seed), progress)
+        pretrain_sam(sam, images, given.pretraining(), progress)
     torch.save(sam.state_dict(), staging)
     path = staging.replace(given.out)
     print(f"pretrained tiny SAM written to {path} (use: --sam-checkpoint {path} --sam-model tiny)")

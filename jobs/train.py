@@ -54,10 +54,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def resolve_shards(config: TrainConfig) -> TrainConfig:
-    """``config`` with a shard root resolved to its train split's URLs, as the run records them; URLs
-    (a recorded run's list among them) stay as they are."""
+    """``config`` with a shard root resolved to the URLs of its train split, or of the shards that hold
+    any --train-splits source, as the run records them; URLs (a recorded run's list among them) stay
+    as they are (the loader finds each source's shards among them by their manifest)."""
     if isinstance(config.shards, str):
-        return replace(config, shards=shard_urls(config.shards, config.train_split))
+        return replace(config, shards=shard_urls(config.shards, config.train_split, config.train_splits))
     return config
 
 

@@ -3,7 +3,10 @@
 A REFER root holds ``{dataset}/refs({split_by}).p`` (a pickle), ``{dataset}/instances.json``
 (COCO-style images, annotations, categories) and the COCO images under
 ``images/mscoco/images/train2014``. The pipeline works one *image* at a time, so this module turns
-the flat ref list into one :class:`ImageRefs` per (split, image).
+the flat ref list into one :class:`ImageRefs` per (split, image), and :func:`refer_images` turns
+the datasets of one output into its samples (:class:`ReferImage`): with several datasets, one per
+image, since refcoco, refcoco+ and refcocog annotate the same COCO images and each image's
+superpixels need computing once.
 
 Two trust rules shape the code:
 
@@ -22,6 +25,7 @@ import json
 import math
 import pickle
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +86,34 @@ class ImageRefs:
 class AnnotationProblem:
     """An image left out because one of its records is malformed; ``image_id`` may be -1.
 
-    ``split`` is the split its refs name (the first one that is a string), "" if none does.
+    ``split`` is the split its refs name (the first one that is a string), "" if none does;
+    ``dataset`` the dataset whose records they are.
     """
 
     image_id: int
     file_name: str
     error: str
     split: str = ""
+    dataset: str = ""
+
+
+@dataclass(frozen=True)
+class SplitRefs:
+    """The refs that one (dataset, split) has on an image, sorted by ref_id."""
+
+    dataset: str
+    split_by: str
+    split: str
+    refs: tuple[RefRecord, ...]
+
+
+@dataclass(frozen=True)
+class ReferImage:
+    """One sample of a precompute output: an image and the refs of each (dataset, split) it serves,
+    sorted by (dataset, split)."""
+
+    image: ImageRecord
+    parts: tuple[SplitRefs, ...]
 
 
 @dataclass(frozen=True)
@@ -229,7 +254,7 @@ def load_refer(root: str | Path, dataset: str, split_by: str) -> ReferDataset:
         else:
             problems.append(AnnotationProblem(
                 UNKNOWN_IMAGE_ID, "", f"ref #{index} (ref_id {ref.get('ref_id')!r}) has no integer 'image_id'",
-                _named_split([ref]),
+                _named_split([ref]), dataset,
             ))
 
     samples: list[ImageRefs] = []
@@ -241,7 +266,7 @@ def load_refer(root: str | Path, dataset: str, split_by: str) -> ReferDataset:
         except ReferError as error:
             file_name = raw_image.get("file_name")
             problems.append(AnnotationProblem(
-                image_id, file_name if isinstance(file_name, str) else "", str(error), _named_split(raw_refs)
+                image_id, file_name if isinstance(file_name, str) else "", str(error), _named_split(raw_refs), dataset
             ))
             continue
         by_split: dict[str, list[RefRecord]] = defaultdict(list)
@@ -253,6 +278,49 @@ def load_refer(root: str | Path, dataset: str, split_by: str) -> ReferDataset:
     samples.sort(key=lambda s: (s.split, s.image.image_id))
     problems.sort(key=lambda p: p.image_id)
     return ReferDataset(root, dataset, split_by, root / IMAGE_SUBDIR, samples, problems, categories)
+
+
+def refer_images(datasets: Sequence[ReferDataset]) -> tuple[list[ReferImage], list[AnnotationProblem]]:
+    """The samples of one output over ``datasets``, sorted by image_id, and its problems.
+
+    One dataset: a sample per (split, image), as the dataset reads; refcocog google's images in two
+    splits are a sample in each, so every split's samples hold exactly that split's refs, as they
+    always did. Several datasets: a sample per image, holding the refs of every (dataset, split) that
+    annotates it, so that an image is decoded and segmented once however many datasets refer to it.
+    There an image is left out whole, with one problem per dataset that names it, when any dataset's
+    records of it are malformed or two datasets disagree on its file name or size: half an image's
+    refs would make a sample that silently lacks targets of some (dataset, split).
+    """
+    if len(datasets) == 1:
+        [refer] = datasets
+        images = [ReferImage(s.image, (SplitRefs(refer.dataset, refer.split_by, s.split, tuple(s.refs)),))
+                  for s in refer.samples]
+        return sorted(images, key=lambda i: i.image.image_id), list(refer.problems)
+    records: dict[int, dict[str, ImageRecord]] = defaultdict(dict)
+    parts: dict[int, list[SplitRefs]] = defaultdict(list)
+    for refer in datasets:
+        for sample in refer.samples:
+            records[sample.image.image_id][refer.dataset] = sample.image
+            parts[sample.image.image_id].append(SplitRefs(refer.dataset, refer.split_by, sample.split,
+                                                          tuple(sample.refs)))
+    problems = [p for refer in datasets for p in refer.problems]
+    broken = {p.image_id for p in problems}
+    for image_id, by_dataset in records.items():
+        if len(set(by_dataset.values())) > 1:
+            reason = "the datasets describe this image differently: " + "; ".join(
+                f"{dataset}: {r.file_name} {r.width}x{r.height}" for dataset, r in sorted(by_dataset.items()))
+        elif image_id in broken:  # the intact datasets' refs of an image left out: reported, not dropped silently
+            reason = "left out with the image: another dataset's records of it are unusable"
+        else:
+            continue
+        broken.add(image_id)
+        problems += [AnnotationProblem(image_id, by_dataset[part.dataset].file_name, reason, part.split, part.dataset)
+                     for part in parts[image_id]]
+    images = [ReferImage(next(iter(records[image_id].values())),
+                         tuple(sorted(image_parts, key=lambda p: (p.dataset, p.split))))
+              for image_id, image_parts in sorted(parts.items()) if image_id not in broken]
+    problems.sort(key=lambda p: (p.image_id, p.dataset, p.split))
+    return images, problems
 
 
 def _refs_path(root: Path, dataset: str, split_by: str) -> Path:

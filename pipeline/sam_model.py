@@ -105,16 +105,41 @@ def validate_sam_checkpoint(path: str | Path, model_type: str) -> None:
     _check_matches(_load_state_dict(path, model_type), model, path, model_type)
 
 
-def build_sam(model_type: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Sam:
+def build_sam(model_type: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+              image_encoder: ImageEncoderViT | None = None) -> Sam:
     """SAM of ``model_type`` in eval mode on ``device``; random weights when ``checkpoint`` is None.
 
     Weights are loaded with ``weights_only=True`` (a checkpoint is data, never code) and strictly.
+
+    ``image_encoder``: an encoder already in memory that holds this checkpoint's encoder weights (the
+    caller has made sure, by the checkpoint's content): it becomes this SAM's encoder as it is, not
+    a copy, and only the prompt encoder and mask decoder are read from ``checkpoint``. ``svp predict``
+    gives its superpixel generator the mask head's encoder this way, so one SAM encoder (ViT-H: 2.5 GB)
+    is held and run per image, not two; the rest is built on the ``meta`` device first, so the
+    encoder it replaces is never allocated.
     """
-    model = _architecture(model_type)
-    if checkpoint is not None:
-        state = _load_state_dict(checkpoint, model_type)
-        _check_matches(state, model, checkpoint, model_type)
-        model.load_state_dict(state, strict=True)
+    if image_encoder is None:
+        model = _architecture(model_type)
+        if checkpoint is not None:
+            state = _load_state_dict(checkpoint, model_type)
+            _check_matches(state, model, checkpoint, model_type)
+            model.load_state_dict(state, strict=True)
+        return model.eval().to(device)
+    if checkpoint is None:
+        raise ValueError("a SAM sharing an image encoder needs the checkpoint its prompt encoder and decoder come from")
+    with torch.device("meta"):
+        model = _architecture(model_type)
+    state = _load_state_dict(checkpoint, model_type)
+    _check_matches(state, model, checkpoint, model_type)
+    model.image_encoder = image_encoder
+    for part in ("prompt_encoder", "mask_decoder"):
+        prefix = f"{part}."
+        getattr(model, part).load_state_dict(
+            {name.removeprefix(prefix): tensor for name, tensor in state.items() if name.startswith(prefix)},
+            strict=True, assign=True)
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:  # a tensor that no checkpoint entry filled: segment_anything's Sam gained one
+        raise ValueError(f"SAM {model_type} built around a given image encoder lacks {', '.join(left)}")
     return model.eval().to(device)
 
 

@@ -9,6 +9,15 @@ rows, failures and timings): a rerun skips the shards recorded there, and ``mani
 ``failures.jsonl``, ``index.parquet`` and ``timing.json`` are rebuilt from these records at the end
 of every run, so they always account for every input image, whichever run wrote which shard.
 
+An output holds one or several REFER datasets. In an output of several, each image is one sample,
+written once, holding the refs of every (dataset, split) it serves (a *source*, named
+``refcoco/train``; an output of one dataset keeps a sample per split and image, as it always had),
+and samples are grouped into shards by the set of sources they serve (:func:`group_name`): one
+group per split for one dataset; with several, an image in refcoco train and refcocog val is in a
+``refcoco.train_refcocog.val`` shard, so each shard listed for a source holds only images of that
+source. The manifest says which sources each shard holds and, per source, how many images,
+refs and sentences it has, and how many images serve more than one source.
+
 ``manifest.json`` holds only what the bytes of the output depend on, so two runs that wrote the
 same shards write the same manifest, byte for byte, and its hash names the dataset. How long the
 work took and where (seconds per stage, per worker host and pid) differs on every run, so it goes
@@ -22,8 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +48,12 @@ from PIL import Image
 from pipeline.errors import SvpError
 from pipeline.storage import OutputStore, StorageError, read_url
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: refs name their dataset, shards and index rows their sources
 RECORDS_DIR = "_shards"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 TIMING_FILE = "timing.json"
+SHARED_KEY_PREFIX = "coco"  # the sample keys of an output of several datasets: the COCO images they share
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -58,6 +70,8 @@ INDEX_SCHEMA = pa.schema(
         ("num_sentences", pa.int32()),
         ("stage", pa.string()),
         ("error", pa.string()),
+        # the (dataset, split)s the image serves, with its refs and sentences in each (null if it failed)
+        ("sources", pa.list_(pa.struct([("source", pa.string()), ("refs", pa.int32()), ("sentences", pa.int32())]))),
     ]
 )
 
@@ -70,12 +84,57 @@ class OutputConfigMismatch(SvpError, RuntimeError):
 # Sample encoding (writer side) and decoding (reader side: the trainer goes through these)
 
 
-def sample_key(dataset: str, image_id: int) -> str:
-    return f"{dataset}-{image_id:012d}"
+def sample_key(prefix: str, image_id: int) -> str:
+    """An image's key: ``prefix`` is :func:`key_prefix` of the output's datasets."""
+    return f"{prefix}-{image_id:012d}"
+
+
+def key_prefix(datasets: Sequence[str]) -> str:
+    """The dataset, for an output of one (``refcoco-000000000009``, as ever); ``coco`` for several,
+    whose samples are the COCO images they all annotate."""
+    return datasets[0] if len(datasets) == 1 else SHARED_KEY_PREFIX
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+def source_name(dataset: str, split: str) -> str:
+    """How the manifest, the index and the options name one (dataset, split): ``refcoco/train``."""
+    return f"{dataset}/{split}"
+
+
+def group_name(sources: Sequence[tuple[str, str]], several_datasets: bool) -> str:
+    """The shard group of a sample serving ``sources`` ((dataset, split) pairs, sorted): what its
+    shards' names start with, and its ``split`` in the manifest and the index.
+
+    One dataset: its split (``train``), as ever. Several: ``dataset.split`` of each source joined by
+    ``_`` (``refcoco.train_refcoco+.train_refcocog.val``), so that an image is written once and each
+    shard that holds a source's images holds no image outside that source (reading a source reads
+    nothing else), where grouping by one of the sources would make refcocog val read refcoco train.
+    """
+    if not several_datasets:
+        return "_".join(split for _, split in sources)
+    return "_".join(f"{dataset}.{split}" for dataset, split in sources)
+
+
+def resolve_source(name: str, sources: Collection[str]) -> str | None:
+    """``name`` as one of ``sources``, or None: ``dataset/split``, or a bare split where every
+    source is of one dataset (``--only-split val`` of a refcoco output is ``refcoco/val``)."""
+    if name in sources:
+        return name
+    datasets = {source.split("/", 1)[0] for source in sources}
+    if "/" not in name and len(datasets) == 1:
+        full = source_name(next(iter(datasets)), name)
+        return full if full in sources else None
+    return None
+
+
+def describe_sources(sources: Collection[str]) -> str:
+    """``sources`` for an error message: their splits where they are of one dataset, else their names."""
+    datasets = {source.split("/", 1)[0] for source in sources}
+    names = [source.split("/", 1)[1] for source in sources] if len(datasets) == 1 else list(sources)
+    return ", ".join(sorted(names)) or "none"
 
 
 def dumps_json(obj: Any) -> bytes:
@@ -194,6 +253,7 @@ class ShardRecord:
     rows: list[dict]
     seconds: dict[str, float] = field(default_factory=dict)
     worker: dict = field(default_factory=dict)
+    segmented: int = 0  # images handed to the superpixel backend (a retried image counts again)
 
     @property
     def written(self) -> int:
@@ -218,8 +278,10 @@ def index_row(
     num_sentences: int | None = None,
     stage: str | None = None,
     error: str | None = None,
+    sources: Sequence[dict] = (),
 ) -> dict:
-    """One ``index.parquet`` row; ``error`` set ⇔ the image failed at ``stage``."""
+    """One ``index.parquet`` row; ``error`` set ⇔ the image failed at ``stage``. ``sources``: a
+    ``{"source", "refs", "sentences"}`` per (dataset, split) the image serves."""
     return {
         "key": key,
         "image_id": image_id,
@@ -234,14 +296,18 @@ def index_row(
         "num_sentences": num_sentences,
         "stage": stage,
         "error": error,
+        "sources": list(sources),
     }
 
 
-def failed_row(*, dataset: str, image_id: int, file_name: str, split: str, stage: str, error: str) -> dict:
+def failed_row(*, prefix: str, image_id: int, file_name: str, split: str, stage: str, error: str,
+               sources: Iterable[str]) -> dict:
     """The index row of an image that is in no shard: it failed at ``stage`` (its annotations, its
-    bytes, the backend, or its whole shard), for the reason ``error``."""
-    return index_row(key=sample_key(dataset, image_id), image_id=image_id, file_name=file_name, split=split,
-                     shard=None, stage=stage, error=error)
+    bytes, the backend, or its whole shard), for the reason ``error``. ``prefix``: its key's
+    (:func:`key_prefix`); ``sources``: the (dataset, split)s it would have served."""
+    return index_row(key=sample_key(prefix, image_id), image_id=image_id, file_name=file_name, split=split,
+                     shard=None, stage=stage, error=error,
+                     sources=[{"source": source, "refs": None, "sentences": None} for source in sources])
 
 
 def save_record(out_dir: str | Path, record: ShardRecord) -> None:
@@ -276,7 +342,8 @@ def _parse_record(data: bytes) -> ShardRecord | None:
         fields = json.loads(data)
         file = ShardFile(**fields["file"]) if fields.get("file") else None
         return ShardRecord(name=fields["name"], split=fields["split"], file=file, rows=fields["rows"],
-                           seconds=fields.get("seconds", {}), worker=fields.get("worker", {}))
+                           seconds=fields.get("seconds", {}), worker=fields.get("worker", {}),
+                           segmented=fields.get("segmented", 0))
     except (ValueError, TypeError, KeyError):
         return None
 
@@ -312,23 +379,35 @@ def write_job_outputs(out_dir: str | Path, records: list[ShardRecord], extra_row
 
     ``extra_rows`` are images that failed before they reached a shard (malformed annotations);
     ``pending`` counts the input images no run has processed yet (left out by ``--limit`` or
-    ``--only-split``), so that ``images_total`` is always the whole input. Returns the manifest.
+    ``--only-split``), so that ``images_total`` is always the whole input. Returns the manifest:
+    ``samples_by_split`` counts the samples of each shard group (each split, for one dataset),
+    ``sources`` the images (written and failed), refs and sentences of each (dataset, split), and
+    ``overlaps`` the written images that two sources share (``refcoco/train & refcocog/val``), of
+    which ``images_in_several_sources`` counts each image once. Each shard lists the images it
+    holds per source.
     """
     rows = [row for record in records for row in record.rows] + list(extra_rows)
     rows.sort(key=lambda row: (row["split"], row["image_id"]))
     failed = [row for row in rows if row["status"] == "failed"]
-    samples_by_split: dict[str, int] = {}
-    for row in rows:
-        if row["status"] == "written":
-            samples_by_split[row["split"]] = samples_by_split.get(row["split"], 0) + 1
-    shards = sorted((asdict(r.file) for r in records if r.file is not None), key=lambda s: s["name"])
+    written = [row for row in rows if row["status"] == "written"]
+    samples_by_split = Counter(row["split"] for row in written)
+    shards = sorted(({**asdict(r.file), "sources": _source_images(r.rows)} for r in records if r.file is not None),
+                    key=lambda s: s["name"])
+    served: dict[int, set[str]] = defaultdict(set)  # by image: one image may be two rows (refcocog google)
+    for row in written:
+        served[row["image_id"]].update(entry["source"] for entry in row["sources"])
+    overlaps = Counter(" & ".join(pair) for sources in served.values()
+                       for pair in itertools.combinations(sorted(sources), 2))
     manifest = {
         "format_version": FORMAT_VERSION,
         "images_total": len(rows) + pending,
-        "images_written": len(rows) - len(failed),
+        "images_written": len(written),
         "images_failed": len(failed),
         "images_pending": pending,
         "samples_by_split": dict(sorted(samples_by_split.items())),
+        "sources": _source_counts(rows),
+        "images_in_several_sources": sum(len(sources) > 1 for sources in served.values()),
+        "overlaps": dict(sorted(overlaps.items())),
         "shards": shards,
         "config": config,
         "config_hash": config_hash,
@@ -347,13 +426,35 @@ def write_job_outputs(out_dir: str | Path, records: list[ShardRecord], extra_row
     return manifest
 
 
+def _source_images(rows: Iterable[dict]) -> dict[str, int]:
+    """Written images per source among ``rows``."""
+    counts = Counter(entry["source"] for row in rows if row["status"] == "written" for entry in row["sources"])
+    return dict(sorted(counts.items()))
+
+
+def _source_counts(rows: Iterable[dict]) -> dict[str, dict[str, int]]:
+    """Per source: images written and failed, and the refs and sentences of the written ones."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for entry in row["sources"]:
+            count = counts.setdefault(entry["source"], {"images": 0, "failed": 0, "refs": 0, "sentences": 0})
+            if row["status"] == "written":
+                count["images"] += 1
+                count["refs"] += entry["refs"]
+                count["sentences"] += entry["sentences"]
+            else:
+                count["failed"] += 1
+    return dict(sorted(counts.items()))
+
+
 def _pretty_json(obj: Any) -> bytes:
     """The job-level files people read: indented, keys sorted (equal content, equal bytes)."""
     return json.dumps(obj, indent=2, sort_keys=True).encode()
 
 
 def stage_timing(records: Iterable[ShardRecord]) -> dict:
-    """Seconds per stage, per worker (``host:pid``) and in total, with the shards and images behind them.
+    """Seconds per stage, per worker (``host:pid``) and in total, with the shards and images behind them
+    and the images the superpixel backend ran on (``segmented``).
 
     What ``timing.json`` holds. Built from the records alone (never from this run's clock), so it
     accounts for every shard in OUT, whichever run wrote it; a shard whose worker kept dying has
@@ -368,6 +469,7 @@ def stage_timing(records: Iterable[ShardRecord]) -> dict:
         for entry in (per_worker.setdefault(worker, _timing_entry()), total):
             entry["shards"] += 1
             entry["images"] += len(record.rows)
+            entry["segmented"] += record.segmented
             for stage, seconds in record.seconds.items():
                 entry["seconds"][stage] = entry["seconds"].get(stage, 0.0) + seconds
     for entry in (*per_worker.values(), total):
@@ -376,7 +478,7 @@ def stage_timing(records: Iterable[ShardRecord]) -> dict:
 
 
 def _timing_entry() -> dict:
-    return {"shards": 0, "images": 0, "seconds": {}}
+    return {"shards": 0, "images": 0, "segmented": 0, "seconds": {}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,9 +533,28 @@ def _parse_job_file(root: str | Path, name: str, data: bytes) -> dict:
 
 
 def split_shard_urls(root: str | Path, manifest: dict, split: str) -> list[str]:
-    """The shard URLs of one split, as the manifest lists them (an unknown or empty split is an error)."""
+    """The shard URLs of one split (shard group), as the manifest lists them (an unknown or empty split
+    is an error). The shards of an output of several datasets are read by source: :func:`source_shard_urls`."""
     urls = [job_file_url(root, s["name"]) for s in manifest["shards"] if s["split"] == split]
     if not urls:
         present = sorted(manifest.get("samples_by_split", {}))
-        raise ManifestError(f"split {split!r} has no shards in {root}; splits present: {', '.join(present) or 'none'}")
+        sources = manifest.get("sources", {})
+        several = len({source.split("/", 1)[0] for source in sources}) > 1
+        hint = f"; it holds several datasets, read by (dataset, split): {', '.join(sources)}" if several else ""
+        raise ManifestError(f"split {split!r} has no shards in {root}; splits present: {', '.join(present) or 'none'}"
+                            f"{hint}")
+    return urls
+
+
+def source_shard_urls(root: str | Path, manifest: dict, source: str) -> list[str]:
+    """The URLs of the shards that hold images of ``source`` (``refcoco/val``, or a bare split in an
+    output of one dataset), in manifest order. Their samples may hold other sources' refs too: a
+    reader keeps the refs of ``source`` (``trainer.data.make_loader(sources=...)`` does)."""
+    name = resolve_source(source, manifest.get("sources", {}))
+    if name is None:
+        raise ManifestError(f"{root} holds no images of {source!r}; it holds "
+                            f"{describe_sources(manifest.get('sources', {}))}")
+    urls = [job_file_url(root, s["name"]) for s in manifest["shards"] if name in s.get("sources", {})]
+    if not urls:
+        raise ManifestError(f"{source!r} has no written image in {root}: every one failed (failures.jsonl says why)")
     return urls

@@ -31,7 +31,7 @@ HEADLINE = ("tokens_ratio_svp_to_mlp", "ciou_svp", "ciou_mlp", "ciou_pool", "tra
 def quick(tmp_path_factory, ray_local) -> tuple[Path, dict]:
     """``python -m bench --quick`` (what ``make bench`` runs, at toy sizes): (results dir, its return)."""
     results = tmp_path_factory.mktemp("bench")
-    return results, bench(["--quick", "--results", str(results), "--work", str(results / "work")])
+    return results, bench(["--quick", "--allow-busy", "--results", str(results), "--work", str(results / "work")])
 
 
 def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
@@ -183,7 +183,8 @@ def test_bf16_train_step_with_an_llm_built_from_a_config(ray_local, tmp_path) ->
     pretraining to repeat bit for bit in this process, which it did not always do (its checkpoint's
     hash is part of the shards' config, and a changed config is refused)."""
     work = tmp_path / "work"
-    results = train_step.main(["--preset", "quick", "--dtype", "bf16", "--llm-sizes", "64x2", "--step-batch-size", "1",
+    results = train_step.main(["--preset", "quick", "--allow-busy", "--dtype", "bf16", "--llm-sizes", "64x2",
+                               "--step-batch-size", "1",
                                "--results", str(tmp_path / "results"), "--work", str(work)])
     assert results["dtype"] == "bf16" and list(results["sizes"]) == ["64x2"]
     rows = results["sizes"]["64x2"]["projectors"]
@@ -227,3 +228,37 @@ def test_precompute_profile_splits_each_generators_time(tiny_sam_checkpoint: Pat
     for profile in profiles.values():
         parts = [profile[label] for label, _ in precompute.PROFILED]
         assert all(seconds > 0 for seconds in parts) and sum(parts) < profile["total_s"]
+
+
+def test_a_busy_machine_is_refused_unless_allowed_and_the_results_then_say_so(monkeypatch, capsys):
+    from bench.common import machine_load
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 0.4, 0.2))
+    with pytest.raises(SystemExit, match="busy .1-minute load average 1.50 >= 0.5"):
+        machine_load(parse_args(PARTS, [], "bench", ""))
+    assert machine_load(parse_args(PARTS, ["--allow-busy"], "bench", "")) == {
+        "load_average_before": [1.5, 0.4, 0.2], "busy": True}
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.4, 0.2))
+    assert machine_load(parse_args(PARTS, [], "bench", ""))["busy"] is False
+    assert "load average before the run: 0.30 0.40 0.20" in capsys.readouterr().out
+
+
+def test_inference_benchmark_times_each_stage_of_a_new_image_for_svp_and_mlp(tmp_path):
+    """The plumbing of `python -m bench.inference` at the demo's sizes: every stage timed for both
+    projectors; only svp makes superpixels; precomputed inputs skip SAM's encoder."""
+    from bench import inference
+
+    results = inference.main(["--stacks", "demo", "--batch-size", "2", "--repeats", "1", "--points-per-side", "4",
+                              "--allow-busy", "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work")])
+    assert json.loads((tmp_path / "results" / "inference.json").read_text()) == results
+    assert {"load_average_before", "busy"} <= set(results)
+    rows = results["stacks"]["demo"]
+    assert set(rows["svp_over_mlp"]) == {"new_1", "new_2", "precomputed_1", "precomputed_2"}
+    for kind in ("mlp", "svp"):
+        for mode, seconds in rows[kind]["seconds_per_image"].items():
+            assert set(seconds) == {*inference.STAGES, "total"} and seconds["total"] > 0
+            assert seconds["total"] >= sum(v for k, v in seconds.items() if k != "total") * 0.999
+            assert (seconds["sam_encoder"] > 0) == mode.startswith("new")
+            assert (seconds["superpixels"] > 0) == (kind == "svp" and mode.startswith("new"))
+            assert seconds["vision"] > 0 and seconds["llm_body"] > 0 and seconds["mask_head"] > 0
+    assert rows["svp"]["visual_tokens"] < rows["mlp"]["visual_tokens"]

@@ -1,16 +1,29 @@
 """A checkpoint only ever appears complete: a save cut short is never resumed from, nor left in the way
-of the next save of its step."""
+of the next save of its step. It holds the trained tensors and no frozen one, resumes a run as if it
+had not stopped, and refuses what does not fit the model."""
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from train_helpers import assert_checkpoints, tiny_train_config
+import torch
+from safetensors.torch import load_file, save_file
+from train_helpers import assert_checkpoints, one_sentence_shards, tiny_train_config
 
-from trainer.checkpoint import CHECKPOINTS, CheckpointError, last_checkpoint, resume_point, unfinished_checkpoints
-from trainer.loop import TrainConfig, train
+from trainer.checkpoint import (
+    CHECKPOINT_WEIGHTS,
+    CHECKPOINTS,
+    EXPORT_WEIGHTS,
+    CheckpointError,
+    last_checkpoint,
+    resume_point,
+    unfinished_checkpoints,
+)
+from trainer.loop import TrainConfig, setup_training, train
 
 
 def _leave_unfinished(directory: Path, *files: str) -> None:
@@ -114,3 +127,104 @@ def test_resume_refuses_a_checkpoint_file_holding_more_than_plain_data(shards, t
     assert not marker.exists(), "nothing in the planted file ran"
     assert str(target) in error and "not written by svp" in error
     assert "weights_only" not in error, "never advise lowering the safety"
+
+
+@pytest.fixture(scope="module")
+def wide_llm(tmp_path_factory) -> Path:
+    """A random Llama wide enough that its frozen weights outweigh what trains, as a real LLM's do."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.model.tokenizer import tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("wide-llm")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024,
+                                 num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
+                                 tie_word_embeddings=False)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_a_checkpoint_holds_the_trained_tensors_and_no_frozen_one(shards, tiny_sam_checkpoint, wide_llm, tmp_path):
+    from trainer.model import ModelConfig, SegmentationMLLM
+
+    model_config = ModelConfig(llm=str(wide_llm), sam_checkpoint=str(tiny_sam_checkpoint), sam_model="tiny")
+    train(tiny_train_config(shards, tmp_path, tiny_sam_checkpoint, model=model_config, max_steps=1, save_every=1))
+    checkpoint = tmp_path / CHECKPOINTS / "step_000001"
+    model = SegmentationMLLM(model_config)
+    trained = model.trainable_state_dict()
+    saved = load_file(checkpoint / CHECKPOINT_WEIGHTS)
+    assert saved.keys() == trained.keys()
+    assert all(saved[name].shape == tensor.shape for name, tensor in trained.items())
+    checkpoint_bytes = sum(path.stat().st_size for path in checkpoint.iterdir())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert checkpoint_bytes < model_bytes / 3, (checkpoint_bytes, model_bytes)
+
+
+def test_a_resumed_run_continues_as_the_uninterrupted_run(shards, tiny_sam_checkpoint, tmp_path):
+    """Killed after step 2's save and resumed, a run computes the very losses and weights of steps 3 and
+    4 that it computed without the interruption: the trained weights, optimizer, schedule and RNG states
+    of the checkpoint are the whole state that the frozen weights, rebuilt from their sources, lack."""
+    run_dir = tmp_path / "run"
+    config = tiny_train_config(one_sentence_shards(shards, tmp_path / "shards"), run_dir, tiny_sam_checkpoint,
+                               max_steps=4, save_every=2, log_every=1)
+    losses: dict[int, float] = {}
+
+    def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+        losses[metrics["step"]] = metrics["loss"]
+
+    train(config, report=report)
+    straight, straight_weights = dict(losses), load_file(run_dir / "export" / EXPORT_WEIGHTS)
+    shutil.rmtree(run_dir / CHECKPOINTS / "step_000004")
+    losses.clear()
+    train(replace(config, resume=True), report=report)
+    assert losses == {3: straight[3], 4: straight[4]}
+    resumed_weights = load_file(run_dir / "export" / EXPORT_WEIGHTS)
+    assert resumed_weights.keys() == straight_weights.keys()
+    for name, tensor in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def one_step_run(shards, tiny_sam_checkpoint, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one-step")
+    train(tiny_train_config(shards, run_dir, tiny_sam_checkpoint, max_steps=1, save_every=1))
+    return run_dir
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "unreadable"])
+def test_resume_refuses_trained_weights_that_do_not_fit_the_model(one_step_run, shards, tiny_sam_checkpoint, tmp_path,
+                                                                  change):
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_step_run, run_dir)
+    path = run_dir / CHECKPOINTS / "step_000001" / CHECKPOINT_WEIGHTS
+    if change == "unreadable":  # a file cut short
+        path.write_bytes(b"cut short")
+        expected = "Error while deserializing header"
+    else:
+        state = load_file(path)
+        if change == "missing":
+            name = sorted(state)[0]
+            del state[name]
+            problem = f"1 missing keys: {name}"
+        else:
+            state["projector.extra.weight"] = torch.zeros(1)
+            problem = "1 unexpected keys: projector.extra.weight"
+        save_file(state, path)
+        expected = f"trained weights do not fit this model: {problem}"
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: {expected}")):
+        setup_training(tiny_train_config(shards, run_dir, tiny_sam_checkpoint, max_steps=2, resume=True))
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["missing", "empty"])
+def test_resume_from_a_directory_that_is_no_checkpoint_is_refused(one_step_run, tmp_path, made):
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_step_run, run_dir)
+    named = tmp_path / "step_000001"
+    if made:
+        named.mkdir()
+    config = TrainConfig(shards=str(tmp_path / "train-000000.tar"), run_dir=run_dir, resume=True, resume_from=named)
+    what = "holds no model.safetensors" if made else "does not exist"
+    with pytest.raises(CheckpointError, match=re.escape(f"--resume checkpoint {named} {what}: not a checkpoint")):
+        resume_point(config)

@@ -107,10 +107,11 @@ def test_mask_head_decodes_a_batch_like_sam_decodes_each_image() -> None:
 
 
 def test_padding_does_not_leak_into_a_shorter_sample() -> None:
-    """Sample 0 alone vs. batched with a longer one (more tokens, longer sentence): same LLM logits."""
+    """Sample 0 alone vs. batched with a longer one (more tokens, longer sentence): same LLM states."""
     model = build().eval()
     captured = []
-    model.llm.register_forward_hook(lambda module, args, kwargs, out: captured.append((kwargs, out)), with_kwargs=True)
+    model.causal_lm().get_decoder().register_forward_hook(
+        lambda module, args, kwargs, out: captured.append((kwargs, out)), with_kwargs=True)
     batch = make_batch(counts=(3, 9))
     pair = model(batch)
     alone = model(take(batch, [0]))
@@ -118,8 +119,7 @@ def test_padding_does_not_leak_into_a_shorter_sample() -> None:
     length = int(alone_in["attention_mask"].sum())
     assert alone_in["attention_mask"].shape[1] == length  # alone: no padding at all
     assert pair_in["attention_mask"].shape[1] > length and int(pair_in["attention_mask"][0].sum()) == length
-    assert torch.allclose(pair_out.logits[0, :length], alone_out.logits[0], atol=1e-5)
-    assert torch.allclose(pair_out.hidden_states[-1][0, :length], alone_out.hidden_states[-1][0], atol=1e-5)
+    assert torch.allclose(pair_out.last_hidden_state[0, :length], alone_out.last_hidden_state[0], atol=1e-5)
     assert torch.allclose(pair.mask_logits[0], alone.mask_logits[0], atol=1e-5)
 
 
@@ -204,7 +204,7 @@ def test_full_llm_training_trains_every_llm_weight_without_lora() -> None:
         ModelConfig(llm_training="adapters")
 
 
-def test_a_checkpoint_config_from_before_llm_training_counts_as_lora() -> None:
+def test_a_saved_model_config_without_llm_training_counts_as_lora() -> None:
     from trainer.checkpoint import CheckpointError, check_same_model
 
     old = asdict(ModelConfig())
@@ -326,10 +326,10 @@ def test_losses() -> None:
     one_wrong = perfect.clone()
     one_wrong[1] = 50
     assert mask_bce(one_wrong, target) == pytest.approx(50 / 2, rel=1e-3)
-    logits = torch.randn(1, 4, 10)
+    hidden, head = torch.randn(1, 4, 6), torch.nn.Linear(6, 10)
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 5]])
-    expected = torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([3, 5]))
-    assert torch.allclose(answer_ce(logits, labels), expected)
+    expected = torch.nn.functional.cross_entropy(head(hidden[0, 1:3]), torch.tensor([3, 5]))
+    assert torch.allclose(answer_ce(hidden, labels, head), expected)
 
 
 def test_tiny_vocabulary_covers_the_template_and_every_synthetic_sentence() -> None:

@@ -3,19 +3,23 @@ flags, recipes and defaults combine."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
+import pkgutil
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bench.common import add_common_arguments
-from jobs import entry, eval, precompute, train
+import bench
+from bench.__main__ import PARTS
+from bench.common import build_parser as bench_parser
+from jobs import cli, entry, eval, precompute, tiny_sam, train
 from jobs.cli import COMMANDS, build_parser
 from jobs.options import OptionsParser, build, walk
 from pipeline.superpixels.base import SamOptions
+from trainer.sam_pretraining import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,18 +29,34 @@ def _parsers() -> dict[str, OptionsParser]:
     return {"svp": parser, **parser._subparsers._group_actions[0].choices}
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+def _bench_parsers() -> dict[str, OptionsParser]:
+    """The parser of every ``python -m bench...`` entry point, by its command: each module of the
+    package with a ``main`` (a part's flags with the shared ones, as it runs alone; any other
+    module's ``build_parser()``), and all the parts together (``python -m bench``)."""
+    parsers = {"python -m bench": bench_parser(PARTS, "python -m bench", "")}
+    for info in pkgutil.iter_modules(bench.__path__):
+        module = importlib.import_module(f"bench.{info.name}")
+        if info.name != "__main__" and hasattr(module, "main"):
+            name = f"python -m bench.{info.name}"
+            parsers[name] = bench_parser([module], name, "") if module in PARTS else module.build_parser()
+    return parsers
+
+
+BENCH = sorted(_bench_parsers())
+
+
+@pytest.mark.parametrize("command", [*(f"svp {name}" for name in sorted(COMMANDS)), *BENCH])
 def test_every_field_is_exactly_one_flag_named_after_it_with_help(command):
-    parser = _parsers()[command]
-    assert parser.configs, f"svp {command} takes no options from config dataclasses"
+    parser = {**{f"svp {name}": parser for name, parser in _parsers().items()}, **_bench_parsers()}[command]
+    assert parser.configs, f"{command} takes no options from config dataclasses"
     actions = [action for action in parser._actions if action.dest != "help"]
     strings = [string for action in actions for string in action.option_strings]
-    assert len(strings) == len(set(strings)), f"svp {command}: an option string is defined twice"
+    assert len(strings) == len(set(strings)), f"{command}: an option string is defined twice"
     options = [option for config in parser.configs for option in walk(config)]
     own = [option for option in options if not option.same_as]
-    assert len({option.dest for option in own}) == len(own), f"svp {command}: two groups define the same option"
+    assert len({option.dest for option in own}) == len(own), f"{command}: two groups define the same option"
     for option in options:
-        name = f"svp {command}: {option.owner.__name__}.{option.field.name}"
+        name = f"{command}: {option.owner.__name__}.{option.field.name}"
         assert option.field.metadata.get("help"), f"{name} has no help"
         # The one renaming: a nested config's kind is chosen by the name of the field that holds it.
         expected = option.path[-2] if option.field.name == "kind" and len(option.path) > 1 else option.field.name
@@ -44,7 +64,9 @@ def test_every_field_is_exactly_one_flag_named_after_it_with_help(command):
             assert option.dest in {other.dest for other in own}, f"{name} is the same as no option of the command"
             continue
         assert option.dest == expected, name
-        [action] = [action for action in actions if action.dest == option.dest]
+        setters = [action for action in actions if action.dest == option.dest]
+        assert len(setters) == 1, f"{name} is set by {len(setters)} flags: {[a.option_strings for a in setters]}"
+        [action] = setters
         flag = "--" + expected.replace("_", "-")
         if option.field.metadata.get("positional"):
             assert action.option_strings == [], name
@@ -61,18 +83,30 @@ def test_the_top_level_command_has_only_its_sub_commands():
     assert [action.dest for action in _parsers()["svp"]._actions] == ["help", "command"]
 
 
-def test_the_shared_sam_and_ray_options_read_the_same_in_every_command_and_the_benchmarks():
-    bench = argparse.ArgumentParser()
-    add_common_arguments(bench)
-    parsers = {**{name: parser for name, parser in _parsers().items() if name != "svp"}, "bench": bench}
-    shared = {"--sam-checkpoint": {"train", "precompute", "predict", "bench"},
-              "--sam-model": {"train", "precompute", "predict", "bench"},
-              "--address": {"train", "precompute"}, "--gpus-per-worker": {"train", "precompute"}}
+def test_the_shared_options_read_the_same_in_every_command_and_benchmark_that_takes_them():
+    """The shared SAM and Ray options, and those a benchmark takes from a command (at a size of its
+    own: bench.options.option_of), are written once: the same help wherever they are taken."""
+    parsers = {**{name: parser for name, parser in _parsers().items() if name != "svp"}, **_bench_parsers()}
+    parts = {"python -m bench", *(f"python -m bench.{part.NAME}" for part in PARTS)}
+    sam_settings = {"precompute", "python -m bench", "python -m bench.precompute"}
+    shared = {"--sam-checkpoint": {"train", "precompute", "predict", *parts},
+              "--sam-model": {"train", "precompute", "predict", *parts},
+              "--points-per-batch": sam_settings, "--images-per-batch": sam_settings,
+              "--pred-iou-thresh": {"precompute", "python -m bench.large_image"},
+              "--stability-score-thresh": {"precompute", "python -m bench.large_image"},
+              "--length-group": {"train", "python -m bench", "python -m bench.train_step"},
+              "--lr": {"train", "python -m bench", "python -m bench.accuracy"},
+              "--batch-size": {"train", "python -m bench", "python -m bench.accuracy"},
+              "--address": {"train", "precompute", "predict"}, "--gpus-per-worker": {"train", "precompute", "predict"},
+              "--results": {*parts, "python -m bench.realsize", "python -m bench.inference"},
+              "--allow-busy": {*parts, "python -m bench.realsize", "python -m bench.inference"},
+              "--dtype": {*parts, "python -m bench.inference"},
+              "--points-per-side": {*sam_settings, "python -m bench.large_image", "python -m bench.inference"}}
     for flag, users in shared.items():
         helps = {name: action.help.split(" (default: ")[0] for name, parser in parsers.items()
                  for action in parser._actions if flag in action.option_strings}
-        assert set(helps) == users, flag
-        assert len(set(helps.values())) == 1, f"{flag} is defined more than once: {helps}"
+        assert users <= set(helps), flag
+        assert len({helps[name] for name in users}) == 1, f"{flag} is defined more than once: {helps}"
     sam_models = {name: action.choices for name, parser in parsers.items() for action in parser._actions
                   if "--sam-model" in action.option_strings}
     assert len({tuple(choices) for choices in sam_models.values()}) == 1
@@ -109,6 +143,24 @@ def test_a_bad_flag_value_is_refused_naming_the_flag(capsys, flags, message):
 def test_a_value_only_the_config_refuses_exits_2(tmp_path, capsys):
     assert train.main(["--shards", "s.tar", "--run-dir", str(tmp_path / "run"), "--pool-tokens", "0"]) == 2
     assert "pool_tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_svp_tiny_sam_reports_a_bad_refer_root_or_step_count_as_an_error_with_exit_2(tmp_path, capsys):
+    out, missing = tmp_path / "sam.pth", tmp_path / "missing"
+    assert cli.main(["tiny-sam", "--out", str(out), "--pretrain-on", str(missing)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"svp tiny-sam: error: --pretrain-on {missing}: ") and error.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its staging file
+    for flag in ("--steps", "--images-per-step"):  # refused before the REFER root is read
+        assert cli.main(["tiny-sam", "--out", str(out), "--pretrain-on", str(missing), flag, "0"]) == 2
+        assert capsys.readouterr().err == f"svp tiny-sam: error: {flag} must be >= 1, got 0\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_svp_tiny_sam_pretrains_with_its_options_and_pretrain_configs_defaults_for_the_rest():
+    args = entry.parse(tiny_sam, ["--out", "sam.pth", "--steps", "5", "--lr", "0.01", "--seed", "3"])
+    assert build(tiny_sam.TinySamOptions, args).pretraining() == replace(PretrainConfig(), steps=5, lr=0.01, seed=3)
+    assert build(tiny_sam.TinySamOptions, entry.parse(tiny_sam, ["--out", "sam.pth"])).pretraining() == PretrainConfig()
 
 
 def _recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:

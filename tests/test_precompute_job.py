@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 
 from jobs.precompute import main as precompute
 from pipeline.precompute import plan_shards, select
-from pipeline.refer import load_refer, load_refs_pickle, ref_mask
+from pipeline.refer import load_refer, load_refs_pickle, ref_mask, refer_images
 from pipeline.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +47,10 @@ def _check_partition(labels: np.ndarray, height: int, width: int, min_area: int 
     assert len(areas) <= max_regions
     if labels.size >= min_area:
         assert areas.min() >= min_area
+
+
+def _refcoco_plan(root: Path, shard_size: int):
+    return plan_shards(refer_images([load_refer(root, "refcoco", "unc")])[0], shard_size, ["refcoco"])
 
 
 def _sha256s(out: Path) -> dict[str, str]:
@@ -333,7 +337,7 @@ def test_more_workers_than_gpus_share_them_by_default(synth_root, tmp_path):
 
 
 def test_selection_keeps_plan_order_and_shard_names(synth_root):
-    plan = plan_shards(load_refer(synth_root, "refcoco", "unc").samples, 2)
+    plan = _refcoco_plan(synth_root, 2)
     train = [task for task in plan if task.split == "train"]
     chosen = select(plan, "train", 3)
     assert [t.name for t in chosen] == [t.name for t in train[:2]]
@@ -368,7 +372,7 @@ def test_limit_then_full_run_finishes_the_rest_and_redoes_only_the_cut_shard(syn
     out, flags = tmp_path / "out", ["--backend", "slic", "--shard-size", "2"]
     assert precompute(_args(synth_root, out, *flags, "--limit", "5")) == 0
     assert "5 images written, 0 failed, 7 pending (of 12)" in capsys.readouterr().out
-    plan = plan_shards(load_refer(synth_root, "refcoco", "unc").samples, 2)
+    plan = _refcoco_plan(synth_root, 2)
     first = [item.image.image_id for task in plan for item in task.items][:5]
     assert set(_samples(out)) == {f"refcoco-{i:012d}" for i in first}
     whole = {t.name for t, done in zip(plan, itertools.accumulate(len(t.items) for t in plan)) if done <= 5}

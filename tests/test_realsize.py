@@ -111,7 +111,7 @@ def test_real_size_train_resume_export_eval_predict(hub, rs_root, vit_b_shards, 
         model.load_trainable_state_dict({k: v for k, v in exported.items() if "lora_A" not in k})
 
     assert evaluate(["--run", str(run), "--shards", str(vit_b_shards), "--splits", "val", "--batch-size", "2"]) == 0
-    report = json.loads((run / "eval.json").read_text())
+    report = json.loads((run / "eval.json").read_text())["runs"][0]
     assert 0.0 <= report["splits"]["val"]["ciou"] <= 1.0 and report["splits"]["val"]["samples"] > 0
 
     image = next(rs_root.rglob("*.jpg"))

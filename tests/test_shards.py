@@ -103,3 +103,30 @@ def test_records_resume_only_complete_shards_and_outputs_account_for_every_image
     assert list(load_complete_records(tmp_path, ["train-000000.tar", "train-000001.tar"])) == ["train-000001.tar"]
     (tmp_path / "train-000000.tar").unlink()
     assert list(load_complete_records(tmp_path, ["train-000000.tar"])) == []
+
+
+def _row(image_id: int, split: str, shard: str | None, sources: dict[str, tuple[int, int]], error: str | None = None):
+    return index_row(key=f"d-{image_id}", image_id=image_id, file_name=f"{image_id}.jpg", split=split, shard=shard,
+                     stage="decode" if error else None, error=error,
+                     sources=[{"source": name, "refs": None if error else refs, "sentences": None if error else sents}
+                              for name, (refs, sents) in sources.items()])
+
+
+def test_manifest_counts_sources_and_each_image_shared_by_two_of_them_once(tmp_path):
+    # refcocog google puts an image in train and val: two rows (a sample in each split's shards), one image.
+    train = [_row(1, "train", "train-000000.tar", {"refcocog/train": (2, 3)}),
+             _row(2, "train", "train-000000.tar", {"refcocog/train": (1, 1)})]
+    val = [_row(1, "val", "val-000000.tar", {"refcocog/val": (1, 2)}),
+           _row(3, "val", None, {"refcocog/val": (0, 0)}, error="empty file (0 bytes)")]
+    records = [ShardRecord("train-000000.tar", "train", write_shard(tmp_path, "train-000000.tar", "train",
+                                                                    [_sample("d-1", 1), _sample("d-2", 2)]), train),
+               ShardRecord("val-000000.tar", "val", write_shard(tmp_path, "val-000000.tar", "val",
+                                                                [_sample("d-1", 1)]), val)]
+    manifest = write_job_outputs(tmp_path, records, [], {"x": 1}, "abc")
+    assert manifest["sources"] == {"refcocog/train": {"images": 2, "failed": 0, "refs": 3, "sentences": 4},
+                                   "refcocog/val": {"images": 1, "failed": 1, "refs": 1, "sentences": 2}}
+    assert manifest["overlaps"] == {"refcocog/train & refcocog/val": 1} and manifest["images_in_several_sources"] == 1
+    assert [s["sources"] for s in manifest["shards"]] == [{"refcocog/train": 2}, {"refcocog/val": 1}]
+    index = pq.read_table(tmp_path / "index.parquet").to_pylist()
+    assert [row["sources"] for row in index if row["image_id"] == 3] == [
+        [{"source": "refcocog/val", "refs": None, "sentences": None}]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -138,14 +139,103 @@ def test_eval_reports_refer_split_names_and_metrics(trained_run, shards, capsys)
     assert "refcoco (unc)" in printed and f"chart:  {trained_run / 'eval.png'}" in printed
     with Image.open(trained_run / "eval.png") as chart:
         assert chart.format == "PNG" and chart.width >= 400
-    report = json.loads((trained_run / "eval.json").read_text())
-    assert list(report["splits"]) == ["val", "testA", "testB"]
+    [report] = json.loads((trained_run / "eval.json").read_text())["runs"]
+    assert report["run"] == str(trained_run) and list(report["splits"]) == ["val", "testA", "testB"]
     for split in report["splits"].values():
         assert 0 <= split["ciou"] <= 1 and 0 <= split["giou"] <= 1 and 0 < split["all_foreground_ciou"] < 1
         assert split["samples"] >= split["images"] >= 1 and split["tokens_max"] >= split["tokens_mean"] > 0
     assert svp_eval(["--run", str(trained_run), "--shards", str(shards), "--splits", "test"]) == 2
     assert "'test'" in capsys.readouterr().err
 
+
+
+def _paper_table(path: Path) -> list[list[str]]:
+    import csv
+
+    return list(csv.reader(path.read_text().splitlines()))
+
+
+def test_eval_of_several_runs_is_one_table_a_row_per_run_as_the_papers_lay_it_out(trained_run, shards, tmp_path,
+                                                                                 capsys):
+    out = tmp_path / "table" / "eval.json"
+    assert svp_eval(["--runs", f"{trained_run},{trained_run / 'export'}", "--shards", str(shards),
+                     "--out", str(out)]) == 0
+    reports = json.loads(out.read_text())["runs"]
+    assert [r["run"] for r in reports] == [str(trained_run), str(trained_run / "export")]
+    header, *rows = _paper_table(out.with_suffix(".csv"))
+    assert header == ["run", "projector", "cIoU val", "cIoU testA", "cIoU testB", "gIoU val", "gIoU testA",
+                      "gIoU testB", "tokens/image"]
+    assert [row[:2] for row in rows] == [[str(trained_run), "svp"], [str(trained_run / "export"), "svp"]]
+    for report, row in zip(reports, rows):
+        splits = report["splits"]
+        assert row[2:8] == [f"{100 * splits[s][k]:.1f}" for k in ("ciou", "giou") for s in ("val", "testA", "testB")]
+    assert rows[0][2:] == rows[1][2:]  # the export holds the same trained weights as the run
+    markdown = out.with_suffix(".md").read_text().splitlines()
+    assert markdown[0] == "| " + " | ".join(header) + " |" and len(markdown) == 2 + len(rows)
+    assert out.with_suffix(".png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "cIoU testA" in printed and f"report: {out}" in printed
+
+
+def test_eval_takes_either_run_or_runs(trained_run, shards, capsys):
+    for flags in ([], ["--run", str(trained_run), "--runs", str(trained_run)]):
+        assert svp_eval([*flags, "--shards", str(shards)]) == 2
+        assert "give either --run RUN or --runs RUN1,RUN2,... (not both)" in capsys.readouterr().err
+    # as `python -m jobs.eval` (the module is then __main__), errors still name the command
+    result = subprocess.run([sys.executable, "-m", "jobs.eval", "--shards", str(shards)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "svp eval: error: give either --run" in result.stderr
+
+
+def test_eval_under_torchrun_with_two_processes_reports_what_one_process_does(trained_run, shards, tmp_path):
+    # the train split spans 5 shards, so each process reads some of them; a recipe carries the run's
+    # path because torchrun's own parser would take `--run` for its `--run-path`
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(json.dumps({"run": str(trained_run), "shards": str(shards), "splits": "train,val",
+                                  "batch_size": 2}))
+    one, two = tmp_path / "one" / "eval.json", tmp_path / "two" / "eval.json"
+    assert svp_eval(["--config", str(recipe), "--out", str(one)]) == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "jobs.eval",
+                             "--config", str(recipe), "--out", str(two)], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("report: ") == 1  # one process reports for both
+    [single], [double] = (json.loads(path.read_text())["runs"] for path in (one, two))
+    assert single["splits"]["train"]["samples"] > 0
+    for split in ("train", "val"):
+        timing = ("samples_per_s",)
+        assert {k: v for k, v in double["splits"][split].items() if k not in timing} == {
+            k: v for k, v in single["splits"][split].items() if k not in timing}
+    assert _paper_table(one.with_suffix(".csv"))[1][2:] == _paper_table(two.with_suffix(".csv"))[1][2:]
+
+
+def test_validation_while_training_logs_each_split_and_keeps_the_best_checkpoint(shards, tiny_sam_checkpoint,
+                                                                                  tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "4", "--save-every", "4",
+                        "--eval-every", "2", "--eval-splits", "val,testA", "--eval-max-samples", "4")
+    assert svp_train([*flags, "--export", "best"]) == 0
+    series = training_series(run_dir)
+    for split in ("val", "testA"):
+        for metric in ("eval_ciou", "eval_giou"):
+            steps, values = series[f"{metric}/{split}"]
+            assert steps == [2, 4] and all(0 <= value <= 1 for value in values)
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    scores = {step: statistics.fmean(series[f"eval_ciou/{split}"][1][i] for split in ("val", "testA"))
+              for i, step in enumerate((2, 4))}
+    assert best["step"] == max(scores, key=lambda step: (scores[step], -step)) and best["metric"] == "ciou"
+    assert best["score"] == pytest.approx(scores[best["step"]], rel=1e-6)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in (checkpoints / "best").iterdir()) == sorted(
+        p.name for p in (checkpoints / "step_000004").iterdir())  # as complete as a step checkpoint
+    exported = load_file(str(run_dir / "export" / "trained.safetensors"))
+    kept = load_file(str(checkpoints / "best" / "model.safetensors"))
+    assert exported.keys() == kept.keys() and all(torch.equal(exported[k], kept[k]) for k in kept)
+    with Image.open(run_dir / "training_curves.png") as curves:
+        assert curves.height == 4 * 260  # four panels of 2.6 in at 100 dpi: loss, train-batch cIoU, validation, lr
+
+    assert svp_train([*train_flags(shards, tmp_path / "other", tiny_sam_checkpoint), "--export", "best"]) == 2
+    assert "--export best needs --eval-every N" in capsys.readouterr().err
 
 def test_eval_of_shards_with_only_a_train_split_is_refused_with_no_report(shards, tmp_path, capsys):
     manifest = json.loads((shards / "manifest.json").read_text())

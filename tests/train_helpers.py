@@ -4,6 +4,10 @@ faithful resume."""
 
 from __future__ import annotations
 
+import io
+import json
+import shutil
+import tarfile
 from pathlib import Path
 
 import torch
@@ -32,7 +36,25 @@ def assert_disjoint_keys(run_dir: Path, ranks: int) -> None:
 def tiny_train_config(shards: Path, run_dir: Path, sam: Path, **overrides) -> TrainConfig:
     """The in-process ``TrainConfig`` of a tiny CPU run on one shard (batch 2), with ``overrides``."""
     return TrainConfig(shards=str(shards / "train-000000.tar"), run_dir=run_dir, batch_size=2,
-                       model=ModelConfig(sam_checkpoint=str(sam), sam_model="tiny"), **overrides)
+                       **{"model": ModelConfig(sam_checkpoint=str(sam), sam_model="tiny"), **overrides})
+
+
+def one_sentence_shards(shards: Path, out: Path) -> Path:
+    """``shards``' first train shard (two images) with one sentence per image, its manifest beside it.
+
+    A batch of two is then the same two items at every step, whatever the seed of the shuffles and
+    of the sentence draw, so two runs of it see the same data step for step."""
+    out.mkdir(parents=True)
+    shutil.copy(shards / "manifest.json", out / "manifest.json")
+    with tarfile.open(shards / "train-000000.tar") as source, tarfile.open(out / "train-000000.tar", "w") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()
+            if member.name.endswith(".refs.json"):
+                first = json.loads(data)[0]
+                data = json.dumps([{**first, "sentences": first["sentences"][:1]}]).encode()
+                member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+    return out
 
 
 def assert_checkpoints(run_dir: Path, steps: list[int], ranks: int) -> None:

@@ -7,9 +7,11 @@ module that writes and reads it.
 - ``export/``: only the trained parts (projector, LoRA adapters, new token rows, [SEG] MLP, mask
   decoder) as safetensors plus the model config; loading it is strict: a key that is missing or
   unexpected is an error that lists it, never a silent partial load.
-- ``checkpoints/step_N``: the full training state (Accelerate's ``save_state``), which only ever
-  appears complete (``save_checkpoint``); ``resume_point`` chooses the one ``--resume`` starts from,
-  after checking it was made for the same model and holds nothing but plain data.
+- ``checkpoints/step_N``: the training state (Accelerate's ``save_state``): the trained tensors
+  only (``save_trained_weights_only``; the frozen weights come from the sources the run config
+  names), optimizer, schedule, RNG states and progress. It only ever appears complete
+  (``save_checkpoint``); ``resume_point`` chooses the one ``--resume`` starts from, after checking it
+  was made for the same model and holds nothing but plain data.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from pipeline.errors import SvpError
 
@@ -40,6 +44,8 @@ EXPORT_WEIGHTS = "trained.safetensors"
 EXPORT_CONFIG = "model_config.json"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "webdataset", "segment-anything", "ray")
 CHECKPOINTS = "checkpoints"
+# A checkpoint's trained tensors, under the name Accelerate gives a model's weights.
+CHECKPOINT_WEIGHTS = "model.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # A save in progress: renamed to step_N once every process has written its part (see save_checkpoint).
 _UNFINISHED = ".tmp"
@@ -90,11 +96,16 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def export_trained(model: torch.nn.Module, out_dir: Path, model_config: Any) -> Path:
+def _save_trained(model: nn.Module, path: Path) -> None:
+    """``model.trainable_state_dict()`` as safetensors, by the unwrapped model's parameter names."""
+    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in model.trainable_state_dict().items()},
+              str(path))
+
+
+def export_trained(model: nn.Module, out_dir: Path, model_config: Any) -> Path:
     """Save the trained parts only, plus the config needed to rebuild the rest from its sources."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.trainable_state_dict().items()}
-    save_file(state, str(out_dir / EXPORT_WEIGHTS))
+    _save_trained(model, out_dir / EXPORT_WEIGHTS)
     (out_dir / EXPORT_CONFIG).write_text(json.dumps(asdict(model_config), indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -109,20 +120,22 @@ def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return json.loads(config.read_text()), load_file(str(weights))
 
 
-# Model keys newer than some run directories, with the value those runs had.
-_ADDED_LATER = {"llm_training": "lora", "region_prompt": False, "gradient_checkpointing": False}
+def _unrecorded() -> dict[str, Any]:
+    """What a saved model config that lacks a key stands for, by ``ModelConfig``'s ``unrecorded`` metadata."""
+    from trainer.model import ModelConfig
+
+    return {f.name: f.metadata["unrecorded"] for f in fields(ModelConfig) if "unrecorded" in f.metadata}
 
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
     """Refuse to resume or load a checkpoint made for another model (another projector, flags or LLM).
 
-    The fields compared are those ``ModelConfig`` marks ``identifies_model``. A checkpoint written
-    before ``llm_training`` existed trained LoRA: its config lacks the key (likewise a missing
-    ``region_prompt`` means none, see ``_ADDED_LATER``)."""
+    The fields compared are those ``ModelConfig`` marks ``identifies_model``; a key ``saved`` lacks
+    counts as its field's ``unrecorded`` value."""
     from trainer.model import ModelConfig
 
     keys = [f.name for f in fields(ModelConfig) if f.metadata.get("identifies_model")]
-    saved = {**_ADDED_LATER, **saved}
+    saved = {**_unrecorded(), **saved}
     differences = [f"{k}: checkpoint {saved.get(k)!r} vs requested {current.get(k)!r}"
                    for k in keys if _normalise(saved.get(k)) != _normalise(current.get(k))]
     if differences:
@@ -134,10 +147,11 @@ def _normalise(value: Any) -> Any:
 
 
 def model_config_from_dict(data: dict[str, Any]):
-    """Rebuild a ``ModelConfig`` written with ``asdict`` (nested projector config, tuples)."""
+    """Rebuild a ``ModelConfig`` written with ``asdict`` (nested projector config, tuples); a key it
+    lacks counts as its field's ``unrecorded`` value, else its default."""
     from trainer.model import ModelConfig, ProjectorConfig
 
-    return ModelConfig(**{**_ADDED_LATER, **data, "projector": ProjectorConfig(**data["projector"]),
+    return ModelConfig(**{**_unrecorded(), **data, "projector": ProjectorConfig(**data["projector"]),
                           "lora_targets": tuple(data["lora_targets"])})
 
 
@@ -176,10 +190,45 @@ def ignored_saves(run_dir: Path) -> str:
     return f"ignored unfinished checkpoint saves: {', '.join(p.name for p in unfinished)}" if unfinished else ""
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
-    """Save the full training state as ``checkpoint`` such that it only ever appears complete.
+def save_trained_weights_only(accelerator: Accelerator) -> None:
+    """Make ``accelerator``'s ``save_state`` write, and its ``load_state`` load (strictly), only the trained
+    tensors of its one prepared model.
 
-    Every process writes into ``step_N.tmp`` (the main process model, optimizer and schedule; each
+    Left to itself Accelerate saves and loads the whole model: at a real LLM's size, gigabytes of
+    frozen weights per checkpoint that every run rebuilds from its sources anyway. Its state hooks take the
+    model out of its hands: on save, the main process writes ``trainable_state_dict()`` of the
+    unwrapped model (names without DDP's ``module.`` prefix, as in an export) to ``CHECKPOINT_WEIGHTS``
+    and Accelerate gets no model weights to write; on load, every process loads that file with
+    ``load_trainable_state_dict`` before Accelerate loads the rest, and Accelerate gets no model to
+    load. A file that cannot be read, or has a missing, unexpected or misshapen tensor, is a
+    CheckpointError, with nothing loaded.
+    """
+
+    def save(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+        (model,) = models
+        if accelerator.is_main_process:
+            _save_trained(accelerator.unwrap_model(model), Path(output_dir) / CHECKPOINT_WEIGHTS)
+        weights.clear()
+
+    def load(models: list[nn.Module], input_dir: str) -> None:
+        from trainer.model import TrainableStateError
+
+        (model,) = models
+        path = Path(input_dir) / CHECKPOINT_WEIGHTS
+        try:
+            accelerator.unwrap_model(model).load_trainable_state_dict(load_file(str(path)))
+        except (TrainableStateError, SafetensorError) as error:
+            raise CheckpointError(f"{path}: {error}; refused with nothing loaded") from None
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    """Save the training state as ``checkpoint`` such that it only ever appears complete.
+
+    Every process writes into ``step_N.tmp`` (the main process the trained weights, optimizer and schedule; each
     process its own RNG state), and once all have written, the main process renames it to
     ``step_N``: the rename is atomic, so a process killed mid-save leaves a ``.tmp`` that resume
     ignores, never a ``step_N`` it would load. A ``.tmp`` left by such a save is removed first, lest
@@ -224,6 +273,10 @@ def resume_point(config: TrainConfig) -> Path | None:
         ignored = ignored_saves(config.run_dir)
         raise CheckpointError(f"--resume: no complete checkpoint under {config.run_dir / CHECKPOINTS}"
                               + (f" ({ignored})" if ignored else ""))
+    if not (checkpoint / CHECKPOINT_WEIGHTS).is_file():
+        what = "holds no " + CHECKPOINT_WEIGHTS if checkpoint.is_dir() else "does not exist"
+        raise CheckpointError(f"--resume checkpoint {checkpoint} {what}: not a checkpoint written by `svp train` "
+                              f"(a {CHECKPOINTS}/step_N directory of a run)")
     saved = read_run_config(config.run_dir)
     check_same_model(saved.get("model", {}), _normalise(asdict(config.model)), f"--resume checkpoint {checkpoint}")
     check_plain_data(checkpoint)

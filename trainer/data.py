@@ -9,13 +9,18 @@ samples, a sample shuffle, decoding, batching and a ``WebLoader``. What is parti
 - a corrupt sample is skipped and counted (``batch["skipped"]``), never fatal: one bad image in a
   million must not end a multi-day run, but the run must be able to say how many it lost;
 - the per-image preprocessing (:func:`vision_inputs`, :func:`sam_inputs`) is public, so single-image
-  inference uses exactly what training used.
+  inference uses exactly what training used;
+- a sample may hold the refs of several (dataset, split)s (*sources*: an output of several REFER
+  datasets writes each image once). Read by source (``make_loader(sources=...)``), each source is a
+  stream of its own shards whose samples keep only that source's refs; training draws from the
+  streams by weight (a mixture), evaluation reads them one after the other.
 
 The shard bytes are read through :mod:`pipeline.shards` and :mod:`pipeline.images`, so the writer
 and this reader cannot disagree about the format.
 
 A batch (the contract with the model; B items, V = vision_size, S = sam_size):
-``keys``, ``sentences`` (REFER's normalised ``sent``), ``ref_ids``, ``sent_ids``, ``splits``: lists;
+``keys``, ``sentences`` (REFER's normalised ``sent``), ``ref_ids``, ``sent_ids``, ``datasets``, ``splits``:
+lists (``datasets``: each ref's dataset, "" where the shard's refs do not name it);
 ``pixel_values`` float32 (B,3,V,V); ``superpixels`` int64 (B,V,V) with labels 0..K'-1 and
 ``num_superpixels`` int64 (B,) = K'; ``sam_embeddings`` float32 (B,C,S/16,S/16) when every item
 has a stored embedding of that shape, else ``sam_pixels`` float32 (B,3,S,S); ``gt_masks`` float32
@@ -60,6 +65,9 @@ from pipeline.shards import (
     job_file_url,
     read_manifest,
     read_manifest_and_sha256,
+    resolve_source,
+    source_name,
+    source_shard_urls,
     split_shard_urls,
 )
 from pipeline.storage import StorageError, glob_urls, open_url
@@ -166,15 +174,67 @@ def _column(values: Sequence[float]) -> torch.Tensor:
 # Shard URLs
 
 
-def shard_urls(shards: str, split: str) -> list[str] | str:
-    """What to read for ``split``: ``shards`` itself when it names shards (a spec that
-    :func:`expand_urls` reads: a ``.tar``, a brace, glob or list spec, a ``pipe:`` command), else the
-    split's shards as the manifest of the shard root ``shards`` (a directory or prefix written by
-    ``svp precompute``) lists them."""
+def shard_urls(shards: str, split: str, sources: Sequence[str] | None = None) -> list[str] | str:
+    """What to read for ``split``, or for ``sources`` when given: ``shards`` itself when it names
+    shards (a spec that :func:`expand_urls` reads: a ``.tar``, a brace, glob or list spec, a ``pipe:``
+    command), else the shards that the manifest of the shard root ``shards`` (a directory or prefix
+    written by ``svp precompute``) lists for the split, or for any of the sources (``dataset/split``
+    or ``dataset/split:weight``, see :func:`parse_sources`), in manifest order."""
     names_shards = len(_split_specs(shards)) != 1 or _is_pipe(shards) or _is_glob(shards) or "{" in shards
     if names_shards or shards.endswith(".tar"):
         return shards
-    return split_shard_urls(shards, read_manifest(shards), split)
+    manifest = read_manifest(shards)
+    if not sources:
+        return split_shard_urls(shards, manifest, split)
+    wanted = {url for name, _ in parse_sources(sources) for url in source_shard_urls(shards, manifest, name)}
+    return [job_file_url(shards, shard["name"]) for shard in manifest["shards"]
+            if job_file_url(shards, shard["name"]) in wanted]
+
+
+def parse_sources(specs: Sequence[str]) -> list[tuple[str, float]]:
+    """``dataset/split[:weight]`` specs (``refcoco/train``, ``refcocog/train:2``) → (name, weight) pairs,
+    weight 1 where none is given. A bare split (``train``) names that split of an output of one dataset."""
+    parsed: list[tuple[str, float]] = []
+    for spec in specs:
+        name, _, weight = spec.strip().partition(":")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise DataError(f"source {spec!r}: the weight after ':' must be a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise DataError(f"source {spec!r}: the weight must be positive, got {weight}")
+        if not name or name in (n for n, _ in parsed):
+            raise DataError(f"source {spec!r} is empty or given twice in {', '.join(specs)}")
+        parsed.append((name, value))
+    if not parsed:
+        raise DataError("no source given")
+    return parsed
+
+
+def _source_shards(shards: Sequence[str], names: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """For each source of ``names``, the shards among ``shards`` that hold its images, as (URL, the
+    source's full name in their manifest), in the order given; read from the manifest beside them."""
+    manifests: dict[str, dict] = {}
+    found: dict[str, list[tuple[str, str]]] = {name: [] for name in names}
+    for url in shards:
+        directory = _parent(url)
+        if directory not in manifests:
+            try:
+                manifests[directory] = read_manifest(directory)
+            except ManifestError as exc:
+                raise DataError(f"reading shards by (dataset, split) needs the manifest beside them: {exc}") from None
+        manifest = manifests[directory]
+        held = next((s.get("sources", {}) for s in manifest["shards"] if s["name"] == posixpath.basename(url)), {})
+        for name in names:
+            full = resolve_source(name, manifest.get("sources", {}))
+            if full is not None and full in held:
+                found[name].append((url, full))
+    for name, urls in found.items():
+        if not urls:
+            present = sorted({source for manifest in manifests.values() for source in manifest.get("sources", {})})
+            raise DataError(f"no shard given holds images of {name!r}; their manifests list "
+                            f"{', '.join(present) or 'no (dataset, split)'}")
+    return found
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -310,6 +370,7 @@ class _Purpose(enum.IntEnum):
     SAMPLE_SHUFFLE = 1
     SENTENCE_DRAW = 2
     BATCH_ORDER = 3
+    SOURCE_MIX = 4
 
 
 def _worker_rng(seed: int, purpose: _Purpose, epoch: int) -> random.Random:
@@ -328,6 +389,38 @@ class _SampleShuffle(wds.PipelineStage):
     def run(self, samples: Iterable[dict]) -> Iterator[dict]:
         self.epoch += 1
         return wds.shuffle(self.bufsize, rng=_worker_rng(self.seed, _Purpose.SAMPLE_SHUFFLE, self.epoch))(samples)
+
+
+def _tag_source(samples: Iterable[dict], names: dict[str, str]) -> Iterator[dict]:
+    """Mark each sample with the source it is read for (``names``: by shard URL, the source's name in
+    that shard's manifest): the decoder keeps that source's refs only."""
+    for sample in samples:
+        sample["__source__"] = names[sample["__url__"]]
+        yield sample
+
+
+class _Mixture(torch.utils.data.IterableDataset):
+    """The samples of several sources' streams. Training: each next sample comes from a source drawn
+    with probability proportional to its weight (seeded per rank, worker and pass), and a pass ends
+    when a source runs out, so that every pass follows the weights. Evaluation: each source's
+    samples in turn."""
+
+    def __init__(self, streams: Sequence[wds.DataPipeline], weights: Sequence[float], seed: int,
+                 train: bool) -> None:
+        self.streams, self.weights, self.seed, self.train = list(streams), list(weights), seed, train
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        self.epoch += 1
+        iterators = [iter(stream) for stream in self.streams]
+        if not self.train:
+            return itertools.chain.from_iterable(iterators)
+        return self._draw(iterators, _worker_rng(self.seed, _Purpose.SOURCE_MIX, self.epoch))
+
+    def _draw(self, iterators: list[Iterator[dict]], rng: random.Random) -> Iterator[dict]:
+        indices = range(len(iterators))
+        while (sample := next(iterators[rng.choices(indices, self.weights)[0]], None)) is not None:
+            yield sample
 
 
 def item_length(item: dict) -> int:
@@ -415,6 +508,7 @@ class _Decoder(wds.PipelineStage):
                     "sentence": sentence["sent"],
                     "ref_id": int(ref["ref_id"]),
                     "sent_id": int(sentence["sent_id"]),
+                    "dataset": str(ref.get("dataset", "")),
                     "split": str(ref["split"]),
                     "gt_mask": targets[ref_index],
                     "full_mask": torch.from_numpy(masks[ref_index]),
@@ -432,10 +526,13 @@ class _Decoder(wds.PipelineStage):
             raise ValueError(f"meta.json says {meta['width']}x{meta['height']} but the image is {width}x{height}")
         labels = decode_label_map(sample["spx.png"])
         refs = json.loads(sample["refs.json"])
+        if "__source__" in sample:  # read for one source: the other sources' refs are not its targets
+            refs = [ref for ref in refs if source_name(ref["dataset"], ref["split"]) == sample["__source__"]]
         masks = [ref_mask(ref["segmentation"], height, width) for ref in refs]
         pairs = [(index, ref, sentence) for index, ref in enumerate(refs) for sentence in ref["sentences"]]
         if not pairs:
-            raise ValueError("no referring sentence")
+            raise ValueError(f"no referring sentence of {sample['__source__']}" if "__source__" in sample
+                             else "no referring sentence")
         blank = [sentence["sent_id"] for _, _, sentence in pairs if not str(sentence["sent"]).strip()]
         if blank:  # nothing to refer to: as a target it would teach the model to segment without a text
             pairs = [pair for pair in pairs if str(pair[2]["sent"]).strip()]
@@ -488,6 +585,7 @@ class _Decoder(wds.PipelineStage):
             "sentences": [item["sentence"] for item in items],
             "ref_ids": [item["ref_id"] for item in items],
             "sent_ids": [item["sent_id"] for item in items],
+            "datasets": [item["dataset"] for item in items],
             "splits": [item["split"] for item in items],
             "pixel_values": torch.stack([item["pixel_values"] for item in items]),
             "superpixels": torch.stack([item["superpixels"] for item in items]),
@@ -555,6 +653,7 @@ def make_loader(
     num_workers: int = 0,
     resampled: bool | None = None,
     epoch_samples: int | None = None,
+    sources: Sequence[str] | None = None,
 ) -> ShardLoader:
     """An iterable of batches (dicts, described in the module docstring) over the shards in ``urls``.
 
@@ -568,6 +667,14 @@ def make_loader(
     every (ref, sentence) once, and the last partial batch kept. The rank and world size come from
     ``RANK``/``WORLD_SIZE`` or an initialised ``torch.distributed`` (webdataset's
     ``pytorch_worker_info``), so do not also shard this loader with ``accelerator.prepare``.
+
+    ``sources`` (``dataset/split[:weight]``, :func:`parse_sources`): only the refs of these (dataset,
+    split)s are items. Each source reads the shards among ``urls`` that hold its images (the
+    manifest beside them says which) as a stream of its own, as above; training draws each next
+    sample from a source with probability proportional to its weight (:class:`_Mixture`, a pass
+    ending when a source runs out), evaluation reads the sources one after the other, a sample that
+    two of them share once for each. Without resampling, each process and DataLoader worker of a
+    training run needs a shard of every source.
     """
     shards = expand_urls(urls)
     resampled = train if resampled is None else resampled
@@ -575,22 +682,26 @@ def make_loader(
         raise ValueError("epoch_samples is for training: evaluation reads every (ref, sentence) exactly once")
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()
     decoder = _Decoder(config, train)
-    if resampled:
-        stages: list[Any] = [wds.ResampledShards(shards, seed=config.seed, deterministic=True)]
+    if sources is None:
+        stages: list[Any] = _read_stages(shards, config.seed, train, resampled)
+        expect_batches = resampled or len(shards) > rank
     else:
-        stages = [wds.SimpleShardList(shards)]
-        if train:
-            stages.append(wds.detshuffle(len(shards), initial=len(shards), seed=config.seed))
-        stages += [wds.split_by_node, wds.split_by_worker]
-    stages += [
-        _open_shards,
-        functools.partial(tar_file_expander, handler=_log_shard_error),
-        functools.partial(group_by_keys, handler=_log_shard_error),
-    ]
+        weights = dict(parse_sources(sources))
+        by_source = _source_shards(shards, list(weights))
+        readers = world_size * max(1, num_workers)
+        short = [name for name, held in by_source.items() if len(held) < readers]
+        if train and not resampled and short:
+            raise DataError(f"{', '.join(short)}: fewer shards than the {readers} readers (processes x DataLoader "
+                            f"workers), each of which needs a shard of every source; use fewer workers")
+        streams = [wds.DataPipeline(*_read_stages([url for url, _ in held], wds.utils.make_seed(config.seed, index),
+                                                  train, resampled),
+                                    functools.partial(_tag_source, names=dict(held)))
+                   for index, held in enumerate(by_source.values())]
+        stages = [_Mixture(streams, list(weights.values()), config.seed, train)]
+        expect_batches = resampled or any(len(held) > rank for held in by_source.values())
     if train:
-        stages.append(_SampleShuffle(config.shuffle_buffer, config.seed))
-    if train:
-        stages += [decoder, _LengthGroupedBatches(batch_size, config.length_group, config.seed, decoder.collate)]
+        stages += [_SampleShuffle(config.shuffle_buffer, config.seed), decoder,
+                   _LengthGroupedBatches(batch_size, config.length_group, config.seed, decoder.collate)]
     else:
         stages += [decoder, wds.batched(batch_size, collation_fn=decoder.collate, partial=True)]
     pipeline = wds.DataPipeline(*stages)
@@ -598,5 +709,23 @@ def make_loader(
         per_worker = math.ceil(epoch_samples / (batch_size * world_size * max(1, num_workers)))
         pipeline = pipeline.with_epoch(per_worker)
     source = urls if isinstance(urls, str) else f"{len(shards)} shards from {shards[0]}"
-    return ShardLoader(pipeline, num_workers=num_workers, source=source,
-                       expect_batches=resampled or len(shards) > rank)
+    if sources is not None:
+        source += f" ({', '.join(sources)})"
+    return ShardLoader(pipeline, num_workers=num_workers, source=source, expect_batches=expect_batches)
+
+
+def _read_stages(shards: list[str], seed: int, train: bool, resampled: bool) -> list[Any]:
+    """Shard URLs → samples: which shards this rank and worker read, in which order, and their
+    samples as dicts of raw members."""
+    if resampled:
+        stages: list[Any] = [wds.ResampledShards(shards, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(shards)]
+        if train:
+            stages.append(wds.detshuffle(len(shards), initial=len(shards), seed=seed))
+        stages += [wds.split_by_node, wds.split_by_worker]
+    return stages + [
+        _open_shards,
+        functools.partial(tar_file_expander, handler=_log_shard_error),
+        functools.partial(group_by_keys, handler=_log_shard_error),
+    ]

@@ -11,37 +11,85 @@ Masks are compared at the original image resolution.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import math
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
+from accelerate import PartialState
 from accelerate.utils import gather_object
 
+from pipeline.shards import source_shard_urls, split_shard_urls
 from trainer.data import DataConfig, DataError, make_loader
 
+# The order the RIS papers print their columns in.
+DATASET_ORDER = ("refcoco", "refcoco+", "refcocog")
+SPLIT_ORDER = ("val", "test", "testA", "testB", "testC")
 
-def evaluate(model: torch.nn.Module, split_urls: dict[str, list[str]], data_config: DataConfig, *,
-             batch_size: int = 8, accelerator: Accelerator | None = None,
-             max_samples: int | None = None) -> dict[str, dict]:
-    """Evaluate ``model`` on every split of ``split_urls`` ({split name: shard URLs})."""
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """What one column of the evaluation reads: the shards holding the split's images, and the
+    (dataset, split) whose refs are scored where those shards also hold other datasets' refs."""
+
+    urls: list[str]
+    source: str | None = None  # ``refcocog/val`` in an output of several datasets; None: every ref read
+
+
+def evaluation_splits(root: str, manifest: dict, names: Sequence[str] | None = None) -> dict[str, EvalSplit]:
+    """{name: what to read} for ``names`` of the precompute output at ``root``, or by default for every
+    (dataset, split) but the training ones, in the order the papers print them. An output of one
+    dataset names its splits as REFER spells them (``val``, ``testA``); one of several names each
+    (dataset, split) (``refcoco/val``, ``refcocog/test``)."""
+    several = "," in str(manifest.get("config", {}).get("dataset", ""))
+    if names is None:  # what the shards hold, whatever else the manifest counts
+        present = {source for shard in manifest["shards"] for source in shard.get("sources", [shard["split"]])}
+        if not several:
+            present = [name.rsplit("/", 1)[-1] for name in present]
+        names = sorted((n for n in present if n.rsplit("/", 1)[-1] != "train"), key=_paper_order)
+    return {name: EvalSplit(source_shard_urls(root, manifest, name) if "sources" in manifest
+                            else split_shard_urls(root, manifest, name), name if several else None)
+            for name in names}
+
+
+def _paper_order(name: str) -> tuple[int, int, str]:
+    dataset, _, split = name.rpartition("/")
+    return _rank(DATASET_ORDER, dataset), _rank(SPLIT_ORDER, split), name
+
+
+def _rank(order: Sequence[str], value: str) -> int:
+    return order.index(value) if value in order else len(order)
+
+
+def evaluate(model: torch.nn.Module, splits: dict[str, EvalSplit], data_config: DataConfig, *,
+             batch_size: int = 8, max_samples: int | None = None) -> dict[str, dict]:
+    """Evaluate ``model`` on every split of ``splits`` (:func:`evaluation_splits`).
+
+    Under ``torchrun``/``accelerate launch`` each process reads its own shards (the loader splits
+    them by rank) and the per-sample records of all processes are gathered before they are summed,
+    so N processes report the same cIoU and gIoU as one; ``max_samples`` then counts per process."""
     model.eval()
-    return {split: _evaluate_split(model, urls, data_config, batch_size, accelerator, max_samples)
-            for split, urls in split_urls.items()}
+    return {name: _evaluate_split(model, split, data_config, batch_size, max_samples)
+            for name, split in splits.items()}
 
 
 @torch.no_grad()
-def _evaluate_split(model, urls, data_config, batch_size, accelerator, max_samples) -> dict:
+def _evaluate_split(model, split: EvalSplit, data_config, batch_size, max_samples) -> dict:
     started = time.perf_counter()
     records: list[dict] = []
-    with contextlib.closing(make_loader(urls, data_config, train=False, batch_size=batch_size)) as loader:
+    sources = [split.source] if split.source is not None else None
+    with contextlib.closing(make_loader(split.urls, data_config, train=False, batch_size=batch_size,
+                                        sources=sources)) as loader:
         for batch in loader:
             records.extend(_score_batch(model, batch))
             if max_samples is not None and len(records) >= max_samples:
                 break
     seconds = time.perf_counter() - started
-    if accelerator is not None and accelerator.num_processes > 1:
+    if PartialState().num_processes > 1:
         records = gather_object(records)
     return summarise(records, seconds)
 
@@ -71,7 +119,7 @@ def summarise(records: list[dict], seconds: float) -> dict:
         "samples": len(records),
         "images": len(tokens),
         "ciou": sum(r["intersection"] for r in records) / max(sum(r["union"] for r in records), 1),
-        "giou": sum(ious) / len(ious),
+        "giou": math.fsum(ious) / len(ious),  # fsum: exact, so the order records were gathered in cannot matter
         "all_foreground_ciou": sum(r["target"] for r in records) / max(sum(r["pixels"] for r in records), 1),
         "tokens_mean": statistics.fmean(tokens),
         "tokens_median": statistics.median(tokens),
@@ -89,3 +137,43 @@ def format_table(results: dict[str, dict], title: str) -> str:
         lines.append(f"{split:<22}{r['ciou']:>8.4f}{r['giou']:>8.4f}{r['all_foreground_ciou']:>13.4f}{tokens:>22}"
                      f"{r['samples']:>9}{r['samples_per_s']:>11.1f}")
     return "\n".join(lines)
+
+
+def paper_rows(reports: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of ``svp eval`` reports laid out as the RIS papers do: a row per run, then
+    cIoU for every split, then gIoU for every split, and the run's visual tokens per image (the
+    mean over the splits' images). Every report must hold the same splits."""
+    splits = list(reports[0]["splits"])
+    header = ["run", "projector", *(f"cIoU {s}" for s in splits), *(f"gIoU {s}" for s in splits), "tokens/image"]
+    rows = []
+    for report in reports:
+        results = [report["splits"][split] for split in splits]
+        images = sum(r["images"] for r in results)
+        tokens = sum(r["tokens_mean"] * r["images"] for r in results) / max(images, 1)
+        rows.append([report["run"], report["projector"], *(f"{100 * r['ciou']:.1f}" for r in results),
+                     *(f"{100 * r['giou']:.1f}" for r in results), f"{tokens:.1f}"])
+    return header, rows
+
+
+def paper_csv(reports: Sequence[dict]) -> str:
+    """:func:`paper_rows` as CSV (IoUs in percent, as the papers print them)."""
+    header, rows = paper_rows(reports)
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header, *rows])
+    return text.getvalue()
+
+
+def paper_markdown(reports: Sequence[dict]) -> str:
+    """:func:`paper_rows` as a Markdown table, ready for a README or a paper draft."""
+    header, rows = paper_rows(reports)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def paper_table(reports: Sequence[dict]) -> str:
+    """:func:`paper_rows` aligned for a terminal."""
+    header, rows = paper_rows(reports)
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
+                                enumerate(zip(line, widths))) for line in [header, *rows])

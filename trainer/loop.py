@@ -30,11 +30,13 @@ from trainer.checkpoint import (
     ignored_saves,
     resume_point,
     save_checkpoint,
+    save_trained_weights_only,
     write_run_config,
 )
 from trainer.data import DataConfig, DataError, ShardLoader, describe_shards, make_loader
 from trainer.model import ModelConfig, SegmentationMLLM
 from trainer.plots import training_curves
+from trainer.validation import Validation, best_weights, eval_splits
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,12 @@ class TrainConfig:
     run_dir: Path = field(metadata={"help": "where logs, checkpoints and the export go"})
     train_split: str = field(default="train", metadata={"help": (
         "split read from the manifest when --shards is a directory")})
+    train_splits: tuple[str, ...] | None = field(default=None, metadata={"help": (
+        "train on a mixture of the (dataset, split)s of the output --shards names, comma-separated "
+        "dataset/split[:weight] (refcoco/train,refcoco+/train,refcocog/train:2; weight 1 if omitted; a bare split "
+        "in an output of one dataset): each sample is drawn from a source with probability proportional to its "
+        "weight, and only that source's refs are targets, so an image shared with an evaluation split never "
+        "trains on that split's refs; replaces --train-split")})
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = field(default=4, metadata={"help": "samples per process per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -62,7 +70,8 @@ class TrainConfig:
     clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: off)"})
     mixed_precision: str = field(default="no", metadata={"choices": ("no", "bf16", "fp16"), "help": (
         "Accelerate mixed precision; bf16 on recent GPUs")})
-    save_every: int = field(default=100, metadata={"help": "save the full training state every N steps"})
+    save_every: int = field(default=100, metadata={"help": (
+        "save the training state (trained weights, optimizer, schedule, RNG) every N steps")})
     log_every: int = field(default=10, metadata={"help": "log to TensorBoard every N steps"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per training process"})
     length_group: int = field(default=DataConfig.length_group, metadata={"help": (
@@ -75,6 +84,21 @@ class TrainConfig:
         "restarts set)")})
     record_keys: bool = field(default=False, metadata={"help": (
         "write the sample keys each process trained on to RUN_DIR/keys_rank{N}.txt (audits data splits)")})
+    eval_every: int = field(default=0, metadata={"help": (
+        "validate every N steps and at the last: cIoU/gIoU of each --eval-splits split to TensorBoard and "
+        "training_curves.png, the best so far kept as checkpoints/best (0: no validation)")})
+    eval_splits: tuple[str, ...] = field(default=("val",), metadata={"help": (
+        "comma-separated splits of --shards' manifest that --eval-every evaluates")})
+    eval_max_samples: int | None = field(default=None, metadata={"help": (
+        "samples per split per process at each validation; omitted: every sample")})
+    best_metric: str = field(default="ciou", metadata={"choices": ("ciou", "giou"), "help": (
+        "what makes checkpoints/best the best: this metric's mean over --eval-splits")})
+    export: str = field(default="last", metadata={"choices": ("last", "best"), "help": (
+        "which trained weights export/ holds: the last step's, or checkpoints/best's (needs --eval-every)")})
+
+    def __post_init__(self) -> None:
+        if self.export == "best" and self.eval_every <= 0:
+            raise ValueError("--export best needs --eval-every N: without validation there is no best checkpoint")
 
 
 # Called on every process at each log or save step, with the step's metrics (always "step") and the
@@ -130,6 +154,7 @@ def setup_training(config: TrainConfig) -> Training:
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps * accelerator.num_processes,
                                                 config.max_steps * accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    save_trained_weights_only(accelerator)
     progress = _Progress()
     accelerator.register_for_checkpointing(progress)
     if resume_from is not None:
@@ -151,7 +176,10 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
                              use_sam_embeddings=embeddings_match(run.shards, config.model))
     # Not resampled: each process reads its own shards (disjoint across processes), pass after pass.
     loader = make_loader(config.shards, data_config, train=True, batch_size=config.batch_size,
-                         num_workers=config.num_workers, resampled=False)
+                         num_workers=config.num_workers, resampled=False, sources=config.train_splits)
+    validation = (Validation.of_run(config.run_dir, eval_splits(run.shards, config.eval_splits),
+                                    config.eval_every, config.eval_max_samples, config.best_metric, config.batch_size)
+                  if config.eval_every > 0 else None)
     keys_file = _keys_file(config, accelerator)
     skipped, window, started = 0, [], time.perf_counter()
     waited = 0.0  # seconds spent waiting for the loader since the last log
@@ -187,6 +215,11 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
             if progress.step % config.save_every == 0 or progress.step == config.max_steps:
                 checkpoint = config.run_dir / CHECKPOINTS / f"step_{progress.step:06d}"
                 save_checkpoint(accelerator, checkpoint)
+            if validation is not None and validation.due(progress.step, config.max_steps):
+                scores = validation.scores(accelerator.unwrap_model(model), data_config)
+                accelerator.log(scores, step=progress.step)
+                metrics = {**metrics, **scores}
+                validation.keep_if_best(accelerator, config.run_dir, progress.step, scores)
             if report is not None and (metrics or checkpoint is not None):
                 report({"step": progress.step, **metrics}, checkpoint)
     bar.close()
@@ -194,6 +227,8 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
         keys_file.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if config.export == "best":
+            accelerator.unwrap_model(model).load_trainable_state_dict(best_weights(config.run_dir))
         export_trained(accelerator.unwrap_model(model), config.run_dir / "export", config.model)
     accelerator.end_training()  # flushes and closes the event files the curves are read from
     if accelerator.is_main_process:

@@ -18,6 +18,7 @@ from pipeline.plotting import pyplot, save_figure
 TENSORBOARD_DIR = "tensorboard"  # Accelerate's tracker writes RUN/tensorboard/events.out.tfevents.*
 LOSS_TAGS = ("loss", "ce_loss", "bce_loss", "dice_loss", "region_loss")
 CIOU_TAG = "train_batch_ciou"
+VALIDATION_TAGS = ("eval_ciou/", "eval_giou/")  # + split: what --eval-every logs (trainer.validation)
 LR_TAG = "lr"
 CURVES_FILE = "training_curves.png"
 
@@ -53,11 +54,13 @@ def training_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def training_curves(run_dir: Path) -> Path:
-    """Draw ``RUN/training_curves.png``: the loss terms, train-batch cIoU and learning rate against
-    the step, exactly as :func:`training_series` reads them; return its path."""
+    """Draw ``RUN/training_curves.png``: the loss terms, train-batch cIoU, validation cIoU/gIoU per
+    split (with ``--eval-every``) and learning rate against the step, exactly as
+    :func:`training_series` reads them; return its path."""
     series = training_series(run_dir)
     panels = [("loss", [tag for tag in LOSS_TAGS if tag in series], "linear"),
               ("train-batch cIoU", [CIOU_TAG] if CIOU_TAG in series else [], "linear"),
+              ("validation IoU", [tag for tag in series if tag.startswith(VALIDATION_TAGS)], "linear"),
               ("learning rate", [LR_TAG] if LR_TAG in series else [], "log")]
     panels = [panel for panel in panels if panel[1]]
     if not panels:
@@ -80,27 +83,29 @@ def training_curves(run_dir: Path) -> Path:
     return save_figure(figure, run_dir / CURVES_FILE)
 
 
-def eval_chart(report: dict, path: Path) -> Path:
-    """A bar chart of an ``svp eval`` report: cIoU and gIoU per split, with the all-foreground
-    cIoU (predicting every pixel: the floor a model must clear) beside them."""
-    splits = report.get("splits") or {}
+def eval_chart(reports: list[dict], path: Path) -> Path:
+    """A bar chart of ``svp eval`` reports on the same splits: each run's cIoU and gIoU per split,
+    with the all-foreground cIoU (predicting every pixel: the floor a model must clear) beside them."""
+    splits = reports[0].get("splits") if reports else None
     if not splits:
         raise PlotError("the evaluation report has no splits to chart")
     plt = pyplot()
     names = list(splits)
-    bars = [("cIoU", "ciou"), ("gIoU", "giou"), ("all-foreground cIoU", "all_foreground_ciou")]
+    bars = [(report, f"{Path(report.get('run', '')).name} {label}" if len(reports) > 1 else label, key)
+            for report in reports for label, key in (("cIoU", "ciou"), ("gIoU", "giou"))]
+    bars.append((reports[0], "all-foreground cIoU", "all_foreground_ciou"))
     width = 0.8 / len(bars)
-    figure, axis = plt.subplots(figsize=(1.2 + 1.6 * len(names), 3.8))
-    for offset, (label, key) in enumerate(bars):
+    figure, axis = plt.subplots(figsize=(1.2 + (0.8 + 0.4 * len(bars)) * len(names), 3.8))
+    for offset, (report, label, key) in enumerate(bars):
         positions = [i + (offset - (len(bars) - 1) / 2) * width for i in range(len(names))]
-        drawn = axis.bar(positions, [splits[name][key] for name in names], width, label=label)
+        drawn = axis.bar(positions, [report["splits"][name][key] for name in names], width, label=label)
         axis.bar_label(drawn, fmt="%.3f", fontsize=7)
     axis.set_xticks(range(len(names)), names)
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("IoU")
-    source = report.get("source", {})
-    axis.set_title(f"{source.get('dataset', '')} ({source.get('split_by', '')}), projector "
-                   f"{report.get('projector', '?')}", fontsize=10)
+    source = reports[0].get("source", {})
+    projectors = ", ".join(report.get("projector", "?") for report in reports)
+    axis.set_title(f"{source.get('dataset', '')} ({source.get('split_by', '')}), projector {projectors}", fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
     return save_figure(figure, path)

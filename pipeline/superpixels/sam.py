@@ -16,6 +16,10 @@ grid, three multimask outputs per point, predicted-IoU filter, stability score, 
 - masks stay tensors on the device from the decoder to the partition: no RLE round trip, no
   ``MaskData.cat`` copies, no Python loop over masks; on a GPU the encoder and decoder run under
   bf16 autocast.
+
+A caller that has already run SAM's image encoder on the images (``svp predict``, whose mask head
+needs the same embedding) builds the backend around that encoder (``image_encoder``) and hands it
+the embeddings (:meth:`SamSuperpixels.from_embeddings`): the encoder runs once per image, not twice.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from segment_anything.modeling import ImageEncoderViT
 from segment_anything.utils.amg import batched_mask_to_box, build_all_layer_point_grids, calculate_stability_score
 from torchvision.ops import batched_nms
 
@@ -41,12 +46,14 @@ class SamSuperpixels(SuperpixelBackend):
     """SAM automatic masks → partition, for a batch of images at a time."""
 
     def __init__(self, options: SamOptions, partition: PartitionConfig, device: str | torch.device = "cpu",
-                 timer: StageTimer | None = None) -> None:
+                 timer: StageTimer | None = None, image_encoder: ImageEncoderViT | None = None) -> None:
+        """``image_encoder``: one already in memory with the checkpoint's encoder weights, used instead
+        of loading another (see :func:`pipeline.sam_model.build_sam`)."""
         super().__init__(timer)
         self.options = options
         self.partition = partition
         self.device = torch.device(device)
-        self.sam = build_sam(options.sam_model, options.sam_checkpoint, self.device)
+        self.sam = build_sam(options.sam_model, options.sam_checkpoint, self.device, image_encoder)
         self.encoder = SamImageEncoder(self.sam, options.images_per_batch, self.device)
         self.transform = self.encoder.transform
         (self.point_grid,) = build_all_layer_point_grids(options.points_per_side, 0, 1)
@@ -54,8 +61,19 @@ class SamSuperpixels(SuperpixelBackend):
     def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
         """The encoder and mask decoder count as ``superpixels``; the embedding they share is
         free here, so ``embeddings`` is only its copy to the host."""
+        return self._partitions(self._generate(images))
+
+    def from_embeddings(self, images: Sequence[np.ndarray], embeddings: torch.Tensor) -> list[SuperpixelResult]:
+        """What ``self(images)`` gives, from ``embeddings`` (N, C, S/16, S/16) that this SAM's image
+        encoder made of ``images`` (SAM's preprocessing: resize, normalise, pad), so it does not run."""
+        if len(embeddings) != len(images):
+            raise ValueError(f"{len(embeddings)} SAM embeddings for {len(images)} images")
+        return self._partitions(self._given(images, embeddings.to(self.device)))
+
+    def _partitions(self, generated: Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]) -> list[SuperpixelResult]:
+        """Each image's masks → its partition (and its stored embedding when asked for)."""
         results = []
-        for image, masks, embedding in self.timer.timed("superpixels", self._generate(images)):
+        for image, masks, embedding in self.timer.timed("superpixels", generated):
             with self.timer.stage("partition"):
                 painted = paint_masks(masks).cpu().numpy()
                 labels = partition_at_working_resolution(painted, image.shape[:2], self.partition)
@@ -75,7 +93,20 @@ class SamSuperpixels(SuperpixelBackend):
     def _generate(self, images: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """(image, masks, embedding) per image; encoder and decoder see ``images_per_batch`` images at once."""
         for chunk, embeddings in self.encoder.batches(images):
-            yield from zip(chunk, self._masks(embeddings, [image.shape[:2] for image in chunk]), embeddings)
+            yield from self._with_masks(chunk, embeddings)
+
+    @torch.inference_mode()
+    def _given(self, images: Sequence[np.ndarray],
+               embeddings: torch.Tensor) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """As :meth:`_generate`, the encoder's work already done: the decoder still sees
+        ``images_per_batch`` images at once."""
+        step = self.options.images_per_batch
+        for start in range(0, len(images), step):
+            yield from self._with_masks(images[start : start + step], embeddings[start : start + step])
+
+    def _with_masks(self, images: Sequence[np.ndarray],
+                    embeddings: torch.Tensor) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        return zip(images, self._masks(embeddings, [image.shape[:2] for image in images]), embeddings)
 
     def _masks(self, embeddings: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """Points grids → decoder → IoU filter → upsample survivors → stability → boxes → NMS, per image."""

@@ -7,6 +7,8 @@ predicts, so no upsampling enters the training step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -14,10 +16,18 @@ IGNORE_INDEX = -100
 DICE_EPS = 1.0  # smoothing: an empty target and an empty prediction score a Dice loss of 0, not NaN
 
 
-def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE over the labelled (answer) positions; position t predicts label t+1."""
-    shifted = logits[:, :-1].flatten(0, 1).float()
-    return F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+def answer_ce(hidden: torch.Tensor, labels: torch.Tensor,
+              lm_head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Next-token CE over the labelled (answer) positions; position t predicts label t+1.
+
+    ``hidden`` (B, L, D) is the LLM's last hidden state, ``labels`` (B, L) IGNORE_INDEX but on the
+    answer. Only the rows that predict a label go through ``lm_head``: the logits of a whole
+    sequence would cost B·L·vocab floats (in float32 for the softmax) for a handful of answer
+    tokens. The mean over those rows equals the full-sequence CE with ``ignore_index``.
+    """
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    return F.cross_entropy(lm_head(hidden[:, :-1][labelled]).float(), targets[labelled])
 
 
 def mask_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -63,6 +63,8 @@ _TINY_LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num
 # export is only resumed or loaded into a model whose config agrees on every such field
 # (``trainer.checkpoint.check_same_model``); the others (loss weights, LoRA alpha, ...) may change.
 _IDENTIFIES = {"identifies_model": True}
+# ``unrecorded`` in a field's metadata: what a saved config (``run_config.json``, an export's
+# ``model_config.json``) that lacks the key stands for; lacking another identifying key, it is another model's.
 
 
 @dataclass
@@ -86,11 +88,12 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={**_IDENTIFIES, "help": (
         "comma-separated LLM modules that get LoRA, or all-linear (every linear layer of the decoder but the LM "
         "head, as peft names it)")})
-    llm_training: str = field(default="lora", metadata={**_IDENTIFIES, "choices": LLM_TRAINING, "help": (
+    llm_training: str = field(default="lora", metadata={
+        **_IDENTIFIES, "unrecorded": "lora", "choices": LLM_TRAINING, "help": (
         "lora: LoRA adapters on --lora-targets, the LLM frozen (for pretrained LLMs); full: every LLM weight "
         "trains, in float32, no LoRA (for a random-initialised LLM such as tiny, which has nothing for adapters "
         "to adapt)")})
-    region_prompt: bool = field(default=True, metadata={**_IDENTIFIES, "help": (
+    region_prompt: bool = field(default=True, metadata={**_IDENTIFIES, "unrecorded": False, "help": (
         "[SEG] also scores every visual token, and the tokens' image regions (superpixels, or grid cells for "
         "mlp/pool) painted with those scores become SAM's mask prompt; --no-region-prompt: the [SEG] sparse "
         "prompt alone")})
@@ -132,7 +135,7 @@ class _Forward(NamedTuple):
     """One forward pass, before any loss: what training scores and prediction returns."""
 
     mask_logits: torch.Tensor  # (B, 1, S/4, S/4)
-    lm_logits: torch.Tensor  # (B, L, vocab)
+    hidden: torch.Tensor  # (B, L, D): the LLM's last hidden state (after its final norm)
     labels: torch.Tensor  # (B, L), IGNORE_INDEX but on the answer
     num_tokens: torch.Tensor  # (B,) visual tokens per sample
     region_logits: torch.Tensor | None  # the region prompt's mask logits; None without it
@@ -255,7 +258,7 @@ class SegmentationMLLM(nn.Module):
     def forward(self, batch: dict[str, Any]) -> ModelOutput:
         """Losses and low-res mask logits of a collated batch (see ``trainer.data``)."""
         run = self._run(batch)
-        ce = answer_ce(run.lm_logits, run.labels)
+        ce = answer_ce(run.hidden, run.labels, self.causal_lm().get_output_embeddings())
         targets = batch["gt_masks"].to(self.device)[:, None]
         bce, dice = mask_bce(run.mask_logits, targets), mask_dice(run.mask_logits, targets)
         region = mask_bce(run.region_logits, targets) if run.region_logits is not None else bce.new_zeros(())
@@ -279,10 +282,11 @@ class SegmentationMLLM(nn.Module):
             batch["superpixels"].to(device), batch["num_superpixels"].to(device),
         )
         sequences = self._splice(batch["sentences"], tokens, valid)
-        out = self.llm(inputs_embeds=sequences.embeds, attention_mask=sequences.attention_mask,
-                       position_ids=self._positions(sequences.attention_mask), output_hidden_states=True)
+        hidden = self.causal_lm().get_decoder()(
+            inputs_embeds=sequences.embeds, attention_mask=sequences.attention_mask,
+            position_ids=self._positions(sequences.attention_mask), use_cache=False,
+        ).last_hidden_state
         dtype = self.seg_mlp[0].weight.dtype  # only the rows read below are cast, not the whole sequence
-        hidden = out.hidden_states[-1]
         rows = torch.arange(len(tokens), device=device)
         seg_hidden = hidden[rows, sequences.seg_positions].to(dtype)
         prompts = self.seg_mlp(seg_hidden)[:, None]
@@ -298,7 +302,13 @@ class SegmentationMLLM(nn.Module):
         else:
             embeddings = self.mask_head.image_embeddings(batch["sam_pixels"].to(device))
         masks = self.mask_head(embeddings, prompts, mask_prompt)
-        return _Forward(masks, out.logits, sequences.labels, valid.sum(1), mask_prompt)
+        return _Forward(masks, hidden, sequences.labels, valid.sum(1), mask_prompt)
+
+    def causal_lm(self) -> PreTrainedModel:
+        """The HF causal LM, LoRA layers included: its decoder body (``get_decoder``) and LM head
+        (``get_output_embeddings``, with the trained ``[SEG]`` row) are called apart, so that the head
+        runs on the labelled rows only (``answer_ce``), not on every position of the sequence."""
+        return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
 
     @staticmethod
     def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -307,6 +307,10 @@ class Projector(nn.Module):
     """Vision features → LLM tokens. Subclasses decide which tokens (:meth:`compress`); all then
     share the same 2-layer MLP to the LLM width, so the kinds differ only in what they compress."""
 
+    # Whether the tokens depend on the superpixel labels (not only on the label map's shape): an
+    # image for a projector that reads none needs no superpixels made (``trainer.predict``).
+    reads_superpixels = False
+
     def __init__(self, vision_dim: int, llm_dim: int) -> None:
         super().__init__()
         self.mlp = _two_layer_mlp(vision_dim, llm_dim)
@@ -376,6 +380,8 @@ class SemanticProjector(Projector):
 
     With neither SSPE nor SSA this is the "superpixel pooling only" rung of the ablation ladder.
     """
+
+    reads_superpixels = True
 
     def __init__(self, vision_dim: int, llm_dim: int, config: ProjectorConfig) -> None:
         super().__init__(vision_dim, llm_dim)
