@@ -22,7 +22,6 @@ full results under ``parts``) and ``RESULTS/<part>.json``.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -41,15 +40,9 @@ from bench.common import (
 PARTS = (tokens, train_step, precompute, accuracy)
 
 
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else ""
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(PARTS, argv, "python -m bench", __doc__.split("\n")[0])
-    commit = git_commit()  # the code that runs: read before the parts, while which HEAD may move
-    before = machine_load(args)
+    before = machine_load(args)  # and the commit of the code that runs, read before HEAD may move
     started = time.perf_counter()
     parts = run_parts(PARTS, args)
     load = os.getloadavg()
@@ -57,7 +50,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "device": describe_device(args.device),
         "preset": args.preset,
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
-        "git_commit": commit,
         "date": time.strftime("%Y-%m-%d"),
         "seconds": time.perf_counter() - started,
         # What shrank from the full preset and what each cIoU rests on, beside the figures it qualifies.

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -200,8 +201,8 @@ def run_alone(part: ModuleType, argv: Sequence[str] | None) -> dict:
 
 
 def machine_load(args: argparse.Namespace) -> dict:
-    """The load average before a run, printed with the results to come; a busy machine is refused
-    (``SystemExit``) unless ``--allow-busy``, and the returned record then says it was busy."""
+    """The load average before a run, printed with the results to come, and the commit that runs; a
+    busy machine is refused (``SystemExit``) unless ``--allow-busy``, and the record then says it was busy."""
     load = os.getloadavg()
     busy = load[0] >= QUIET_LOAD
     print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
@@ -210,7 +211,13 @@ def machine_load(args: argparse.Namespace) -> dict:
         raise SystemExit(f"bench: the machine is busy (1-minute load average {load[0]:.2f} >= {QUIET_LOAD}): figures "
                          f"measured beside another job are noise. Wait until it is quiet, or pass --allow-busy (the "
                          f"results then say the machine was busy)")
-    return {"load_average_before": [round(value, 2) for value in load], "busy": busy}
+    return {"load_average_before": [round(value, 2) for value in load], "busy": busy, "git_commit": git_commit()}
+
+
+def git_commit() -> str:
+    """The commit of the code that runs ('' outside a git checkout), for the results it produces."""
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else ""
 
 
 def write_json(path: Path, data: dict) -> None:

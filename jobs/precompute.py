@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +54,6 @@ from pipeline.superpixels import BACKENDS
 from pipeline.superpixels.base import BackendConfigError, SamOptions
 from pipeline.superpixels.spec import BackendSpec
 from pipeline.timing import STAGES
-
-ACTOR_MAX_RESTARTS = -1  # a dead worker is always replaced ...
-TASK_MAX_RETRIES = 2  # ... but a shard that kills its worker three times is recorded as failed
 
 
 @dataclass(frozen=True)
@@ -215,35 +211,13 @@ def _connect_ray(workers: int, cluster: ray_cluster.RayOptions) -> float:
     return ray_cluster.gpus_per_worker(cluster.gpus_per_worker, workers, "--workers", share=True)
 
 
-def _worker_device() -> str:
-    """CUDA where Ray gave this worker a GPU that torch can use, else the CPU.
-
-    Ray's GPUs are declared resources: a node started with ``--num-gpus`` (or ``ray.init(num_gpus=)``)
-    may advertise GPUs that torch cannot see (no driver, a test's declared GPU). Such a worker
-    says so and runs on the CPU instead of failing every shard on CUDA.
-    """
-    import ray
-    import torch
-
-    assigned = ray.get_gpu_ids()
-    if not assigned:
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs: cuda:0 is this worker's
-    print(f"precompute worker: Ray assigned GPU {assigned} but torch sees no CUDA device here; running on the CPU",
-          file=sys.stderr)
-    return "cpu"
-
-
 def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n_workers: int,
                 gpus: float) -> list[ShardRecord]:
-    import ray
     from tqdm import tqdm
 
-    @ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=TASK_MAX_RETRIES)
     class ShardWorker:
         def __init__(self) -> None:
-            self.processor = ShardProcessor(spec, output, device=_worker_device())
+            self.processor = ShardProcessor(spec, output, device=ray_cluster.worker_device("precompute"))
 
         def process(self, task: ShardTask) -> ShardRecord:
             try:
@@ -253,35 +227,15 @@ def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n
                 return failed_shard(task, output.key_prefix, "write", str(exc))
             return record
 
-    # Workers of a running cluster do not inherit the driver's environment: give them its storage settings.
     env = {} if OutputStore(output.out_dir).local else storage_env()
-    options = {"runtime_env": {"env_vars": env}} if env else {}
-    workers = [ShardWorker.options(**options).remote() for _ in range(min(n_workers, len(tasks)))]
-    pending, in_flight, records = deque(tasks), {}, []
-
-    def submit(worker) -> None:
-        if pending:
-            task = pending.popleft()
-            in_flight[worker.process.remote(task)] = (worker, task)
-
-    for worker in workers:
-        submit(worker)
+    records = []
+    results = ray_cluster.on_actors(ShardWorker, "process", tasks, n_workers, gpus, env,
+                                    lambda task, reason: failed_shard(task, output.key_prefix, "worker", reason))
     with tqdm(total=len(tasks), unit="shard", desc="precompute", file=sys.stderr) as progress:
-        while in_flight:
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            worker, task = in_flight.pop(ref)
-            try:
-                record = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                reason = (f"worker failed {TASK_MAX_RETRIES + 1} times on this shard: "
-                          f"{type(exc).__name__}: {str(exc)[:300]}")
-                record = failed_shard(task, output.key_prefix, "worker", reason)
+        for record in results:
             records.append(record)
             progress.set_postfix(written=sum(r.written for r in records), failed=sum(r.failed for r in records))
             progress.update()
-            submit(worker)
-    for worker in workers:
-        ray.kill(worker)
     return records
 
 

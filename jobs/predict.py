@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,9 +45,6 @@ from trainer.predictions import (
     predict_inputs,
     read_inputs,
 )
-
-ACTOR_MAX_RESTARTS = -1  # a dead worker is always replaced ...
-TASK_MAX_RETRIES = 2  # ... but a batch that kills its worker three times is recorded as failed
 
 
 @dataclass(frozen=True)
@@ -199,56 +195,26 @@ def _in_process(given: PredictOptions, spec: BackendSpec, batches: list[list[Pre
 
 def _on_ray(given: PredictOptions, spec: BackendSpec, cluster: ray_cluster.RayOptions,
             batches: list[list[PredictInput]]) -> Iterator[list[Outcome]]:
-    """Batches on a pool of actors, each holding one model; a batch goes to whichever actor is free.
-
-    An actor that dies is restarted and its batch retried; a batch that kills it every time is
-    recorded as failed (stage ``worker``), and the rest goes on.
-    """
+    """Batches on a pool of actors, each holding one model; a batch goes to whichever actor is free
+    (:func:`jobs.ray_cluster.on_actors`: a batch that kills its actor every time is recorded as
+    failed, stage ``worker``, and the rest goes on)."""
     if not batches:
-        return
-    import ray
-
-    from jobs.precompute import _worker_device
-
+        return iter(())
     ray_cluster.connect(cluster.address)
     gpus = ray_cluster.gpus_per_worker(cluster.gpus_per_worker, given.workers, "--workers", share=True)
     run_dir, overlays, batch_size = given.run, given.overlays, given.batch_size
 
-    @ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=TASK_MAX_RETRIES)
     class PredictWorker:
         def __init__(self) -> None:
-            self.predictor = Predictor.load(run_dir, spec, _worker_device(), batch_size)
+            self.predictor = Predictor.load(run_dir, spec, ray_cluster.worker_device("predict"), batch_size)
 
         def predict(self, batch: list[PredictInput]) -> list[Outcome]:
             return predict_inputs(self.predictor, batch, overlays)
 
-    # Workers of a running cluster do not inherit the driver's environment: give them its storage settings.
-    env = storage_env()
-    actor_options = {"runtime_env": {"env_vars": env}} if env else {}
-    actors = [PredictWorker.options(**actor_options).remote() for _ in range(min(given.workers, len(batches)))]
-    pending, in_flight = deque(batches), {}
+    def failed(batch: list[PredictInput], reason: str) -> list[Outcome]:
+        return [failure(*item.key, "worker", reason[:500]) for item in batch]
 
-    def submit(actor) -> None:
-        if pending:
-            batch = pending.popleft()
-            in_flight[actor.predict.remote(batch)] = (actor, batch)
-
-    try:
-        for actor in actors:
-            submit(actor)
-        while in_flight:
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            actor, batch = in_flight.pop(ref)
-            try:
-                outcomes = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                reason = f"worker failed {TASK_MAX_RETRIES + 1} times on this batch: {type(exc).__name__}: {exc}"
-                outcomes = [failure(*item.key, "worker", reason[:500]) for item in batch]
-            submit(actor)
-            yield outcomes
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    return ray_cluster.on_actors(PredictWorker, "predict", batches, given.workers, gpus, storage_env(), failed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import yaml
 
@@ -21,6 +24,11 @@ from pipeline.errors import SvpError
 LAUNCHER_CONFIG = Path("~/ray_bootstrap_config.yaml")
 # Ray counts resources in units of 0.0001 (ray._raylet.RESOURCE_UNIT_SCALING).
 RAY_RESOURCE_UNITS = 10_000
+ACTOR_MAX_RESTARTS = -1  # a dead worker is always replaced ...
+TASK_MAX_RETRIES = 2  # ... but an item that kills its worker three times is recorded as failed
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ClusterResourceError(SvpError, ValueError):
@@ -36,8 +44,8 @@ class RayOptions:
         "local Ray")})
     gpus_per_worker: float | None = field(default=None, metadata={"help": (
         "GPUs per worker; omitted: 1 where the cluster has a GPU for every worker, 0 (CPU workers) where it has "
-        "none, and where it has fewer, an equal share for the precompute job's workers (e.g. 0.5 for 2 workers on "
-        "1 GPU), which hold one model each")})
+        "none, and where it has fewer, an equal share for the workers of precompute and predict (e.g. 0.5 for 2 "
+        "workers on 1 GPU), which hold one model each")})
 
 
 def connect(address: str | None) -> None:
@@ -124,3 +132,64 @@ def shared_gpu_fraction(gpus: int, workers: int) -> float:
     """
     per_gpu = math.ceil(workers / gpus)
     return math.floor(RAY_RESOURCE_UNITS / per_gpu) / RAY_RESOURCE_UNITS
+
+
+def worker_device(job: str) -> str:
+    """CUDA where Ray gave this worker a GPU that torch can use, else the CPU.
+
+    Ray's GPUs are declared resources: a node started with ``--num-gpus`` (or ``ray.init(num_gpus=)``)
+    may advertise GPUs that torch cannot see (no driver, a test's declared GPU). Such a worker
+    says so and runs on the CPU instead of failing all its work on CUDA.
+    """
+    import ray
+    import torch
+
+    assigned = ray.get_gpu_ids()
+    if not assigned:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs: cuda:0 is this worker's
+    print(f"{job} worker: Ray assigned GPU {assigned} but torch sees no CUDA device here; running on the CPU",
+          file=sys.stderr)
+    return "cpu"
+
+
+def on_actors(worker: type, method: str, items: Sequence[T], workers: int, gpus: float, env: dict[str, str],
+              failed: Callable[[T, str], R]) -> Iterator[R]:
+    """Each of ``items`` to whichever of ``workers`` actors of class ``worker`` is free (each holds one
+    model, built in its ``__init__``, and runs ``method`` on one item at a time); the results as they
+    come. An actor that dies is restarted and its item retried; an item that kills it
+    ``TASK_MAX_RETRIES + 1`` times yields ``failed(item, reason)`` and the rest goes on. ``env``: the
+    variables the actors need from the driver's environment (a running cluster's workers do not
+    inherit it). The actors are killed at the end, or when the caller stops early."""
+    import ray
+
+    if not items:
+        return
+    actor_class = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS,
+                             max_task_retries=TASK_MAX_RETRIES)(worker)
+    options = {"runtime_env": {"env_vars": env}} if env else {}
+    actors = [actor_class.options(**options).remote() for _ in range(min(workers, len(items)))]
+    pending, in_flight = deque(items), {}
+
+    def submit(actor: Any) -> None:
+        if pending:
+            item = pending.popleft()
+            in_flight[getattr(actor, method).remote(item)] = (actor, item)
+
+    try:
+        for actor in actors:
+            submit(actor)
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor, item = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                result = failed(item, f"its worker failed {TASK_MAX_RETRIES + 1} times on it: "
+                                      f"{type(exc).__name__}: {str(exc)[:300]}")
+            submit(actor)
+            yield result
+    finally:
+        for actor in actors:
+            ray.kill(actor)

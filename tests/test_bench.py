@@ -236,8 +236,8 @@ def test_a_busy_machine_is_refused_unless_allowed_and_the_results_then_say_so(mo
     monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 0.4, 0.2))
     with pytest.raises(SystemExit, match="busy .1-minute load average 1.50 >= 0.5"):
         machine_load(parse_args(PARTS, [], "bench", ""))
-    assert machine_load(parse_args(PARTS, ["--allow-busy"], "bench", "")) == {
-        "load_average_before": [1.5, 0.4, 0.2], "busy": True}
+    record = machine_load(parse_args(PARTS, ["--allow-busy"], "bench", ""))
+    assert record["load_average_before"] == [1.5, 0.4, 0.2] and record["busy"] is True
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.4, 0.2))
     assert machine_load(parse_args(PARTS, [], "bench", ""))["busy"] is False
     assert "load average before the run: 0.30 0.40 0.20" in capsys.readouterr().out
@@ -251,7 +251,7 @@ def test_inference_benchmark_times_each_stage_of_a_new_image_for_svp_and_mlp(tmp
     results = inference.main(["--stacks", "demo", "--batch-size", "2", "--repeats", "1", "--points-per-side", "4",
                               "--allow-busy", "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work")])
     assert json.loads((tmp_path / "results" / "inference.json").read_text()) == results
-    assert {"load_average_before", "busy"} <= set(results)
+    assert {"load_average_before", "busy", "git_commit"} <= set(results)
     rows = results["stacks"]["demo"]
     assert set(rows["svp_over_mlp"]) == {"new_1", "new_2", "precomputed_1", "precomputed_2"}
     for kind in ("mlp", "svp"):

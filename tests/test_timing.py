@@ -40,7 +40,8 @@ def test_timed_charges_producing_items_not_consuming_them():
 
 def _record(name: str, worker: dict, images: int, seconds: dict[str, float]) -> ShardRecord:
     rows = [index_row(key=f"d-{i}", image_id=i, file_name=f"{i}.jpg", split="train", shard=name) for i in range(images)]
-    return ShardRecord(name, "train", None, rows, seconds=seconds, worker=worker)
+    # one image of each shard segmented twice (a retry): the count is of backend runs, not of images
+    return ShardRecord(name, "train", None, rows, seconds=seconds, worker=worker, segmented=images + 1)
 
 
 def test_manifest_timing_sums_per_worker_and_in_total():
@@ -53,9 +54,9 @@ def test_manifest_timing_sums_per_worker_and_in_total():
     ]
     timing = stage_timing(records)
     assert timing["per_worker"] == {
-        "n1:7": {"shards": 2, "images": 5,
+        "n1:7": {"shards": 2, "images": 5, "segmented": 7,
                  "seconds": {"decode": 3.0, "embeddings": 1.25, "superpixels": 10.0, "write": 0.5}},
-        "n2:7": {"shards": 1, "images": 1, "seconds": {"decode": 0.5, "superpixels": 1.0}},
+        "n2:7": {"shards": 1, "images": 1, "segmented": 2, "seconds": {"decode": 0.5, "superpixels": 1.0}},
     }
-    assert timing["total"] == {"shards": 3, "images": 6,
+    assert timing["total"] == {"shards": 3, "images": 6, "segmented": 9,
                                "seconds": {"decode": 3.5, "embeddings": 1.25, "superpixels": 11.0, "write": 0.5}}
