@@ -21,10 +21,11 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +37,7 @@ from jobs.options import OptionsParser
 from jobs.workflow import SAM_PRETRAIN_STEPS, SyntheticData, synthetic_data
 from pipeline.sam_model import build_sam
 from pipeline.superpixels.base import sam_checkpoint_field, sam_model_field
+from pipeline.timing import StageTimer
 from trainer.model.tokenizer import tiny_tokenizer
 
 PRESETS = ("cpu", "full", "quick", "gpu")
@@ -313,16 +315,17 @@ class LlmSize:
         return str(path)
 
 
-class PartClock:
+class PartClock(StageTimer):
     """Seconds per part of a model's step or prediction: forward hooks charge each call's wall time
     to its part (``parts``: name → module), :meth:`stage` charges a block (backward, the optimizer,
-    decoding) to a name, and :meth:`take` hands the sums over, with ``other`` the rest of ``total``.
+    decoding) to a name, and :meth:`take_all` hands the sums over, with ``other`` the rest of
+    ``total``. A superpixel backend given this clock as its timer charges its own stages to it.
 
     Parts must not nest (a part's time would count twice); on a GPU the hooks time the launch, so
     this is a CPU tool unless the caller synchronises."""
 
     def __init__(self, parts: dict[str, torch.nn.Module]) -> None:
-        self.seconds: dict[str, float] = {}
+        super().__init__()
         self._handles = [handle for name, module in parts.items() for handle in self._hook(name, module)]
 
     def _hook(self, name: str, module: torch.nn.Module) -> list:
@@ -336,20 +339,9 @@ class PartClock:
 
         return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - started)
-
-    def take(self, total: float) -> dict[str, float]:
+    def take_all(self, total: float) -> dict[str, float]:
         """The seconds per part since the last take, ``other`` (``total`` less them) and ``total``."""
-        seconds, self.seconds = self.seconds, {}
+        seconds = self.take()
         return {**seconds, "other": max(0.0, total - sum(seconds.values())), "total": total}
 
     def close(self) -> None:
@@ -367,11 +359,37 @@ def model_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def median_parts(run: Callable[[], None], clock: PartClock, repeats: int) -> dict[str, float]:
     """Median seconds per part (and ``total``) over ``repeats`` runs of ``run``, after a warm-up run."""
     run()
-    clock.take(0.0)
+    clock.take()
     runs = []
     for _ in range(repeats):
         started = time.perf_counter()
         run()
-        runs.append(clock.take(time.perf_counter() - started))
+        runs.append(clock.take_all(time.perf_counter() - started))
     keys = {key for measured in runs for key in measured}
     return {key: statistics.median(measured.get(key, 0.0) for measured in runs) for key in sorted(keys)}
+
+
+def measured_main(module: ModuleType, argv: Sequence[str] | None) -> dict | None:
+    """``main`` of a benchmark that measures each variant in a child process of its own
+    (bench.realsize, bench.inference: a model's memory and threads are then its own): with
+    ``--measure`` this is such a child and prints its row as JSON; else the quiet-machine check,
+    ``module.run`` (which starts the children through :func:`measure_in_child`), the results
+    written to ``RESULTS/NAME.json`` and printed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = module.build_parser().parse_args(argv)
+    if args.measure:
+        print(json.dumps(module.measure_child(args)))
+        return None
+    load = machine_load(args)
+    results = {**module.run(args, argv), **load}
+    write_json(args.results / f"{module.NAME}.json", results)
+    print(module.format_table(results))
+    return results
+
+
+def measure_in_child(module: str, argv: Sequence[str], measure: str) -> dict:
+    """The row ``python -m MODULE ARGV --measure MEASURE`` prints (see :func:`measured_main`)."""
+    child = subprocess.run([sys.executable, "-m", module, *argv, "--measure", measure], capture_output=True, text=True)
+    if child.returncode != 0:
+        raise SystemExit(f"{module}: measuring {measure} failed:\n{child.stderr[-4000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])

@@ -21,8 +21,6 @@ where only the vision encoder, projector, LLM and mask decoder run. Results go t
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,11 +37,11 @@ from bench.common import (
     OutputOptions,
     PartClock,
     describe_device,
-    machine_load,
+    measure_in_child,
+    measured_main,
     median_parts,
     model_parts,
     save_random_sam,
-    write_json,
 )
 from bench.options import RANDOM_WEIGHT_THRESHOLDS, option_of
 from jobs.options import OptionsParser
@@ -51,7 +49,6 @@ from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig
 from pipeline.superpixels.base import SamOptions
 from pipeline.superpixels.sam import SamSuperpixels
-from pipeline.timing import StageTimer
 from trainer.model import ModelConfig, ProjectorConfig, SegmentationMLLM
 from trainer.predict import Predictor
 
@@ -115,11 +112,10 @@ def measure(stack: str, kind: str, args: argparse.Namespace, images: list[bytes]
     # a random SAM's masks all fall below SAM's own thresholds: these keep some, as real weights do
     sam = replace(sam, points_per_side=args.points_per_side, **RANDOM_WEIGHT_THRESHOLDS)
     model = SegmentationMLLM(ModelConfig(**fields, projector=ProjectorConfig(kind=kind))).eval()
-    timer = StageTimer()
-    backend = (SamSuperpixels(sam, PartitionConfig(), "cpu", timer, image_encoder=model.mask_head.sam.image_encoder)
+    clock = PartClock(model_parts(model))  # also the generator's timer: its stages are charged to it
+    backend = (SamSuperpixels(sam, PartitionConfig(), "cpu", clock, image_encoder=model.mask_head.sam.image_encoder)
                if model.projector.reads_superpixels else None)
     predictor = Predictor(model, backend, batch_size=args.batch_size)
-    clock = PartClock(model_parts(model))
     autocast = torch.autocast("cpu", DTYPES[args.dtype]) if args.dtype != "fp32" else nullcontext()
 
     def new_images(count: int) -> Callable[[], None]:
@@ -129,13 +125,10 @@ def measure(stack: str, kind: str, args: argparse.Namespace, images: list[bytes]
                     decoded = [decode_image(data).rgb for data in images[:count]]
                 prepared = predictor.prepare(decoded)
                 predictor.masks([(image, TEXT) for image in prepared])
-            for stage, seconds in timer.take().items():  # the generator's own stages
-                clock.add(stage, seconds)
         return run
 
     with torch.no_grad(), autocast:
         stored = predictor.prepare([decode_image(data).rgb for data in images[:args.batch_size]])
-    timer.take()
 
     def precomputed(count: int) -> Callable[[], None]:
         def run() -> None:
@@ -153,18 +146,18 @@ def measure(stack: str, kind: str, args: argparse.Namespace, images: list[bytes]
     return {"projector": kind, "visual_tokens": tokens, "seconds_per_image": measured}
 
 
+def measure_child(args: argparse.Namespace) -> dict:
+    """What the child process of ``--measure STACK:PROJECTOR`` prints."""
+    stack, kind = args.measure.split(":")
+    return measure(stack, kind, args, sample_images(args.work, args.batch_size))
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     """Each (stack, projector) in a process of its own, so that one model's memory never holds another's."""
     args.work.mkdir(parents=True, exist_ok=True)
     sample_images(args.work, args.batch_size)
-    rows: dict[str, dict] = {}
-    for stack in args.stacks:
-        for kind in PROJECTORS:
-            child = subprocess.run([sys.executable, "-m", "bench.inference", *argv, "--measure", f"{stack}:{kind}"],
-                                   capture_output=True, text=True)
-            if child.returncode != 0:
-                raise SystemExit(f"bench.inference: measuring {stack} {kind} failed:\n{child.stderr[-4000:]}")
-            rows.setdefault(stack, {})[kind] = json.loads(child.stdout.strip().splitlines()[-1])
+    rows = {stack: {kind: measure_in_child("bench.inference", argv, f"{stack}:{kind}") for kind in PROJECTORS}
+            for stack in args.stacks}
     for stack_rows in rows.values():
         if "mlp" in stack_rows and "svp" in stack_rows:
             mlp, svp = stack_rows["mlp"]["seconds_per_image"], stack_rows["svp"]["seconds_per_image"]
@@ -196,17 +189,7 @@ def build_parser() -> OptionsParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.measure:
-        stack, kind = args.measure.split(":")
-        print(json.dumps(measure(stack, kind, args, sample_images(args.work, args.batch_size))))
-        return None
-    load = machine_load(args)
-    results = {**run(args, argv), **load}
-    write_json(args.results / f"{NAME}.json", results)
-    print(format_table(results))
-    return results
+    return measured_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

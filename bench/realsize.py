@@ -17,9 +17,7 @@ Not a part of ``python -m bench`` (it takes ~3 GB per model and minutes of build
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +33,11 @@ from bench.common import (
     OutputOptions,
     PartClock,
     describe_device,
-    machine_load,
+    measure_in_child,
+    measured_main,
     median_parts,
     model_parts,
     save_random_sam,
-    write_json,
 )
 from bench.tokens import pool_budget
 from bench.train_step import Timer, first_batch
@@ -175,15 +173,14 @@ def checkpoint_bytes(model: SegmentationMLLM, batch: dict, work: Path) -> int:
         return sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
 
 
+def measure_child(args: argparse.Namespace) -> dict:
+    """What the child process of ``--measure PROJECTOR`` prints."""
+    return measure(args.measure, args, prepare(args))
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     prepare(args)  # once, before the children that each read it
-    rows = {}
-    for kind in [k for k in args.projectors.split(",") if k]:
-        child = subprocess.run([sys.executable, "-m", "bench.realsize", *argv, "--measure", kind],
-                               capture_output=True, text=True)
-        if child.returncode != 0:
-            raise SystemExit(f"bench.realsize: measuring {kind} failed:\n{child.stderr[-4000:]}")
-        rows[kind] = json.loads(child.stdout.strip().splitlines()[-1])
+    rows = {kind: measure_in_child("bench.realsize", argv, kind) for kind in args.projectors.split(",") if kind}
     if "mlp" in rows:
         for row in rows.values():
             row["step_ratio_to_mlp"] = {key: step["total"] / rows["mlp"]["steps"][key]["total"]
@@ -220,16 +217,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.measure:
-        print(json.dumps(measure(args.measure, args, prepare(args))))
-        return None
-    load = machine_load(args)
-    results = {**run(args, argv), **load}
-    write_json(args.results / f"{NAME}.json", results)
-    print(format_table(results))
-    return results
+    return measured_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

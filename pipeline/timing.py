@@ -33,7 +33,11 @@ class StageTimer:
         try:
             yield
         finally:
-            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - started
+            self.add(name, time.perf_counter() - started)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Charge ``seconds`` measured elsewhere (a forward hook's) to ``name``."""
+        self._seconds[name] = self._seconds.get(name, 0.0) + seconds
 
     def timed(self, name: str, items: Iterable[T]) -> Iterator[T]:
         """Yield ``items``, charging to ``name`` only the time spent producing each one.
