@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from pipeline.shards import read_manifest
-from trainer.checkpoint import CHECKPOINT_WEIGHTS, CHECKPOINTS, save_checkpoint
+from trainer.checkpoint import CHECKPOINT_WEIGHTS, CHECKPOINTS, CheckpointError, save_checkpoint
 from trainer.data import DataConfig, DataError
 from trainer.evaluate import EvalSplit, evaluate, evaluation_splits
 
@@ -88,5 +88,5 @@ def best_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The trained tensors of ``checkpoints/best`` (for ``--export best``)."""
     path = run_dir / CHECKPOINTS / BEST / CHECKPOINT_WEIGHTS
     if not path.is_file():
-        raise DataError(f"--export best: {path} does not exist: no validation ran (give --eval-every)")
+        raise CheckpointError(f"--export best: {path} does not exist: no validation ran (give --eval-every)")
     return load_file(str(path))
