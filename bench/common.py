@@ -38,6 +38,7 @@ from jobs.workflow import SAM_PRETRAIN_STEPS, SyntheticData, synthetic_data
 from pipeline.sam_model import build_sam
 from pipeline.superpixels.base import sam_checkpoint_field, sam_model_field
 from pipeline.timing import StageTimer
+from trainer.checkpoint import git_commit
 from trainer.model.tokenizer import tiny_tokenizer
 
 PRESETS = ("cpu", "full", "quick", "gpu")
@@ -214,12 +215,6 @@ def machine_load(args: argparse.Namespace) -> dict:
                          f"measured beside another job are noise. Wait until it is quiet, or pass --allow-busy (the "
                          f"results then say the machine was busy)")
     return {"load_average_before": [round(value, 2) for value in load], "busy": busy, "git_commit": git_commit()}
-
-
-def git_commit() -> str:
-    """The commit of the code that runs ('' outside a git checkout), for the results it produces."""
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else ""
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pycocotools import mask as mask_utils
 
+from pipeline.batches import one_by_one
 from pipeline.errors import SvpError
 from pipeline.images import DecodedImage, ImageDecodeError, decode_image, to_displayed_frame
 from pipeline.refer import (
@@ -282,18 +283,15 @@ class ShardProcessor:
 
     def _superpixels(self, prepared: dict[int, _Prepared],
                      failures: dict[int, tuple[str, str]]) -> dict[int, SuperpixelResult]:
-        """Run the backend on the whole batch; if it fails, retry image by image to isolate the culprit."""
-        try:
-            outputs = self._segment([p.image.rgb for p in prepared.values()]) if prepared else []
-            return dict(zip(prepared, outputs, strict=True))
-        except Exception:  # noqa: BLE001 - isolated below, image by image
-            pass
+        """Run the backend on the whole batch; if it fails, retry image by image to isolate the culprit,
+        whose failure is recorded: the rest of the shard is still written."""
         results = {}
-        for image_id, p in prepared.items():
-            try:
-                results[image_id] = self._segment([p.image.rgb])[0]
-            except Exception as exc:  # recorded per image: the rest of the shard is still written
-                failures[image_id] = ("superpixels", f"{type(exc).__name__}: {exc}")
+        outputs = one_by_one(self._segment, [p.image.rgb for p in prepared.values()])
+        for image_id, output in zip(prepared, outputs, strict=True):
+            if isinstance(output, Exception):
+                failures[image_id] = ("superpixels", f"{type(output).__name__}: {output}")
+            else:
+                results[image_id] = output
         return results
 
     def _segment(self, images: list) -> list[SuperpixelResult]:

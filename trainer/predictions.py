@@ -18,13 +18,14 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import numpy as np
 
+from pipeline.batches import one_by_one
 from pipeline.errors import SvpError
 from pipeline.images import ImageDecodeError, decode_image
 from pipeline.refer import encode_mask
@@ -35,9 +36,6 @@ PREDICTIONS = "predictions.jsonl"
 FAILURES = "failures.jsonl"
 OVERLAYS = "overlays"
 INPUT_COLUMNS = ("image", "text")
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class InputsError(SvpError, ValueError):
@@ -217,25 +215,6 @@ def _prediction(item: PredictInput, rgb: np.ndarray, mask: np.ndarray, tokens: i
 
 def overlay_name(line: int) -> str:
     return f"{line:06d}.png"
-
-
-def one_by_one(work: Callable[[list[T]], list[R]], items: list[T]) -> list[R | Exception]:
-    """``work(items)``; where that raises, ``work([item])`` for each item, the item's exception in place
-    of its result, so that one bad item fails alone rather than the batch it came in."""
-    if not items:
-        return []
-    try:
-        return list(work(items))
-    except Exception as exc:  # noqa: BLE001 - any error of one input is that input's failure record
-        if len(items) == 1:
-            return [exc]
-    results: list[R | Exception] = []
-    for item in items:
-        try:
-            results += work([item])
-        except Exception as exc:  # noqa: BLE001 - as above
-            results.append(exc)
-    return results
 
 
 class PredictionsDir:
