@@ -83,9 +83,16 @@ def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: i
 def run(args: argparse.Namespace) -> int:
     given = options.build(EvalOptions, args)
     run_dirs = given.run_dirs()
-    evaluated = [run_eval(run_dir, given.shards, list(given.splits or ()), given.batch_size, given.max_samples)
-                 for run_dir in run_dirs]
-    if not processes().is_main_process:  # every process evaluated its share; one reports
+    state = processes()
+    try:
+        evaluated = [run_eval(run_dir, given.shards, list(given.splits or ()), given.batch_size, given.max_samples)
+                     for run_dir in run_dirs]
+        state.wait_for_everyone()
+    finally:
+        # A process that exits with its process group alive aborts in gloo's destructor
+        # ("terminate called without an active exception"), failing the whole launch.
+        state.destroy_process_group()
+    if not state.is_main_process:  # every process evaluated its share; one reports
         return 0
     reports = [report for report, _ in evaluated]
     out = given.out or (run_dirs[0] / "eval.json" if given.run is not None else Path("eval.json"))
