@@ -55,6 +55,7 @@ LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 DINOV2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14,
                    image_size=518, layerscale_value=1.0)
+DINOV2_LARGE = {**DINOV2_BASE, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16}
 CLIP_VIT_L_14_336 = dict(
     text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                      projection_dim=768),

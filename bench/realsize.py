@@ -3,9 +3,10 @@
 The stack a user starts from, at its real sizes with random weights (``bench.hub_models``, saved
 and loaded as hub directories): a Qwen2.5-0.5B-shaped LLM (bf16, as shipped), DINOv2-base and SAM
 ViT-B, whose embeddings the precompute job stores in the shards (so no step runs SAM's encoder, as
-in a real run). For ``mlp``, ``pool`` (at svp's mean token budget) and ``svp``, each in a process
-of its own so that its peak memory is its own: parameters trained and frozen; the median train step
-(forward, backward, AdamW) at each ``--batch-sizes`` in fp32 and under bf16 autocast, split into
+in a real run), beside DINOv2's patch features. For ``mlp``, ``pool`` (at svp's mean token budget)
+and ``svp``, each in a process of its own so that its peak memory is its own: parameters trained and
+frozen; the median train step (forward, backward, AdamW) at each ``--batch-sizes``, in fp32 and
+under bf16 autocast, on the stored vision features and with the vision encoder run, split into
 its parts (vision encoder, projector, LLM body, LM head, mask head, backward, optimizer: forward
 hooks and timed blocks, ``bench.common.PartClock``); the inference latency of one sample; the
 bytes of a training checkpoint as ``svp train`` writes it; and the peak RSS of the steps. Steps
@@ -42,8 +43,10 @@ from bench.common import (
 from bench.tokens import pool_budget
 from bench.train_step import Timer, first_batch
 from jobs.options import OptionsParser
+from pipeline.shards import read_manifest
 from trainer.data import DataConfig
 from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, SegmentationMLLM
+from trainer.stored_features import data_config as stored_data_config
 
 NAME = "realsize"
 LLMS = {"qwen2.5-0.5b": hub_models.save_qwen2, "llama-3.2-1b": hub_models.save_llama}
@@ -65,6 +68,9 @@ class RealsizeOptions:
     dtypes: tuple[str, ...] = field(default=("fp32", "bf16"), metadata={"help": (
         "comma-separated: fp32, and/or bf16 (steps and latency under bf16 autocast)")})
     repeats: int = field(default=2, metadata={"help": "timed steps after a warm-up one (the median is kept)"})
+    vision_features: tuple[str, ...] = field(default=("stored", "encoded"), metadata={"help": (
+        "comma-separated: stored (steps read the shards' vision.npy: the vision encoder never runs) and/or encoded "
+        "(the encoder runs at every step)")})
     images: int = field(default=24, metadata={"help": (
         "synthetic images precomputed (the train split must hold the largest batch)")})
     measure: str | None = field(default=None, metadata={"choices": PROJECTORS, "metavar": "PROJECTOR", "help": (
@@ -75,6 +81,7 @@ class RealsizeOptions:
 OPTIONS = (RealsizeOptions, OutputOptions)
 # A step's parts, in the order they run; "other" is the rest of the step (splicing, the losses, ...).
 STEP_PARTS = ("vision", "projector", "llm_body", "lm_head", "mask_head", "backward", "optimizer", "other")
+VISION_FEATURES = ("stored", "encoded")
 
 
 def build_parser() -> OptionsParser:
@@ -86,13 +93,18 @@ def build_parser() -> OptionsParser:
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Path]:
-    """Hub directories, the ViT-B checkpoint and shards with its embeddings (each made once)."""
+    """Hub directories, the ViT-B checkpoint and shards with its embeddings and the vision encoder's
+    features (each made once)."""
     from jobs.precompute import main as precompute
     from pipeline.synth import synthesize
 
+    unknown = set(args.vision_features) - set(VISION_FEATURES)
+    if unknown:
+        raise SystemExit(f"bench.realsize: --vision-features takes {', '.join(VISION_FEATURES)}, not "
+                         f"{', '.join(sorted(unknown))}")
     work = args.work
     paths = {"llm": work / args.llm, "vision": work / args.vision, "sam": work / "sam_vit_b.pth",
-             "refer": work / f"refer-{args.images}", "shards": work / f"shards-{args.images}"}
+             "refer": work / f"refer-{args.images}", "shards": work / f"shards-{args.images}-{args.vision}"}
     for key, builders, name in (("llm", LLMS, args.llm), ("vision", VISIONS, args.vision)):
         if not (paths[key] / "config.json").is_file():
             builders[name](paths[key])
@@ -102,7 +114,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Path]:
     if not (paths["shards"] / "manifest.json").is_file():
         code = precompute(["--refer-root", str(paths["refer"]), "--dataset", "refcoco", "--split-by", "unc",
                            "--out", str(paths["shards"]), "--backend", "felzenszwalb", "--shard-size", "4",
-                           "--store-sam-embeddings", "--sam-checkpoint", str(paths["sam"]), "--sam-model", "vit_b"])
+                           "--store-sam-embeddings", "--sam-checkpoint", str(paths["sam"]), "--sam-model", "vit_b",
+                           "--store-vision-features", "--vision", str(paths["vision"])])
         if code != 0:
             raise SystemExit(f"bench.realsize: the precompute job failed ({code})")
     return paths
@@ -116,24 +129,30 @@ def measure(kind: str, args: argparse.Namespace, paths: dict[str, Path]) -> dict
                          projector=ProjectorConfig(kind=kind, pool_tokens=pool_budget(paths["shards"])))
     model = SegmentationMLLM(config)
     built_s = time.perf_counter() - started
-    data_config = DataConfig(**model.data_config_fields(), use_sam_embeddings=True)
-    batches = {size: first_batch(paths["shards"], data_config, size) for size in args.batch_sizes}
+    configs = {"encoded": DataConfig(**model.data_config_fields(), use_sam_embeddings=True),
+               "stored": stored_data_config(model, read_manifest(str(paths["shards"])))}
+    if configs["stored"].vision_features_shape is None:
+        raise SystemExit(f"bench.realsize: {paths['shards']} holds no vision features of {paths['vision']}")
+    batches = {(features, size): first_batch(paths["shards"], configs[features], size)
+               for features in args.vision_features for size in args.batch_sizes}
+    one = first_batch(paths["shards"], configs["encoded"], min(args.batch_sizes))  # a new image: encoded
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters()) - trained
-    tokens = float(model.predict_masks(batches[min(batches)])[1].float().mean())
+    tokens = float(model.predict_masks(one)[1].float().mean())
     clock = PartClock(model_parts(model))
     steps, latency = {}, {}
     for dtype in args.dtypes:
         timer = Timer(torch.device("cpu"), DTYPES[dtype], args.repeats)
-        for size, batch in batches.items():
+        for (features, size), batch in batches.items():
             measured = median_parts(train_step(model, batch, timer, clock), clock, args.repeats)
-            steps[f"batch{size}_{dtype}"] = {part: measured.get(part, 0.0) for part in (*STEP_PARTS, "total")}
-        latency[dtype] = timer.latency(model, batches[min(batches)])
+            steps[f"batch{size}_{dtype}_{features}"] = {part: measured.get(part, 0.0)
+                                                        for part in (*STEP_PARTS, "total")}
+        latency[dtype] = timer.latency(model, one)
     clock.close()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the checkpoint's own memory
     return {"projector": kind, "visual_tokens_mean": tokens, "parameters_trained": trained,
             "parameters_frozen": frozen, "build_s": built_s, "steps": steps, "latency_s": latency,
-            "peak_rss_gib": peak_rss, "checkpoint_bytes": checkpoint_bytes(model, batches[min(batches)], args.work)}
+            "peak_rss_gib": peak_rss, "checkpoint_bytes": checkpoint_bytes(model, one, args.work)}
 
 
 def train_step(model: SegmentationMLLM, batch: dict, timer: Timer, clock: PartClock) -> Callable[[], None]:
@@ -189,12 +208,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                                            for key, value in row["latency_s"].items()}
             row["peak_rss_ratio_to_mlp"] = row["peak_rss_gib"] / rows["mlp"]["peak_rss_gib"]
     return {"llm": args.llm, "vision": args.vision, "sam": "vit_b", "batch_sizes": list(args.batch_sizes),
-            "dtypes": list(args.dtypes), "repeats": args.repeats, "device": describe_device("cpu"),
+            "dtypes": list(args.dtypes), "vision_features": list(args.vision_features), "repeats": args.repeats,
+            "device": describe_device("cpu"),
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "projectors": rows}
 
 
 def format_table(results: dict) -> str:
-    lines = [f"real size: {results['llm']} + {results['vision']} + SAM {results['sam']} (embeddings stored), "
+    lines = [f"real size: {results['llm']} + {results['vision']} + SAM {results['sam']} (SAM embeddings stored; "
+             "vision features stored, or encoded at each step), "
              f"{results['device']}",
              f"{'projector':<10}{'tokens':>8}{'trained':>14}{'frozen':>15}{'peak RSS':>10}{'x mlp':>7}"
              f"{'checkpoint':>12}"]
@@ -204,10 +225,10 @@ def format_table(results: dict) -> str:
                      f"{row.get('peak_rss_ratio_to_mlp', float('nan')):>7.2f}"
                      f"{row['checkpoint_bytes'] / 2**20:>9.1f}MiB")
     lines += ["", "train step, seconds: total and its parts",
-              f"{'projector':<10}{'step':<15}{'total':>8}{'x mlp':>7}" + "".join(f"{p[:9]:>10}" for p in STEP_PARTS)]
+              f"{'projector':<10}{'step':<22}{'total':>8}{'x mlp':>7}" + "".join(f"{p[:9]:>10}" for p in STEP_PARTS)]
     for kind, row in results["projectors"].items():
         for key, step in row["steps"].items():
-            lines.append(f"{kind:<10}{key:<15}{step['total']:>8.2f}"
+            lines.append(f"{kind:<10}{key:<22}{step['total']:>8.2f}"
                          f"{row.get('step_ratio_to_mlp', {}).get(key, float('nan')):>7.2f}"
                          + "".join(f"{step[part]:>10.3f}" for part in STEP_PARTS))
     lines += ["", "latency of one sample, seconds: " + ", ".join(

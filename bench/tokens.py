@@ -21,10 +21,10 @@ import torch
 from bench.common import Workspace, run_alone
 from jobs.workflow import tokens_histogram
 from pipeline.shards import read_manifest, split_shard_urls
+from pipeline.vision_model import TINY, load_vision
 from trainer.data import DataConfig, make_loader
 from trainer.model import PROJECTORS, ProjectorConfig
 from trainer.model.projectors import build_projector
-from trainer.model.vision import TINY, load_vision
 
 NAME = "tokens"
 PRESETS: dict[str, dict] = {"cpu": {}, "full": {}, "quick": {}, "gpu": {}}

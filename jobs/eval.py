@@ -17,9 +17,9 @@ from accelerate import PartialState
 from jobs import entry, options
 from pipeline.shards import ManifestError, read_manifest
 from trainer.checkpoint import load_trained_model
-from trainer.data import DataConfig
 from trainer.evaluate import evaluate, evaluation_splits, format_table, paper_csv, paper_markdown, paper_table
 from trainer.plots import eval_chart
+from trainer.stored_features import data_config as stored_data_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +70,7 @@ def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: i
     if not chosen:  # else an empty report, and a chart of nothing
         raise ManifestError(f"{shards} holds no split but train to evaluate; name one with --splits")
     model = load_trained_model(run_dir, device=processes().device)
-    data_config = DataConfig(**model.data_config_fields())
+    data_config = stored_data_config(model, manifest)
     results = evaluate(model, chosen, data_config, batch_size=batch_size, max_samples=max_samples)
     source = manifest["config"]
     title = (f"{run_dir}: {source['dataset']} ({source['split_by']}), projector {model.config.projector.kind}, "

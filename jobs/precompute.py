@@ -54,6 +54,7 @@ from pipeline.superpixels import BACKENDS
 from pipeline.superpixels.base import BackendConfigError, SamOptions
 from pipeline.superpixels.spec import BackendSpec
 from pipeline.timing import STAGES
+from pipeline.vision_model import VisionOptions
 
 
 @dataclass(frozen=True)
@@ -90,16 +91,17 @@ class PrecomputeOptions:
     workers: int = field(default=1, metadata={"help": "number of Ray actors, each holding one model"})
 
 
-OPTIONS = (PrecomputeOptions, PartitionConfig, SamOptions, ray_cluster.RayOptions)
+OPTIONS = (PrecomputeOptions, PartitionConfig, SamOptions, VisionOptions, ray_cluster.RayOptions)
 RECIPES = True
 
 
 def backend_spec(args: argparse.Namespace) -> BackendSpec:
     """The backend the options name, with SAM's options where SAM runs (as the backend, or for the
-    embeddings stored beside another one)."""
-    backend, sam = args.backend, options.build(SamOptions, args)
+    embeddings stored beside another one), and the vision encoder's where its features are stored."""
+    backend, sam, vision = args.backend, options.build(SamOptions, args), options.build(VisionOptions, args)
     uses_sam = backend == "sam" or sam.store_sam_embeddings
-    return BackendSpec(backend, options.build(PartitionConfig, args), sam if uses_sam else None)
+    return BackendSpec(backend, options.build(PartitionConfig, args), sam if uses_sam else None,
+                       vision if vision.store_vision_features or vision.vision is not None else None)
 
 
 def inputs(given: PrecomputeOptions) -> list[tuple[str, str]]:

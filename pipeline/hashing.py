@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -12,4 +15,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 of named tensors, by name, dtype, shape and bytes: the identity of weights held in
+    memory, the same whether they came from a file, a hub snapshot or a seeded random init."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()

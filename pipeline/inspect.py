@@ -204,11 +204,23 @@ def summarise(output: Output) -> dict:
         "root": output.root,
         "backend": manifest["config"].get("backend"),
         "config_hash": manifest["config_hash"],
+        "stored": _stored(manifest["config"]),
         "images": {name: manifest[f"images_{name}"] for name in ("total", "written", "failed", "pending")},
         "splits": dict(sorted(splits.items())),
         "failures_by_stage": dict(sorted(stages.items(), key=lambda item: -item[1]["count"])),
         "superpixels_per_image": _statistics(counts),
     }
+
+
+def _stored(config: dict) -> list[str]:
+    """The frozen encoders' outputs the samples hold, and whose they are."""
+    stored = []
+    if config.get("store_sam_embeddings"):
+        stored.append(f"sam.npy (SAM {config['sam']['model_type']})")
+    if "vision" in config:
+        vision = config["vision"]
+        stored.append(f"vision.npy ({vision['model']} at {vision['size']} px)")
+    return stored
 
 
 def _statistics(values: list[int]) -> dict:
@@ -223,7 +235,7 @@ def format_summary(summary: dict) -> str:
     images = summary["images"]
     lines = [f"{summary['root']}: backend {summary['backend']}, config {summary['config_hash']}",
              f"images: {images['written']} written, {images['failed']} failed, {images['pending']} pending "
-             f"(of {images['total']})", "",
+             f"(of {images['total']})", f"stored features: {', '.join(summary['stored']) or 'none'}", "",
              f"{'split':<12}{'written':>9}{'failed':>8}{'shards':>8}{'samples':>9}"]
     for split, entry in summary["splits"].items():
         lines.append(f"{split:<12}{entry['written']:>9}{entry['failed']:>8}{entry['shards']:>8}{entry['samples']:>9}")

@@ -234,7 +234,8 @@ class ShardProcessor:
                     "height": done.image.height, "width": done.image.width,
                     "num_superpixels": result.num_superpixels, "backend": self.spec.name,
                     "config_hash": self.output.config_hash}
-            samples.append(encode_sample(key, done.data, result.labels, done.refs, meta, result.sam_embedding))
+            samples.append(encode_sample(key, done.data, result.labels, done.refs, meta, result.sam_embedding,
+                                         result.vision_features))
             sources = [{"source": source, "refs": len(refs), "sentences": sum(len(r["sentences"]) for r in refs)}
                        for source, refs in _by_source(done.refs).items()]
             rows.append(index_row(key=key, image_id=item.image.image_id, file_name=item.image.file_name,

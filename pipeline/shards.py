@@ -165,8 +165,17 @@ def encode_sam_embedding(embedding: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_sam_embedding(data: bytes) -> np.ndarray:
-    """Never unpickles: shards may come from anywhere."""
+def encode_vision_features(features: np.ndarray) -> bytes:
+    """(patches, channels) float16: (256, 768) for DINOv2-base at 224; the manifest says which encoder."""
+    if features.ndim != 2:
+        raise ValueError(f"vision features must be (patches, channels), got {features.shape}")
+    buffer = io.BytesIO()
+    np.save(buffer, features.astype(np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_stored_array(data: bytes) -> np.ndarray:
+    """``sam.npy`` or ``vision.npy``; never unpickles: shards may come from anywhere."""
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -177,6 +186,7 @@ def encode_sample(
     refs: list[dict],
     meta: dict,
     sam_embedding: np.ndarray | None = None,
+    vision_features: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """One image → one WebDataset sample (the original image bytes are kept untouched)."""
     sample = {
@@ -188,6 +198,8 @@ def encode_sample(
     }
     if sam_embedding is not None:
         sample["sam.npy"] = encode_sam_embedding(sam_embedding)
+    if vision_features is not None:
+        sample["vision.npy"] = encode_vision_features(vision_features)
     return sample
 
 

@@ -39,7 +39,8 @@ def _png(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _sample(image_id: int, refs: int = 2, sentences: int = 2, sam: np.ndarray | None = None) -> dict:
+def _sample(image_id: int, refs: int = 2, sentences: int = 2, sam: np.ndarray | None = None,
+            vision: np.ndarray | None = None) -> dict:
     """A grey image with a red square; ref 1 is the square, the others a strip along the top."""
     rgb = np.full((HEIGHT, WIDTH, 3), GREY, np.uint8)
     rgb[SQUARE] = RED
@@ -58,7 +59,7 @@ def _sample(image_id: int, refs: int = 2, sentences: int = 2, sam: np.ndarray | 
         for r in range(refs)
     ]
     meta = {"image_id": image_id, "height": HEIGHT, "width": WIDTH}
-    return encode_sample(f"refcoco-{image_id:012d}", _png(rgb), labels, ref_list, meta, sam)
+    return encode_sample(f"refcoco-{image_id:012d}", _png(rgb), labels, ref_list, meta, sam, vision)
 
 
 def _shards(directory: Path, samples: list[dict], per_shard: int, split: str = "train") -> list[str]:
@@ -325,6 +326,27 @@ def test_sam_embeddings_replace_sam_pixels_when_every_sample_has_one(tmp_path, c
         batch = next(iter(make_loader(mixed, config, train=False, batch_size=8)))
     assert "sam_embeddings" not in batch and batch["sam_pixels"].shape == (8, 3, 1024, 1024)
     assert caplog.text.count("ignoring sam.npy") == 1
+
+
+def test_vision_features_replace_pixel_values_only_when_asked_for_and_of_that_shape(tmp_path, caplog):
+    features = np.random.default_rng(0).standard_normal((4, 48)).astype(np.float16)
+    stored = _shards(tmp_path / "stored", [_sample(1, vision=features), _sample(2, vision=features)], per_shard=2)
+    asked = replace(SMALL, vision_features_shape=(4, 48))
+    batch = next(iter(make_loader(stored, asked, train=False, batch_size=8)))
+    assert "pixel_values" not in batch and batch["vision_features"].shape == (8, 4, 48)
+    torch.testing.assert_close(batch["vision_features"][0], torch.from_numpy(features.astype(np.float32)))
+    assert batch["superpixels"].shape == (8, 32, 32)  # the superpixel map is still on the encoder's grid
+
+    not_asked = next(iter(make_loader(stored, SMALL, train=False, batch_size=8)))
+    assert "vision_features" not in not_asked and not_asked["pixel_values"].shape == (8, 3, 32, 32)
+
+    mixed = _shards(tmp_path / "mixed", [_sample(1, vision=features), _sample(2, vision=features[:, :16])],
+                    per_shard=2)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        batch = next(iter(make_loader(mixed, asked, train=False, batch_size=8)))
+    assert "vision_features" not in batch
+    torch.testing.assert_close(batch["pixel_values"], not_asked["pixel_values"])  # the same pixels either way
+    assert caplog.text.count("ignoring vision.npy") == 1
 
 
 def test_reads_shards_written_by_the_precompute_job(synth_root, tmp_path, ray_local):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.vision_model import IMAGENET_MEAN, IMAGENET_STD, load_vision
 from trainer.model import (
     ANSWER,
     PROMPT,
@@ -22,7 +23,6 @@ from trainer.model import (
 from trainer.model.losses import IGNORE_INDEX, answer_ce, mask_bce, mask_dice
 from trainer.model.mllm import tiny_causal_lm
 from trainer.model.tokenizer import tiny_tokenizer
-from trainer.model.vision import IMAGENET_MEAN, IMAGENET_STD, load_vision
 
 V, S, C = 112, 512, 64  # tiny DINOv2 at 112 px → 8×8 patch grid; tiny SAM: 512 px frame, 64 wide
 GRID_PATCHES = 64

@@ -12,8 +12,8 @@ from peft.tuners.lora import LoraLayer
 from test_model import V, make_batch
 
 from bench import hub_models
+from pipeline.vision_model import default_vision_size, load_vision
 from trainer.model import ModelConfig, SegmentationMLLM
-from trainer.model.vision import default_vision_size, load_vision
 
 SMALL_LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2048)

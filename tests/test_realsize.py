@@ -133,6 +133,42 @@ def test_real_size_bf16_mixed_precision(hub, vit_b_shards, tmp_path):
     assert saved and all(torch.isfinite(t.float()).all() for t in saved.values())
 
 
+def _stored_features(hub, rs_root: Path, out: Path, vision: Path, *size: str) -> list[bytes]:
+    """Precompute ``rs_root`` storing ``vision``'s features (classical superpixels, no SAM): each image's vision.npy."""
+    import webdataset as wds
+
+    from jobs.precompute import main as precompute
+
+    assert precompute(["--refer-root", str(rs_root), "--dataset", "refcoco", "--out", str(out), "--backend",
+                       "felzenszwalb", "--store-vision-features", "--vision", str(vision), *size]) == 0
+    return [sample["vision.npy"] for tar in sorted(out.glob("*.tar"))
+            for sample in wds.WebDataset(str(tar), shardshuffle=False)]
+
+
+def test_real_size_training_on_stored_dinov2_base_features(hub, rs_root, tmp_path, capsys, ray_local):
+    """DINOv2-base at its 224 crop: 256 patches × 768 channels in float16 per image (384 KiB, README),
+    read by a real-size run instead of running the encoder."""
+    from pipeline.shards import decode_stored_array
+
+    out = tmp_path / "featured"
+    stored = _stored_features(hub, rs_root, out, hub["vision"])
+    assert stored and {decode_stored_array(data).shape for data in stored} == {(256, 768)}
+    assert {len(data) - 128 for data in stored} == {384 * 1024}  # an .npy header is 128 bytes
+    assert _train(hub, out, tmp_path / "run", "--max-steps", "1") == 0
+    assert "read from the shards instead of encoded at each step: vision.npy" in capsys.readouterr().out
+
+
+@pytest.mark.heavy
+def test_dinov2_large_at_448_stores_2_mib_per_image(hub, rs_root, tmp_path, ray_local):
+    """DINOv2-large at 448: 1024 patches × 1024 channels in float16 per image (2 MiB, README)."""
+    from pipeline.shards import decode_stored_array
+
+    large = hub_models.save_dinov2(tmp_path / "dinov2-large", **hub_models.DINOV2_LARGE)
+    stored = _stored_features(hub, rs_root, tmp_path / "featured", large, "--vision-size", "448")
+    assert stored and {decode_stored_array(data).shape for data in stored} == {(1024, 1024)}
+    assert {len(data) - 128 for data in stored} == {2 * 1024 * 1024}
+
+
 @pytest.mark.heavy
 def test_llama_1b_with_clip_336_all_linear_lora_and_gradient_checkpointing(vit_b_shards, hub, tmp_path):
     """A Llama-3.2-1B-shaped base LLM (no pad token, no chat template) and full-size CLIP ViT-L/14-336,

@@ -12,7 +12,7 @@ from pipeline.shards import (
     ShardRecord,
     claim_output_dir,
     decode_label_map,
-    decode_sam_embedding,
+    decode_stored_array,
     encode_label_map,
     encode_sam_embedding,
     encode_sample,
@@ -40,14 +40,14 @@ def test_label_map_round_trips_beyond_8_bits():
 
 def test_sam_embedding_round_trips_and_never_unpickles():
     embedding = np.ones((256, 64, 64), np.float32)
-    decoded = decode_sam_embedding(encode_sam_embedding(embedding))
+    decoded = decode_stored_array(encode_sam_embedding(embedding))
     assert decoded.dtype == np.float16 and decoded.shape == (256, 64, 64)
     with pytest.raises(ValueError, match="channels, grid, grid"):
         encode_sam_embedding(np.ones((256, 64), np.float32))
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):
-        decode_sam_embedding(buffer.getvalue())
+        decode_stored_array(buffer.getvalue())
 
 
 def test_shards_are_deterministic_atomic_and_readable_by_webdataset(tmp_path):

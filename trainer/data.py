@@ -8,8 +8,8 @@ samples, a sample shuffle, decoding, batching and a ``WebLoader``. What is parti
   pass in training, every one in a fixed order in evaluation. The image is decoded once either way;
 - a corrupt sample is skipped and counted (``batch["skipped"]``), never fatal: one bad image in a
   million must not end a multi-day run, but the run must be able to say how many it lost;
-- the per-image preprocessing (:func:`vision_inputs`, :func:`sam_inputs`) is public, so single-image
-  inference uses exactly what training used;
+- the per-image preprocessing (:func:`pipeline.vision_model.vision_pixels`, :func:`superpixel_inputs`,
+  :func:`sam_inputs`) is public, so inference and the precompute job use exactly what training used;
 - a sample may hold the refs of several (dataset, split)s (*sources*: an output of several REFER
   datasets writes each image once). Read by source (``make_loader(sources=...)``), each source is a
   stream of its own shards whose samples keep only that source's refs; training draws from the
@@ -21,11 +21,13 @@ and this reader cannot disagree about the format.
 A batch (the contract with the model; B items, V = vision_size, S = sam_size):
 ``keys``, ``sentences`` (REFER's normalised ``sent``), ``ref_ids``, ``sent_ids``, ``datasets``, ``splits``:
 lists (``datasets``: each ref's dataset, "" where the shard's refs do not name it);
-``pixel_values`` float32 (B,3,V,V); ``superpixels`` int64 (B,V,V) with labels 0..K'-1 and
-``num_superpixels`` int64 (B,) = K'; ``sam_embeddings`` float32 (B,C,S/16,S/16) when every item
-has a stored embedding of that shape, else ``sam_pixels`` float32 (B,3,S,S); ``gt_masks`` float32
-(B,S/4,S/4) binary; ``input_sizes`` / ``original_sizes`` int64 (B,2) as (h, w); ``full_masks``: list
-of uint8 (H,W) tensors; ``skipped``: corrupt samples this worker skipped since its previous batch.
+``vision_features`` float32 (B,P,D) when every item has stored features of the shape asked for
+(``DataConfig.vision_features_shape``), else ``pixel_values`` float32 (B,3,V,V); ``superpixels``
+int64 (B,V,V) with labels 0..K'-1 and ``num_superpixels`` int64 (B,) = K'; ``sam_embeddings``
+float32 (B,C,S/16,S/16) when every item has a stored embedding of that shape, else ``sam_pixels``
+float32 (B,3,S,S); ``gt_masks`` float32 (B,S/4,S/4) binary; ``input_sizes`` / ``original_sizes``
+int64 (B,2) as (h, w); ``full_masks``: list of uint8 (H,W) tensors; ``skipped``: corrupt samples
+this worker skipped since its previous batch.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from pipeline.shards import (
     ManifestError,
     ManifestNotFound,
     decode_label_map,
-    decode_sam_embedding,
+    decode_stored_array,
     job_file_url,
     read_manifest,
     read_manifest_and_sha256,
@@ -71,6 +73,7 @@ from pipeline.shards import (
     split_shard_urls,
 )
 from pipeline.storage import StorageError, glob_urls, open_url
+from pipeline.vision_model import per_channel, vision_pixels
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,9 @@ class DataConfig:
     sam_size: int = 1024  # S: SAM's input frame (longest side S, zero padded to S×S)
     sam_channels: int = 256  # C: SAM's embedding width (its prompt and decoder width too)
     use_sam_embeddings: bool = True  # read sam.npy when present (only valid if it came from the trainer's SAM)
+    # (patches, channels): read vision.npy of this shape instead of encoding pixels (only valid if it
+    # came from the trainer's very vision encoder: trainer.stored_features says); None: pixels
+    vision_features_shape: tuple[int, int] | None = None
     shuffle_buffer: int = 256
     # Training: sort each window of length_group × batch_size items by length and batch neighbours
     # (HF's group_by_length in a stream); 1 = batches in arrival order.
@@ -118,25 +124,21 @@ class DataConfig:
 # Per-image preprocessing, shared with single-image inference
 
 
-def vision_inputs(rgb: np.ndarray, labels: np.ndarray, config: DataConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The vision encoder's input and the superpixel map in the same V×V frame.
+def superpixel_inputs(labels: np.ndarray, image_size: tuple[int, int], config: DataConfig) -> tuple[torch.Tensor, int]:
+    """The superpixel map squashed to the vision encoder's V×V frame, as ``vision_pixels`` squashes the image.
 
-    The image is squashed, not cropped, so every superpixel stays in view. Labels are resized
-    NEAREST, so each cell keeps a real label; a superpixel smaller than a cell can vanish, so the
-    labels left are renumbered 0..K'-1 (in their original order) and K' is returned with them.
-    Returns pixel_values float32 (3, V, V), superpixels int64 (V, V) and K'.
+    Labels are resized NEAREST, so each cell keeps a real label; a superpixel smaller than a cell can
+    vanish, so the labels left are renumbered 0..K'-1 (in their original order) and K' is returned
+    with them: superpixels int64 (V, V) and K'.
     """
-    if labels.shape != rgb.shape[:2]:
+    if labels.shape != tuple(image_size):
         raise ValueError(f"label map is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "
-                         f"{rgb.shape[1]}x{rgb.shape[0]}")
+                         f"{image_size[1]}x{image_size[0]}")
     size = (config.vision_size, config.vision_size)
-    image = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
-    image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)[0] / 255.0
-    pixel_values = (image - _column(config.vision_mean)) / _column(config.vision_std)
     label_map = torch.from_numpy(labels.astype(np.float32))[None, None]  # float32 holds uint16 exactly
     label_map = F.interpolate(label_map, size=size, mode="nearest-exact")[0, 0].long()
     present, superpixels = torch.unique(label_map, return_inverse=True)
-    return pixel_values, superpixels, len(present)
+    return superpixels, len(present)
 
 
 def sam_inputs(rgb: np.ndarray, config: DataConfig) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -149,7 +151,7 @@ def sam_inputs(rgb: np.ndarray, config: DataConfig) -> tuple[torch.Tensor, tuple
     resized = ResizeLongestSide(config.sam_size).apply_image(rgb)
     height, width = resized.shape[:2]
     pixels = torch.from_numpy(resized.astype(np.float32)).permute(2, 0, 1)
-    pixels = (pixels - _column(SAM_PIXEL_MEAN)) / _column(SAM_PIXEL_STD)
+    pixels = (pixels - per_channel(SAM_PIXEL_MEAN)) / per_channel(SAM_PIXEL_STD)
     return F.pad(pixels, (0, config.sam_size - width, 0, config.sam_size - height)), (height, width)
 
 
@@ -164,10 +166,6 @@ def sam_mask_target(mask: np.ndarray, input_size: tuple[int, int], config: DataC
     resized = F.interpolate(full, size=input_size, mode="bilinear", antialias=True, align_corners=False)
     framed = F.pad(resized, (0, config.sam_size - width, 0, config.sam_size - height))
     return (F.avg_pool2d(framed, SAM_MASK_STRIDE)[0, 0] >= 0.5).float()
-
-
-def _column(values: Sequence[float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)[:, None, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +486,7 @@ class _Decoder(wds.PipelineStage):
         self.epoch = 0
         self.skipped = 0  # since the last batch
         self.skipped_total = 0  # for rate-limited logging
-        self.warned_embedding_shape = False
+        self.warned_shapes: set[str] = set()  # stored members of a shape not asked for, warned about once
 
     def run(self, samples: Iterable[dict]) -> Iterator[dict]:
         self.epoch += 1
@@ -540,33 +538,41 @@ class _Decoder(wds.PipelineStage):
                 raise ValueError("every referring sentence is empty")
             self._skip(sample, ValueError(f"empty sentence(s) left out: sent_id {', '.join(map(str, blank))}"),
                        count=len(blank))
-        pixel_values, superpixels, num_superpixels = vision_inputs(rgb, labels, self.config)
-        embedding = self._sam_embedding(sample)
+        superpixels, num_superpixels = superpixel_inputs(labels, rgb.shape[:2], self.config)
+        features = self._stored(sample, "vision.npy", self.config.vision_features_shape)
+        pixel_values = None if features is not None else self._pixel_values(rgb)  # else computed in collate if mixed
+        embedding = self._stored(sample, "sam.npy", self.config.sam_embedding_shape
+                                 if self.config.use_sam_embeddings else None)
         if embedding is None:
             sam_pixels, input_size = sam_inputs(rgb, self.config)
         else:  # computed in collate only if the batch is mixed
             sam_pixels = None
             input_size = ResizeLongestSide.get_preprocess_shape(height, width, self.config.sam_size)
         image = {
-            "key": sample["__key__"], "rgb": rgb, "pixel_values": pixel_values, "superpixels": superpixels,
+            "key": sample["__key__"], "rgb": rgb, "pixel_values": pixel_values, "vision_features": features,
+            "superpixels": superpixels,
             "num_superpixels": num_superpixels, "sam_pixels": sam_pixels, "sam_embedding": embedding,
             "input_size": input_size, "original_size": (height, width),
         }
         return image, masks, pairs
 
-    def _sam_embedding(self, sample: dict) -> torch.Tensor | None:
-        if "sam.npy" not in sample or not self.config.use_sam_embeddings:
+    def _stored(self, sample: dict, member: str, shape: tuple[int, ...] | None) -> torch.Tensor | None:
+        """A stored array (``sam.npy``, ``vision.npy``) as float32, when asked for (``shape``) and of
+        that shape; None otherwise, and then the encoder runs on the image instead."""
+        if shape is None or member not in sample:
             return None
-        embedding = decode_sam_embedding(sample["sam.npy"])
-        if embedding.shape != self.config.sam_embedding_shape:
-            if not self.warned_embedding_shape:
-                self.warned_embedding_shape = True
-                log.warning("ignoring sam.npy of shape %s in %s (and any other such): this trainer's SAM at "
-                            "%d px gives %s, so the embedding comes from another SAM; encoding images instead",
-                            embedding.shape, sample["__key__"], self.config.sam_size,
-                            self.config.sam_embedding_shape)
+        array = decode_stored_array(sample[member])
+        if array.shape != tuple(shape):
+            if member not in self.warned_shapes:
+                self.warned_shapes.add(member)
+                log.warning("ignoring %s of shape %s in %s (and any other such): this trainer's encoder gives %s, "
+                            "so it comes from another one; encoding images instead",
+                            member, array.shape, sample["__key__"], tuple(shape))
             return None
-        return torch.from_numpy(embedding.astype(np.float32))
+        return torch.from_numpy(array.astype(np.float32))
+
+    def _pixel_values(self, rgb: np.ndarray) -> torch.Tensor:
+        return vision_pixels(rgb, self.config.vision_size, self.config.vision_mean, self.config.vision_std)
 
     def _skip(self, sample: dict, exc: Exception, count: int = 1) -> None:
         """Count ``count`` items of ``sample`` as skipped (its unusable sentences, or the whole image)."""
@@ -587,7 +593,6 @@ class _Decoder(wds.PipelineStage):
             "sent_ids": [item["sent_id"] for item in items],
             "datasets": [item["dataset"] for item in items],
             "splits": [item["split"] for item in items],
-            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
             "superpixels": torch.stack([item["superpixels"] for item in items]),
             "num_superpixels": torch.tensor([item["num_superpixels"] for item in items], dtype=torch.int64),
             "gt_masks": torch.stack([item["gt_mask"] for item in items]),
@@ -597,6 +602,13 @@ class _Decoder(wds.PipelineStage):
             "skipped": self.skipped,
         }
         self.skipped = 0
+        if all(item["vision_features"] is not None for item in items):
+            batch["vision_features"] = torch.stack([item["vision_features"] for item in items])
+        else:
+            batch["pixel_values"] = torch.stack([
+                item["pixel_values"] if item["pixel_values"] is not None else self._pixel_values(item["rgb"])
+                for item in items
+            ])
         if all(item["sam_embedding"] is not None for item in items):
             batch["sam_embeddings"] = torch.stack([item["sam_embedding"] for item in items])
         else:

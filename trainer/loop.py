@@ -23,7 +23,6 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from pipeline.hashing import file_sha256
 from trainer.checkpoint import (
     CHECKPOINTS,
     export_trained,
@@ -36,6 +35,7 @@ from trainer.checkpoint import (
 from trainer.data import DataConfig, DataError, ShardLoader, describe_shards, make_loader
 from trainer.model import ModelConfig, SegmentationMLLM
 from trainer.plots import training_curves
+from trainer.stored_features import data_config as stored_data_config
 from trainer.validation import Validation, best_weights, eval_splits
 
 log = logging.getLogger(__name__)
@@ -171,9 +171,11 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
     accelerator, model, optimizer, scheduler, progress = (run.accelerator, run.model, run.optimizer, run.scheduler,
                                                           run.progress)
     # The loader is not given to accelerator.prepare: WebDataset splits shards by node itself.
-    data_config = DataConfig(**accelerator.unwrap_model(model).data_config_fields(), seed=config.seed + progress.step,
-                             length_group=config.length_group,
-                             use_sam_embeddings=embeddings_match(run.shards, config.model))
+    data_config = stored_data_config(accelerator.unwrap_model(model), run.shards, seed=config.seed + progress.step,
+                                     length_group=config.length_group)
+    stored = [name for name, read in (("sam.npy", data_config.use_sam_embeddings),
+                                      ("vision.npy", data_config.vision_features_shape is not None)) if read]
+    accelerator.print(f"read from the shards instead of encoded at each step: {', '.join(stored) or 'nothing'}")
     # Not resampled: each process reads its own shards (disjoint across processes), pass after pass.
     loader = make_loader(config.shards, data_config, train=True, batch_size=config.batch_size,
                          num_workers=config.num_workers, resampled=False, sources=config.train_splits)
@@ -234,22 +236,6 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
     if accelerator.is_main_process:
         training_curves(config.run_dir)
     return {"step": progress.step, "skipped_samples": skipped, "main_process": accelerator.is_main_process}
-
-
-def embeddings_match(shards: dict, model: ModelConfig) -> bool:
-    """Whether the shards' ``sam.npy`` came from the very SAM this model decodes with.
-
-    An embedding of another SAM has the right shape and the wrong meaning: the mask decoder would
-    train on it without complaint. The manifest records the SAM checkpoint's sha256, so compare.
-    """
-    stored = shards.get("config", {}).get("sam", {}).get("checkpoint_sha256")
-    if not stored or not shards.get("config", {}).get("store_sam_embeddings"):
-        return False
-    if model.sam_checkpoint is None or file_sha256(model.sam_checkpoint) != stored:
-        log.warning("the shards' sam.npy come from another SAM checkpoint than --sam-checkpoint: "
-                    "ignoring them and running the SAM encoder at every step")
-        return False
-    return True
 
 
 def _passes(loader: ShardLoader, rank: int) -> Iterator[dict]:

@@ -2,7 +2,7 @@
 
 :class:`Predictor` holds a trained model and the superpixel backend its run was trained with. What
 every expression about an image shares is computed once per image (:meth:`Predictor.prepare`): its
-superpixels, the vision encoder's input and SAM's image embedding. That embedding comes from the mask
+superpixels, the vision encoder's patch features and SAM's image embedding. That embedding comes from the mask
 head's SAM encoder and feeds the mask decoder for each expression (the batch's ``sam_embeddings``).
 When the backend is SAM with the run's own checkpoint (the same bytes), its mask generator is built
 around the mask head's encoder and reads the same embedding (``SamSuperpixels.from_embeddings``): one
@@ -25,8 +25,9 @@ from pipeline.hashing import file_sha256
 from pipeline.superpixels.base import SuperpixelBackend
 from pipeline.superpixels.sam import SamSuperpixels
 from pipeline.superpixels.spec import BackendSpec
+from pipeline.vision_model import vision_pixels
 from trainer.checkpoint import load_trained_model
-from trainer.data import DataConfig, sam_inputs, vision_inputs
+from trainer.data import DataConfig, sam_inputs, superpixel_inputs
 
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 
@@ -38,7 +39,7 @@ class PreparedImage:
     original_size: tuple[int, int]  # (H, W) of the image: the mask's size
     input_size: tuple[int, int]  # (h, w) of the image inside SAM's padded S×S frame
     sam_embedding: torch.Tensor  # (C, S/16, S/16), on the model's device
-    pixel_values: torch.Tensor  # (3, V, V): the vision encoder's input
+    vision_features: torch.Tensor  # (P, D): the vision encoder's patch features, on the model's device
     superpixels: torch.Tensor  # (V, V) long, labels 0..K-1 in the vision encoder's frame
     num_superpixels: int  # K
 
@@ -57,10 +58,23 @@ def sam_embeddings(model: torch.nn.Module, images: Sequence[np.ndarray], config:
     return torch.cat(embeddings), sizes
 
 
-def prepared_image(rgb: np.ndarray, labels: np.ndarray, sam_embedding: torch.Tensor, input_size: tuple[int, int],
-                   config: DataConfig) -> PreparedImage:
-    pixel_values, superpixels, count = vision_inputs(rgb, labels, config)
-    return PreparedImage(rgb.shape[:2], input_size, sam_embedding, pixel_values, superpixels, count)
+@torch.no_grad()
+def vision_features(model: torch.nn.Module, images: Sequence[np.ndarray], config: DataConfig,
+                    batch_size: int) -> torch.Tensor:
+    """(N, P, D) patch features by the model's vision encoder, ``batch_size`` images per pass, on the
+    input training gave it (``pipeline.vision_model.vision_pixels``)."""
+    features = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([vision_pixels(rgb, config.vision_size, config.vision_mean, config.vision_std)
+                              for rgb in images[start : start + batch_size]])
+        features.append(model.vision(pixels.to(model.device))[0])
+    return torch.cat(features)
+
+
+def prepared_image(rgb: np.ndarray, labels: np.ndarray, sam_embedding: torch.Tensor, features: torch.Tensor,
+                   input_size: tuple[int, int], config: DataConfig) -> PreparedImage:
+    superpixels, count = superpixel_inputs(labels, rgb.shape[:2], config)
+    return PreparedImage(rgb.shape[:2], input_size, sam_embedding, features, superpixels, count)
 
 
 @torch.no_grad()
@@ -69,7 +83,7 @@ def decode_masks(model: torch.nn.Module, requests: Sequence[tuple[PreparedImage,
     the number of visual tokens the LLM saw."""
     images = [image for image, _ in requests]
     batch = {
-        "pixel_values": torch.stack([image.pixel_values for image in images]),
+        "vision_features": torch.stack([image.vision_features for image in images]),
         "superpixels": torch.stack([image.superpixels for image in images]),
         "num_superpixels": torch.as_tensor([image.num_superpixels for image in images]),
         "sentences": [text for _, text in requests],
@@ -87,7 +101,9 @@ def predict_mask(model: torch.nn.Module, rgb: np.ndarray, superpixels: np.ndarra
     and the number of visual tokens the LLM saw."""
     config = DataConfig(**model.data_config_fields())
     embeddings, [size] = sam_embeddings(model, [rgb], config, batch_size=1)
-    [prediction] = decode_masks(model, [(prepared_image(rgb, superpixels, embeddings[0], size, config), text)])
+    features = vision_features(model, [rgb], config, batch_size=1)
+    [prediction] = decode_masks(model, [(prepared_image(rgb, superpixels, embeddings[0], features[0], size, config),
+                                         text)])
     return prediction
 
 
@@ -130,16 +146,18 @@ class Predictor:
                 and self.superpixels.sam.image_encoder is self.model.mask_head.sam.image_encoder)
 
     def prepare(self, images: Sequence[np.ndarray]) -> list[PreparedImage]:
-        """Each image's superpixels, SAM embedding and vision input: what its expressions share."""
+        """Each image's superpixels, SAM embedding and vision features: what its expressions share."""
         embeddings, sizes = sam_embeddings(self.model, images, self.config, self.batch_size)
+        features = vision_features(self.model, images, self.config, self.batch_size)
         if self.superpixels is None:
             labels = [np.zeros(rgb.shape[:2], dtype=np.int64) for rgb in images]
         elif self.shares_sam_encoder:
             labels = [partition.labels for partition in self.superpixels.from_embeddings(images, embeddings)]
         else:
             labels = [partition.labels for partition in self.superpixels(images)]
-        return [prepared_image(rgb, labels_of_image, embedding, size, self.config)
-                for rgb, labels_of_image, embedding, size in zip(images, labels, embeddings, sizes, strict=True)]
+        return [prepared_image(rgb, labels_of_image, embedding, image_features, size, self.config)
+                for rgb, labels_of_image, embedding, image_features, size
+                in zip(images, labels, embeddings, features, sizes, strict=True)]
 
     def masks(self, requests: Sequence[tuple[PreparedImage, str]]) -> list[tuple[np.ndarray, int]]:
         """(mask, visual tokens) per (image, expression), ``batch_size`` pairs per forward pass."""

@@ -26,10 +26,11 @@ class BackendConfigError(SvpError, ValueError):
 
 @dataclass
 class SuperpixelResult:
-    """One image's output: the partition, and SAM's image embedding when it was asked for."""
+    """One image's output: the partition, and the frozen encoders' outputs that were asked for."""
 
     labels: np.ndarray  # (H, W) uint16, labels 0..K-1, H×W of the displayed image
     sam_embedding: np.ndarray | None = None  # (C, S/16, S/16) float16: (256, 64, 64) for SAM
+    vision_features: np.ndarray | None = None  # (patches, channels) float16: (256, 768) for DINOv2-base at 224
 
     @property
     def num_superpixels(self) -> int:

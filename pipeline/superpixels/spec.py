@@ -15,16 +15,20 @@ from pipeline.superpixels import BACKENDS
 from pipeline.superpixels.base import BackendConfigError, SamOptions, SuperpixelBackend
 from pipeline.superpixels.classical import CLASSICAL_PARAMS
 from pipeline.superpixels.sam_embeddings import WithSamEmbeddings
+from pipeline.superpixels.vision_features import WithVisionFeatures
 from pipeline.timing import StageTimer
+from pipeline.vision_model import ModelLoadError, VisionOptions, vision_identity
 
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """Which backend, with which settings; what the shard config hash is computed from."""
+    """Which backend, with which settings; what the shard config hash is computed from. ``vision``:
+    the encoder whose patch features are stored beside the superpixels, if any."""
 
     name: str
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     sam: SamOptions | None = None
+    vision: VisionOptions | None = None
 
     def validate(self) -> None:
         """Refuse, with a message naming the option, anything that would fail on every worker."""
@@ -45,6 +49,11 @@ class BackendSpec:
                 validate_sam_checkpoint(self.sam.sam_checkpoint, self.sam.sam_model)
             except SamCheckpointError as error:  # a SAM option of this backend: a config error like the rest
                 raise BackendConfigError(str(error)) from error
+        if self.vision is not None:
+            try:
+                self.vision.validate()
+            except ModelLoadError as error:
+                raise BackendConfigError(str(error)) from error
 
     def config(self) -> dict:
         """Everything that changes the output bytes (the checkpoint by content, not by path)."""
@@ -53,6 +62,8 @@ class BackendSpec:
             config["sam"] = self.sam.record()
         if self.name != "sam":
             config["params"] = CLASSICAL_PARAMS[self.name]
+        if self.vision is not None:  # absent otherwise: an output without features keeps its config hash
+            config["vision"] = vision_identity(self.vision.vision, self.vision.resolved_size())
         return config
 
     @property
@@ -68,9 +79,11 @@ class BackendSpec:
         """Instantiate the backend on ``device`` (called once per worker), timing its stages on ``timer``.
 
         SAM's own pass yields its embeddings; any other backend gets SAM's encoder beside it when
-        embeddings are to be stored.
+        embeddings are to be stored. The vision encoder, when its features are stored, runs beside either.
         """
         backend = BACKENDS[self.name](self.partition, self.sam, device, timer)
         if self.stores_sam_embeddings and self.name != "sam":
             backend = WithSamEmbeddings(backend, self.sam, device=device)
+        if self.vision is not None:
+            backend = WithVisionFeatures(backend, self.vision, device=device)
         return backend

@@ -1,5 +1,6 @@
 """The model: vision encoder, visual projectors, MLLM with token splicing, SAM mask head and losses."""
 
+from pipeline.vision_model import ModelLoadError, load_vision
 from trainer.model.mask_head import MaskHead
 from trainer.model.mllm import (
     LLM_TRAINING,
@@ -10,7 +11,6 @@ from trainer.model.mllm import (
 )
 from trainer.model.projectors import PROJECTORS, ProjectorConfig, build_projector
 from trainer.model.prompt import ANSWER, PROMPT
-from trainer.model.vision import ModelLoadError, load_vision
 
 __all__ = [
     "ANSWER",

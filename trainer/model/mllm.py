@@ -43,13 +43,21 @@ from pipeline.errors import SvpError
 from pipeline.sam_model import SamCheckpointError, build_sam, validate_sam_checkpoint
 from pipeline.state_dicts import state_dict_problems
 from pipeline.superpixels.base import sam_checkpoint_field, sam_model_field
+from pipeline.vision_model import (
+    TINY,
+    ModelLoadError,
+    default_vision_size,
+    load_vision,
+    pretrained_source,
+    vision_field,
+    vision_size_field,
+)
 from trainer.model.losses import IGNORE_INDEX, answer_ce, mask_bce, mask_dice
 from trainer.model.mask_head import MaskHead
 from trainer.model.projectors import ProjectorConfig, build_projector
 from trainer.model.prompt import IMAGE_TOKEN, SEG_TOKEN, PromptFormat
 from trainer.model.region_prompt import RegionPrompt
 from trainer.model.tokenizer import tiny_tokenizer
-from trainer.model.vision import TINY, ModelLoadError, default_vision_size, load_vision, pretrained_source
 
 LLM_TRAINING = ("lora", "full")  # ModelConfig.llm_training
 # initializer_range 0.3 (not HF's 0.02): with 0.02 a random 2-layer LM attends almost uniformly,
@@ -74,11 +82,8 @@ class ModelConfig:
     llm: str = field(default=TINY, metadata={**_IDENTIFIES, "help": (
         "causal LM: an HF model id or local directory, or 'tiny' (a random tiny Llama with a word-level tokenizer, "
         "for tests and the demo)")})
-    vision: str = field(default=TINY, metadata={**_IDENTIFIES, "help": (
-        "vision encoder: an HF id or local directory (e.g. facebook/dinov2-base), or 'tiny' (a random tiny DINOv2)")})
-    vision_size: int | None = field(default=None, metadata={**_IDENTIFIES, "help": (
-        "square input size of the vision encoder; omitted: the encoder's own, from its image processor config "
-        "(224 for DINOv2 and tiny, 336 for CLIP ViT-L/14-336, SigLIP's resize), recorded as resolved")})
+    vision: str = vision_field(TINY, **_IDENTIFIES)
+    vision_size: int | None = vision_size_field(**_IDENTIFIES)
     sam_checkpoint: str | None = sam_checkpoint_field()
     sam_model: str = sam_model_field("tiny", **_IDENTIFIES)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig, metadata=_IDENTIFIES)
@@ -243,6 +248,7 @@ class SegmentationMLLM(nn.Module):
                                          nn.Linear(llm_dim, self.mask_head.prompt_dim))
             self.region_prompt = RegionPrompt(llm_dim) if config.region_prompt else None
         self.prompt_format = PromptFormat(self.tokenizer)
+        self._vision_identity: dict[str, Any] | None = None
         self.answer_ids = self.prompt_format.answer_ids
         eos = self.tokenizer.eos_token_id
         self.seg_offset = self.answer_ids.index(self.seg_id)
@@ -276,7 +282,10 @@ class SegmentationMLLM(nn.Module):
 
     def _run(self, batch: dict[str, Any]) -> _Forward:
         device = self.device
-        features, grid = self.vision(batch["pixel_values"].to(device))
+        if "vision_features" in batch:  # stored by precompute from this very encoder (trainer.stored_features)
+            features, grid = batch["vision_features"].to(device), self.vision.grid(self.config.vision_size)
+        else:
+            features, grid = self.vision(batch["pixel_values"].to(device))
         tokens, valid = self.projector(
             features.to(self.seg_mlp[0].weight.dtype), grid,
             batch["superpixels"].to(device), batch["num_superpixels"].to(device),
@@ -364,6 +373,13 @@ class SegmentationMLLM(nn.Module):
             "sam_size": self.mask_head.image_size,
             "sam_channels": self.mask_head.prompt_dim,
         }
+
+    def vision_identity(self) -> dict[str, Any]:
+        """What identifies the vision encoder's features (``VisionEncoder.identity``): computed once,
+        as it hashes the encoder's weights."""
+        if self._vision_identity is None:
+            self._vision_identity = self.vision.identity(self.config.vision, self.config.vision_size)
+        return self._vision_identity
 
     def num_patches(self) -> int:
         """Patch tokens per image of the vision encoder: what the ``mlp`` projector hands the LLM."""

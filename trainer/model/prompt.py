@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.model.vision import ModelLoadError
+from pipeline.vision_model import ModelLoadError
 
 SEG_TOKEN, IMAGE_TOKEN = "[SEG]", "<image>"
 PROMPT = "please segment : {sentence} . " + IMAGE_TOKEN + " answer :"

@@ -1,5 +1,10 @@
 """The global vision encoder (DINOv2 by default, DESIGN §1): frozen, patch features on a grid.
 
+Both halves load it from here: the trainer runs it at every step, and ``svp precompute
+--store-vision-features`` runs it once per image and stores its patch features (``vision.npy``),
+recorded with what identifies the encoder (:meth:`VisionEncoder.identity`), so that a trainer runs
+it only when the stored features are not its own.
+
 The projectors need the patch features alone, in row-major order, with the grid they lie on: the
 superpixel coverage matrix is computed against that grid. ViTs put their prefix tokens first
 (DINOv2: CLS + optional registers; CLIP: CLS; SigLIP: none), so the prefix is whatever precedes
@@ -11,15 +16,20 @@ mean/std. A CLIP or SigLIP checkpoint holds a text tower too; only the vision to
 LLaVA does), and like LLaVA the CLS token is dropped by the rule above.
 
 This module also resolves where pretrained weights come from (a local directory or a hub id),
-shared with the LLM in :mod:`trainer.model.mllm`, so that a wrong ``--vision`` / ``--llm`` fails
+shared with the LLM in ``trainer.model.mllm``, so that a wrong ``--vision`` / ``--llm`` fails
 on a config read, before any weights are loaded.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -34,6 +44,7 @@ from transformers import (
 )
 
 from pipeline.errors import SvpError
+from pipeline.hashing import tensors_sha256
 
 TINY = "tiny"
 TINY_VISION_SIZE = 224
@@ -42,6 +53,22 @@ _VISION_TOWERS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's processor defaults
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TINY_VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, patch_size=14)
+_TINY_SEED = 0  # "tiny" names one encoder: the same random weights in precompute and in every model
+STORED_DTYPE = np.float16  # vision.npy: half the bytes of float32, and the features are frozen
+
+
+def vision_field(default: str | None, **metadata: Any) -> Any:
+    """``--vision``, declared through here by every config that names the vision encoder."""
+    return field(default=default, metadata={"help": (
+        "vision encoder: an HF id or local directory (e.g. facebook/dinov2-base), or 'tiny' (a random tiny "
+        "DINOv2)"), **metadata})
+
+
+def vision_size_field(**metadata: Any) -> Any:
+    """``--vision-size``, declared through here by every config that names the vision encoder."""
+    return field(default=None, metadata={"help": (
+        "square input size of the vision encoder; omitted: the encoder's own, from its image processor config "
+        "(224 for DINOv2 and tiny, 336 for CLIP ViT-L/14-336, SigLIP's resize), recorded as resolved"), **metadata})
 
 
 class ModelLoadError(SvpError, ValueError):
@@ -71,11 +98,11 @@ def pretrained_source(name: str, option: str) -> tuple[PretrainedConfig, bool]:
 class VisionEncoder(nn.Module):
     """A frozen HF ViT that returns (patch features (B, h*w, D), grid (h, w)) without prefix tokens."""
 
-    def __init__(self, backbone: nn.Module, patch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 interpolate: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, patch_size: int, hidden_size: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], interpolate: bool = False) -> None:
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
-        self.patch_size = patch_size
+        self.patch_size, self.hidden_size = patch_size, hidden_size
         self.mean, self.std = mean, std
         # CLIP and SigLIP learned position embeddings for one size; at another they must be interpolated
         # (DINOv2 always interpolates and takes no such argument).
@@ -87,10 +114,45 @@ class VisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
+        grid = self.grid(pixel_values.shape[-1])
         dtype = next(self.backbone.parameters()).dtype
         tokens = self.backbone(pixel_values=pixel_values.to(dtype), **self._forward_kwargs).last_hidden_state
         return tokens[:, tokens.shape[1] - grid[0] * grid[1] :], grid
+
+    def grid(self, image_size: int) -> tuple[int, int]:
+        """(h, w) of the patch grid of a square ``image_size`` input."""
+        return image_size // self.patch_size, image_size // self.patch_size
+
+    def features_shape(self, image_size: int) -> tuple[int, int]:
+        """(patches, channels) of one image's features: what ``vision.npy`` holds."""
+        rows, columns = self.grid(image_size)
+        return rows * columns, self.hidden_size
+
+    def identity(self, name: str, image_size: int) -> dict[str, Any]:
+        """What stored features are recorded with, and matched on: the weights by content (a path
+        moves, a hub id is re-uploaded), the input size and normalisation that fed them."""
+        return {"model": name, "size": image_size, "weights_sha256": tensors_sha256(self.backbone.state_dict()),
+                "mean": list(self.mean), "std": list(self.std), "patch_size": self.patch_size,
+                "hidden_size": self.hidden_size, "dtype": np.dtype(STORED_DTYPE).name}
+
+
+def same_encoder(stored: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether features recorded as ``stored`` are what the encoder of ``identity`` computes; the
+    name is not compared (the same weights may sit in another directory)."""
+    return all(stored.get(key) == identity[key] for key in identity if key != "model")
+
+
+def vision_pixels(rgb: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """The encoder's input: the whole image squashed (not cropped, so every superpixel stays in
+    view) to size×size, in [0, 1], normalised; float32 (3, size, size)."""
+    image = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
+    image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0] / 255.0
+    return (image - per_channel(mean)) / per_channel(std)
+
+
+def per_channel(values: tuple[float, ...]) -> torch.Tensor:
+    """A (C, 1, 1) tensor that broadcasts a per-channel mean or std over a (C, H, W) image."""
+    return torch.tensor(values, dtype=torch.float32)[:, None, None]
 
 
 def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -135,7 +197,10 @@ def load_vision(name: str, image_size: int, option: str = "--vision") -> tuple[V
     """
     if name == TINY:
         config = Dinov2Config(image_size=image_size, **_TINY_VISION)
-        encoder = VisionEncoder(Dinov2Model(config), config.patch_size, IMAGENET_MEAN, IMAGENET_STD)
+        with torch.random.fork_rng():
+            torch.manual_seed(_TINY_SEED)
+            backbone = Dinov2Model(config)
+        encoder = VisionEncoder(backbone, config.patch_size, config.hidden_size, IMAGENET_MEAN, IMAGENET_STD)
         return encoder, config.hidden_size, config.patch_size
     config, local = pretrained_source(name, option)
     tower = _VISION_TOWERS.get(config.model_type)
@@ -150,4 +215,40 @@ def load_vision(name: str, image_size: int, option: str = "--vision") -> tuple[V
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     config = _vision_config(config)
     interpolate = tower is not None and image_size != config.image_size
-    return VisionEncoder(backbone, config.patch_size, mean, std, interpolate), config.hidden_size, config.patch_size
+    encoder = VisionEncoder(backbone, config.patch_size, config.hidden_size, mean, std, interpolate)
+    return encoder, config.hidden_size, config.patch_size
+
+
+@dataclass(frozen=True)
+class VisionOptions:
+    """The frozen vision encoder whose patch features ``svp precompute`` stores beside the superpixels."""
+
+    store_vision_features: bool = field(default=False, metadata={"help": (
+        "also write vision.npy: the frozen --vision encoder's patch features of each image (float16, "
+        "patches x channels: 384 KiB for DINOv2-base at 224, 2 MiB for DINOv2-large at 448), recorded in the "
+        "manifest with the encoder's weights hash, input size and normalisation; a trainer with that very encoder "
+        "reads them instead of running it")})
+    vision: str | None = vision_field(None)
+    vision_size: int | None = vision_size_field()
+
+    def validate(self) -> None:
+        """Refuse, before any work starts, a request that cannot be met on the workers."""
+        if self.store_vision_features != (self.vision is not None):
+            raise ModelLoadError("--store-vision-features and --vision go together: --vision names the encoder "
+                                 "whose features are stored")
+        if self.vision is not None and self.vision != TINY:
+            pretrained_source(self.vision, "--vision")
+
+    def resolved_size(self) -> int:
+        return self.vision_size or default_vision_size(self.vision)
+
+    def load(self) -> VisionEncoder:
+        """The encoder, on the CPU (the caller moves it)."""
+        return load_vision(self.vision, self.resolved_size())[0]
+
+
+@functools.cache
+def vision_identity(name: str, image_size: int) -> dict[str, Any]:
+    """:meth:`VisionEncoder.identity` of the encoder ``name`` (loaded once per process: a job's
+    config and its checks each ask)."""
+    return load_vision(name, image_size)[0].identity(name, image_size)
