@@ -39,6 +39,7 @@ from pipeline.sam_model import build_sam
 from pipeline.superpixels.base import sam_checkpoint_field, sam_model_field
 from pipeline.timing import StageTimer
 from trainer.checkpoint import git_commit
+from trainer.model.token_rows import frozen_layer
 from trainer.model.tokenizer import tiny_tokenizer
 
 PRESETS = ("cpu", "full", "quick", "gpu")
@@ -348,7 +349,8 @@ def model_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The parts of a ``SegmentationMLLM`` a step or a prediction is timed by (:class:`PartClock`)."""
     llm = model.causal_lm()
     return {"sam_encoder": model.mask_head.sam.image_encoder, "vision": model.vision, "projector": model.projector,
-            "llm_body": llm.get_decoder(), "lm_head": llm.get_output_embeddings(), "mask_head": model.mask_head}
+            "llm_body": llm.get_decoder(), "lm_head": frozen_layer(llm.get_output_embeddings()),
+            "mask_head": model.mask_head}
 
 
 def median_parts(run: Callable[[], None], clock: PartClock, repeats: int) -> dict[str, float]:

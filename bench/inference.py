@@ -13,8 +13,8 @@ alone and for a batch of ``--batch-size`` images (one expression each), at two s
 - ``realsize``: ``bench.realsize``'s stack: a Qwen2.5-0.5B-shaped LLM (bf16, as shipped),
   DINOv2-base and SAM ViT-B, random weights built from configs;
 
-and the same with superpixels and SAM embeddings precomputed (what evaluation on shards reads),
-where only the vision encoder, projector, LLM and mask decoder run. Results go to
+and the same with superpixels, SAM embeddings and vision features precomputed (what evaluation
+reads from shards that store both), where only the projector, LLM and mask decoder run. Results go to
 ``RESULTS/inference.json``; not a part of ``python -m bench`` (the real-size stack takes minutes).
 """
 
@@ -107,7 +107,7 @@ def sample_images(work: Path, count: int) -> list[bytes]:
 
 def measure(stack: str, kind: str, args: argparse.Namespace, images: list[bytes]) -> dict:
     """Per-image stage seconds of one projector on one stack: new images alone and batched, and
-    with superpixels and SAM embeddings precomputed."""
+    with superpixels, SAM embeddings and vision features precomputed."""
     fields, sam = stack_config(stack, args.work)
     # a random SAM's masks all fall below SAM's own thresholds: these keep some, as real weights do
     sam = replace(sam, points_per_side=args.points_per_side, **RANDOM_WEIGHT_THRESHOLDS)

@@ -258,7 +258,7 @@ def test_inference_benchmark_times_each_stage_of_a_new_image_for_svp_and_mlp(tmp
         for mode, seconds in rows[kind]["seconds_per_image"].items():
             assert set(seconds) == {*inference.STAGES, "total"} and seconds["total"] > 0
             assert seconds["total"] >= sum(v for k, v in seconds.items() if k != "total") * 0.999
-            assert (seconds["sam_encoder"] > 0) == mode.startswith("new")
+            assert (seconds["sam_encoder"] > 0) == (seconds["vision"] > 0) == mode.startswith("new")
             assert (seconds["superpixels"] > 0) == (kind == "svp" and mode.startswith("new"))
-            assert seconds["vision"] > 0 and seconds["llm_body"] > 0 and seconds["mask_head"] > 0
+            assert seconds["llm_body"] > 0 and seconds["mask_head"] > 0
     assert rows["svp"]["visual_tokens"] < rows["mlp"]["visual_tokens"]

@@ -11,6 +11,7 @@ from torch import nn
 from bench import hub_models
 from trainer.model import ModelConfig, SegmentationMLLM
 from trainer.model.losses import IGNORE_INDEX, answer_ce
+from trainer.model.token_rows import frozen_layer
 
 
 def full_logits_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def test_the_model_s_ce_is_the_ce_of_the_llm_s_own_full_logits(llm: str, trainin
 def test_the_lm_head_sees_only_the_answer_rows_and_prediction_never_runs_it() -> None:
     model = SegmentationMLLM(ModelConfig(vision_size=V)).eval()
     rows_seen = []
-    model.causal_lm().get_output_embeddings().register_forward_hook(
+    frozen_layer(model.causal_lm().get_output_embeddings()).register_forward_hook(
         lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
     batch = make_batch()
     model(batch)

@@ -30,6 +30,7 @@ nothing, and a low-rank update of random frozen weights learns the words of the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -57,6 +58,7 @@ from trainer.model.mask_head import MaskHead
 from trainer.model.projectors import ProjectorConfig, build_projector
 from trainer.model.prompt import IMAGE_TOKEN, SEG_TOKEN, PromptFormat
 from trainer.model.region_prompt import RegionPrompt
+from trainer.model.token_rows import embed_tokens, frozen_layer, token_logits
 from trainer.model.tokenizer import tiny_tokenizer
 
 LLM_TRAINING = ("lora", "full")  # ModelConfig.llm_training
@@ -264,7 +266,8 @@ class SegmentationMLLM(nn.Module):
     def forward(self, batch: dict[str, Any]) -> ModelOutput:
         """Losses and low-res mask logits of a collated batch (see ``trainer.data``)."""
         run = self._run(batch)
-        ce = answer_ce(run.hidden, run.labels, self.causal_lm().get_output_embeddings())
+        head = functools.partial(token_logits, self.causal_lm().get_output_embeddings())
+        ce = answer_ce(run.hidden, run.labels, head)
         targets = batch["gt_masks"].to(self.device)[:, None]
         bce, dice = mask_bce(run.mask_logits, targets), mask_dice(run.mask_logits, targets)
         region = mask_bce(run.region_logits, targets) if run.region_logits is not None else bce.new_zeros(())
@@ -357,7 +360,8 @@ class SegmentationMLLM(nn.Module):
         ids = torch.full(is_text.shape, self.pad_id, device=device)
         ids[is_text] = text_ids[torch.arange(text_ids.shape[1], device=device)[None] < text_lengths[:, None]]
         embedding = self.llm.get_input_embeddings()
-        embeds = embedding(ids).masked_scatter(is_visual[..., None], tokens[valid].to(embedding.weight.dtype))
+        embeds = embed_tokens(embedding, ids).masked_scatter(is_visual[..., None],
+                                                             tokens[valid].to(frozen_layer(embedding).weight.dtype))
         answer_start = lengths - len(self.answer_ids)
         labels = torch.where(in_sequence & (position >= answer_start[:, None]), ids, IGNORE_INDEX)
         return _Sequences(embeds, in_sequence.long(), labels, answer_start + self.seg_offset, image_at)
