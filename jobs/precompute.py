@@ -101,7 +101,7 @@ def backend_spec(args: argparse.Namespace) -> BackendSpec:
     backend, sam, vision = args.backend, options.build(SamOptions, args), options.build(VisionOptions, args)
     uses_sam = backend == "sam" or sam.store_sam_embeddings
     return BackendSpec(backend, options.build(PartitionConfig, args), sam if uses_sam else None,
-                       vision if vision.store_vision_features or vision.vision is not None else None)
+                       vision if vision != VisionOptions() else None)
 
 
 def inputs(given: PrecomputeOptions) -> list[tuple[str, str]]:

@@ -233,9 +233,9 @@ class VisionOptions:
 
     def validate(self) -> None:
         """Refuse, before any work starts, a request that cannot be met on the workers."""
-        if self.store_vision_features != (self.vision is not None):
-            raise ModelLoadError("--store-vision-features and --vision go together: --vision names the encoder "
-                                 "whose features are stored")
+        if self.store_vision_features != (self.vision is not None) or (self.vision_size and self.vision is None):
+            raise ModelLoadError("--store-vision-features and --vision go together (and --vision-size with them): "
+                                 "--vision names the encoder whose features are stored")
         if self.vision is not None and self.vision != TINY:
             pretrained_source(self.vision, "--vision")
 

@@ -68,6 +68,7 @@ def test_precompute_stores_each_images_features_and_records_the_encoder(featured
 @pytest.mark.parametrize("flags, message", [
     (["--store-vision-features"], "--store-vision-features and --vision go together"),
     (["--vision", "tiny"], "--store-vision-features and --vision go together"),
+    (["--vision-size", "448"], "--store-vision-features and --vision go together"),
     (["--store-vision-features", "--vision", "/no/such/dinov2"], "is not a model directory"),
 ])
 def test_a_vision_request_that_cannot_work_is_refused_before_any_work(synth_root, tmp_path, capsys, flags, message):

@@ -17,7 +17,8 @@ and take the last-layer hidden state at the ``[SEG]`` position. There is no free
 task always has exactly one target, so generating "it is [SEG] ." would only add decoding time.
 
 What trains (everything else is frozen): the projector, LoRA on the LLM, the ``[SEG]`` rows of
-the input (and untied output) embeddings via peft's ``trainable_token_indices``, the ``[SEG]`` →
+the input (and untied output) embeddings via peft's ``trainable_token_indices`` (computed around the
+frozen layers by ``trainer.model.token_rows``), the ``[SEG]`` →
 prompt MLP, the region prompt (``region_prompt``: ``[SEG]`` picks visual tokens, whose image
 regions become SAM's mask prompt; see ``trainer.model.region_prompt``) and SAM's mask decoder.
 ``<image>`` is never embedded (it is spliced out) nor predicted, so its row would receive no
