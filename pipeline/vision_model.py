@@ -53,7 +53,9 @@ _VISION_TOWERS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's processor defaults
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TINY_VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, patch_size=14)
-_TINY_SEED = 0  # "tiny" names one encoder: the same random weights in precompute and in every model
+# The seed a model's random parts are drawn from when none is given (svp train's --seed default): a
+# standalone "tiny" encoder (the precompute job's) is the one such a model draws first.
+DEFAULT_MODEL_SEED = 0
 STORED_DTYPE = np.float16  # vision.npy: half the bytes of float32, and the features are frozen
 
 
@@ -197,10 +199,7 @@ def load_vision(name: str, image_size: int, option: str = "--vision") -> tuple[V
     """
     if name == TINY:
         config = Dinov2Config(image_size=image_size, **_TINY_VISION)
-        with torch.random.fork_rng():
-            torch.manual_seed(_TINY_SEED)
-            backbone = Dinov2Model(config)
-        encoder = VisionEncoder(backbone, config.patch_size, config.hidden_size, IMAGENET_MEAN, IMAGENET_STD)
+        encoder = VisionEncoder(Dinov2Model(config), config.patch_size, config.hidden_size, IMAGENET_MEAN, IMAGENET_STD)
         return encoder, config.hidden_size, config.patch_size
     config, local = pretrained_source(name, option)
     tower = _VISION_TOWERS.get(config.model_type)
@@ -244,11 +243,20 @@ class VisionOptions:
 
     def load(self) -> VisionEncoder:
         """The encoder, on the CPU (the caller moves it)."""
-        return load_vision(self.vision, self.resolved_size())[0]
+        return standalone_encoder(self.vision, self.resolved_size())
+
+
+def standalone_encoder(name: str, image_size: int) -> VisionEncoder:
+    """The encoder outside a model. Its random weights, for ``tiny``, are those a model of the
+    default seed draws first (``SegmentationMLLM`` builds its vision encoder first); the caller's
+    random stream is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(DEFAULT_MODEL_SEED)
+        return load_vision(name, image_size)[0]
 
 
 @functools.cache
 def vision_identity(name: str, image_size: int) -> dict[str, Any]:
     """:meth:`VisionEncoder.identity` of the encoder ``name`` (loaded once per process: a job's
     config and its checks each ask)."""
-    return load_vision(name, image_size)[0].identity(name, image_size)
+    return standalone_encoder(name, image_size).identity(name, image_size)

@@ -107,7 +107,6 @@ def test_the_shared_pass_gives_the_superpixels_and_masks_of_two_passes(run, tiny
     assert np.array_equal(predict_mask(two.model, rgbs[0], labels, TEXTS[0])[0], masks[0][0])
 
 
-
 @pytest.mark.parametrize("kind", ["mlp", "pool"])
 def test_a_projector_that_reads_no_superpixels_gets_none_made(tiny_sam_checkpoint, kind):
     """mlp and pool read only the label map's shape: predicting with them costs no superpixel backend,

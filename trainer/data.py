@@ -185,8 +185,8 @@ def shard_urls(shards: str, split: str, sources: Sequence[str] | None = None) ->
     if not sources:
         return split_shard_urls(shards, manifest, split)
     wanted = {url for name, _ in parse_sources(sources) for url in source_shard_urls(shards, manifest, name)}
-    return [job_file_url(shards, shard["name"]) for shard in manifest["shards"]
-            if job_file_url(shards, shard["name"]) in wanted]
+    listed = [job_file_url(shards, shard["name"]) for shard in manifest["shards"]]
+    return [url for url in listed if url in wanted]
 
 
 def parse_sources(specs: Sequence[str]) -> list[tuple[str, float]]:

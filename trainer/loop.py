@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from pipeline.vision_model import DEFAULT_MODEL_SEED
 from trainer.checkpoint import (
     CHECKPOINTS,
     export_trained,
@@ -77,7 +78,7 @@ class TrainConfig:
     length_group: int = field(default=DataConfig.length_group, metadata={"help": (
         "batch items of similar length (visual tokens + words): each window of N batches' items is sorted by "
         "length, cut into batches and those shuffled, so little of a batch is padding; 1: no grouping")})
-    seed: int = field(default=0, metadata={"help": "seed of model init and data order"})
+    seed: int = field(default=DEFAULT_MODEL_SEED, metadata={"help": "seed of model init and data order"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --run-dir"})
     resume_from: Path | None = field(default=None, metadata={"metavar": "CHECKPOINT", "help": (
         "with --resume: this checkpoint directory rather than the last one in --run-dir (what Ray Train's "

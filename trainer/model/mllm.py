@@ -46,6 +46,7 @@ from pipeline.sam_model import SamCheckpointError, build_sam, validate_sam_check
 from pipeline.state_dicts import state_dict_problems
 from pipeline.superpixels.base import sam_checkpoint_field, sam_model_field
 from pipeline.vision_model import (
+    DEFAULT_MODEL_SEED,
     TINY,
     ModelLoadError,
     default_vision_size,
@@ -114,7 +115,7 @@ class ModelConfig:
     dice_weight: float = field(default=0.5, metadata={"help": "weight of the mask Dice loss"})
     region_weight: float = field(default=1.0, metadata={"help": (
         "weight of the region prompt's BCE against the target mask (with --region-prompt)")})
-    seed: int = field(default=0, metadata={"same_as": "seed", "help": (
+    seed: int = field(default=DEFAULT_MODEL_SEED, metadata={"same_as": "seed", "help": (
         "seed of the model's random initialisation; svp train's --seed, which also seeds the data order")})
 
     def __post_init__(self) -> None:
@@ -237,6 +238,7 @@ class SegmentationMLLM(nn.Module):
         self.config = config
         with torch.random.fork_rng():  # same seed, same random parts; the caller's RNG is untouched
             torch.manual_seed(config.seed)
+            # first: a tiny encoder is then, at the default seed, the precompute job's (standalone_encoder)
             self.vision, vision_dim, _ = load_vision(config.vision, config.vision_size)
             llm, self.tokenizer = _load_llm(config.llm)
             self.seg_id = self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
