@@ -77,7 +77,10 @@ CHATML_TEMPLATE = (
 )
 _CORPUS = ("please segment the object described as : it is . , answer image picture photo man woman person "
            "left right top bottom middle front back behind next near small large big one two three other "
-           "shirt red blue green white black yellow wearing holding sitting standing the a an of on in with")
+           "shirt red blue green white black yellow wearing holding sitting standing the a an of on in with "
+           # the chat template's roles and default system prompt, which Qwen's real vocabulary holds as whole
+           # words: without them a rendered prompt is ~25 tokens longer than the real tokenizer makes it
+           "system user assistant You are a helpful assistant .")
 
 
 def _byte_level_bpe(special_tokens: list[str], vocab_size: int = 1200) -> Tokenizer:

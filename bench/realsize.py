@@ -9,8 +9,8 @@ frozen; the median train step (forward, backward, AdamW) at each ``--batch-sizes
 under bf16 autocast, on the stored vision features and with the vision encoder run, split into
 its parts (vision encoder, projector, LLM body, LM head, mask head, backward, optimizer: forward
 hooks and timed blocks, ``bench.common.PartClock``); the inference latency of one sample; the
-bytes of a training checkpoint as ``svp train`` writes it; and the peak RSS of the steps. Steps
-and latency also as ratios to ``mlp``.
+bytes of a training checkpoint as ``svp train`` writes it, with each of its ``--optimizer``s; and
+the peak RSS of the steps. Steps and latency also as ratios to ``mlp``.
 
 Not a part of ``python -m bench`` (it takes ~3 GB per model and minutes of building); results go to
 ``RESULTS/realsize.json``."""
@@ -46,6 +46,7 @@ from jobs.options import OptionsParser
 from pipeline.shards import read_manifest
 from trainer.data import DataConfig
 from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, SegmentationMLLM
+from trainer.optimizers import OPTIMIZERS, build_optimizer
 from trainer.stored_features import data_config as stored_data_config
 
 NAME = "realsize"
@@ -158,7 +159,7 @@ def measure(kind: str, args: argparse.Namespace, paths: dict[str, Path]) -> dict
 def train_step(model: SegmentationMLLM, batch: dict, timer: Timer, clock: PartClock) -> Callable[[], None]:
     """One training step (forward, backward, AdamW) of ``model`` on ``batch``, its backward and
     optimizer charged to ``clock`` (the forward's parts are by the clock's hooks)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = build_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
     def step() -> None:
@@ -173,23 +174,27 @@ def train_step(model: SegmentationMLLM, batch: dict, timer: Timer, clock: PartCl
     return step
 
 
-def checkpoint_bytes(model: SegmentationMLLM, batch: dict, work: Path) -> int:
-    """The bytes of a training checkpoint of ``model`` after one step, written as ``svp train`` writes
-    it (``trainer.checkpoint``: the trained tensors, optimizer, schedule and RNG states)."""
+def checkpoint_bytes(model: SegmentationMLLM, batch: dict, work: Path) -> dict[str, int]:
+    """The bytes of a training checkpoint of ``model`` after one step with each optimizer of ``svp train
+    --optimizer``, written as ``svp train`` writes it (``trainer.checkpoint``: the trained tensors,
+    optimizer, schedule and RNG states)."""
     from accelerate import Accelerator
 
     from trainer.checkpoint import save_checkpoint, save_trained_weights_only
 
-    accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    save_trained_weights_only(accelerator)
-    accelerator.backward(model(batch).loss)
-    optimizer.step()
-    with tempfile.TemporaryDirectory(dir=work) as scratch:
-        checkpoint = Path(scratch) / "step_000001"
-        save_checkpoint(accelerator, checkpoint)
-        return sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
+    sizes = {}
+    for name in OPTIMIZERS:
+        accelerator = Accelerator(cpu=True)  # a fresh one: save_state writes every optimizer it prepared
+        optimizer = build_optimizer(name, [p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        save_trained_weights_only(accelerator)
+        accelerator.backward(prepared(batch).loss)
+        optimizer.step()
+        with tempfile.TemporaryDirectory(dir=work) as scratch:
+            checkpoint = Path(scratch) / "step_000001"
+            save_checkpoint(accelerator, checkpoint)
+            sizes[name] = sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
+    return sizes
 
 
 def measure_child(args: argparse.Namespace) -> dict:
@@ -218,12 +223,12 @@ def format_table(results: dict) -> str:
              "vision features stored, or encoded at each step), "
              f"{results['device']}",
              f"{'projector':<10}{'tokens':>8}{'trained':>14}{'frozen':>15}{'peak RSS':>10}{'x mlp':>7}"
-             f"{'checkpoint':>12}"]
+             + "".join(f"{'checkpoint ' + name:>21}" for name in OPTIMIZERS)]
     for kind, row in results["projectors"].items():
         lines.append(f"{kind:<10}{row['visual_tokens_mean']:>8.1f}{row['parameters_trained']:>14,}"
                      f"{row['parameters_frozen']:>15,}{row['peak_rss_gib']:>7.2f}GiB"
                      f"{row.get('peak_rss_ratio_to_mlp', float('nan')):>7.2f}"
-                     f"{row['checkpoint_bytes'] / 2**20:>9.1f}MiB")
+                     + "".join(f"{row['checkpoint_bytes'][name] / 1e6:>18.1f} MB" for name in OPTIMIZERS))
     lines += ["", "train step, seconds: total and its parts",
               f"{'projector':<10}{'step':<22}{'total':>8}{'x mlp':>7}" + "".join(f"{p[:9]:>10}" for p in STEP_PARTS)]
     for kind, row in results["projectors"].items():

@@ -162,13 +162,15 @@ def test_a_checkpoint_holds_the_trained_tensors_and_no_frozen_one(shards, tiny_s
     assert checkpoint_bytes < model_bytes / 3, (checkpoint_bytes, model_bytes)
 
 
-def test_a_resumed_run_continues_as_the_uninterrupted_run(shards, tiny_sam_checkpoint, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_a_resumed_run_continues_as_the_uninterrupted_run(shards, tiny_sam_checkpoint, tmp_path, optimizer):
     """Killed after step 2's save and resumed, a run computes the very losses and weights of steps 3 and
     4 that it computed without the interruption: the trained weights, optimizer, schedule and RNG states
-    of the checkpoint are the whole state that the frozen weights, rebuilt from their sources, lack."""
+    of the checkpoint are the whole state that the frozen weights, rebuilt from their sources, lack. The
+    8-bit optimizer's quantised moments are its own state, so they resume as exactly."""
     run_dir = tmp_path / "run"
     config = tiny_train_config(one_sentence_shards(shards, tmp_path / "shards"), run_dir, tiny_sam_checkpoint,
-                               max_steps=4, save_every=2, log_every=1)
+                               max_steps=4, save_every=2, log_every=1, optimizer=optimizer)
     losses: dict[int, float] = {}
 
     def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
@@ -176,6 +178,8 @@ def test_a_resumed_run_continues_as_the_uninterrupted_run(shards, tiny_sam_check
 
     train(config, report=report)
     straight, straight_weights = dict(losses), load_file(run_dir / "export" / EXPORT_WEIGHTS)
+    moments = _moment_dtypes(run_dir / CHECKPOINTS / "step_000002")
+    assert (torch.uint8 in moments) == (optimizer == "adamw8bit") and torch.float32 in moments, moments
     shutil.rmtree(run_dir / CHECKPOINTS / "step_000004")
     losses.clear()
     train(replace(config, resume=True), report=report)
@@ -184,6 +188,25 @@ def test_a_resumed_run_continues_as_the_uninterrupted_run(shards, tiny_sam_check
     assert resumed_weights.keys() == straight_weights.keys()
     for name, tensor in straight_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=0)
+
+
+def _moment_dtypes(checkpoint: Path) -> set[torch.dtype]:
+    """The dtypes of the tensors (not scalars) in ``checkpoint``'s optimizer state, however nested
+    (bitsandbytes keeps its per-parameter state in a dict of its own)."""
+    def dtypes(value) -> set[torch.dtype]:
+        if isinstance(value, dict):
+            return set().union(*map(dtypes, value.values()))
+        return {value.dtype} if isinstance(value, torch.Tensor) and value.dim() > 0 else set()
+
+    return dtypes(torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)["state"])
+
+
+def test_resume_refuses_the_state_of_another_optimizer(one_step_run, shards, tiny_sam_checkpoint, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_step_run, run_dir)
+    config = tiny_train_config(shards, run_dir, tiny_sam_checkpoint, max_steps=2, resume=True, optimizer="adamw8bit")
+    with pytest.raises(CheckpointError, match="holds the state of --optimizer adamw, not of --optimizer adamw8bit"):
+        resume_point(config)
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,8 @@ def test_hub_directories_are_what_from_pretrained_reads(hub):
     assert config.dtype == torch.bfloat16
     tokenizer = AutoTokenizer.from_pretrained(hub["llm"], local_files_only=True)
     assert type(tokenizer).__name__ == "Qwen2Tokenizer" and tokenizer.chat_template
+    # The chat template's words are whole tokens, as in Qwen's own vocabulary: a prompt has its real length.
+    assert [len(tokenizer.tokenize(word)) for word in ("system", "user", "assistant", " helpful")] == [1, 1, 1, 1]
     state = torch.load(hub["sam"], map_location="cpu", weights_only=True)
     assert "image_encoder.patch_embed.proj.weight" in state and state["image_encoder.pos_embed"].shape[-1] == 768
 
@@ -85,16 +87,20 @@ def test_real_size_train_resume_export_eval_predict(hub, rs_root, vit_b_shards, 
     from trainer.model import SegmentationMLLM
 
     run = tmp_path / "run"
-    assert _train(hub, vit_b_shards, run, "--max-steps", "3", "--save-every", "2") == 0
+    assert _train(hub, vit_b_shards, run, "--max-steps", "3", "--save-every", "2", "--optimizer", "adamw8bit") == 0
     printed = capsys.readouterr().out
     assert "llm           trainable" in printed  # the parameter table, at real size
     config = json.loads((run / "run_config.json").read_text())
     assert config["model"]["vision_size"] == 224  # DINOv2-base's processor crop, not its config's 518
     assert any("lora_A" in name for name in load_file(str(run / "export" / "trained.safetensors")))
 
+    # The whole training state of the 0.5B LoRA svp run, 8-bit AdamW's moments included, is under 100 MB.
+    checkpoint_bytes = sum(path.stat().st_size for path in (run / "checkpoints" / "step_000002").iterdir())
+    assert checkpoint_bytes <= 100e6, checkpoint_bytes
+
     # Killed after step 2's save: --resume continues from there and trains step 3 again.
     shutil.rmtree(run / "checkpoints" / "step_000003")
-    assert _train(hub, vit_b_shards, run, "--max-steps", "3", "--resume") == 0
+    assert _train(hub, vit_b_shards, run, "--max-steps", "3", "--resume", "--optimizer", "adamw8bit") == 0
     assert "resumed from" in capsys.readouterr().out and (run / "checkpoints" / "step_000003").is_dir()
     at_step_2 = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
     resumed = load_file(str(run / "export" / "trained.safetensors"))

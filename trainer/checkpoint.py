@@ -279,6 +279,11 @@ def resume_point(config: TrainConfig) -> Path | None:
                               f"(a {CHECKPOINTS}/step_N directory of a run)")
     saved = read_run_config(config.run_dir)
     check_same_model(saved.get("model", {}), _normalise(asdict(config.model)), f"--resume checkpoint {checkpoint}")
+    stepped = saved.get("optimizer", "adamw")  # run configs from before --optimizer existed: AdamW
+    if stepped != config.optimizer:
+        raise CheckpointError(f"--resume checkpoint {checkpoint} holds the state of --optimizer {stepped}, not of "
+                              f"--optimizer {config.optimizer}: one optimizer cannot continue from another's state; "
+                              f"resume with --optimizer {stepped}")
     check_plain_data(checkpoint)
     return checkpoint
 

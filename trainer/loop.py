@@ -35,6 +35,7 @@ from trainer.checkpoint import (
 )
 from trainer.data import DataConfig, DataError, ShardLoader, describe_shards, make_loader
 from trainer.model import ModelConfig, SegmentationMLLM
+from trainer.optimizers import OPTIMIZERS, build_optimizer
 from trainer.plots import training_curves
 from trainer.stored_features import data_config as stored_data_config
 from trainer.validation import Validation, best_weights, eval_splits
@@ -66,6 +67,10 @@ class TrainConfig:
     lr: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate"})
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas, comma-separated"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS, "help": (
+        "adamw: torch's AdamW, float32 moments (a checkpoint holds 12 bytes per trained parameter); adamw8bit: "
+        "bitsandbytes' block-wise 8-bit AdamW (about 6 bytes per trained parameter, pip install 'svp[optim8bit]'); "
+        "a run resumes only with the optimizer it started with")})
     max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps before the cosine decay"})
     clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: off)"})
@@ -150,7 +155,7 @@ def setup_training(config: TrainConfig) -> Training:
         accelerator.print(model.describe())
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.betas, config.weight_decay)
     # Accelerate steps a prepared scheduler once per process per optimizer step: scale to match.
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps * accelerator.num_processes,
                                                 config.max_steps * accelerator.num_processes)
