@@ -1,16 +1,17 @@
 """The optimizer a run steps its trained parameters with: ``adamw`` or ``adamw8bit``.
 
 AdamW keeps two float32 moments per trained parameter, so a checkpoint (trained weights plus
-optimizer state) costs 12 bytes per trained parameter: 188 MiB for the 16.4 M that a real-size
-``svp`` run trains (Qwen2.5-0.5B, DINOv2-base, SAM ViT-B). bitsandbytes' block-wise 8-bit AdamW
-(what Hugging Face's Trainer offers as ``adamw_bnb_8bit``) keeps each moment in one byte plus a
-float32 scale per block of 256, for every tensor of 4096 values or more (smaller ones keep float32
-moments), so the same checkpoint costs about 6 bytes per parameter and the optimizer's memory a
-quarter. The update still runs in float32; only the stored moments are quantised, and they are the
-optimizer's own state, so a resumed run continues exactly as the uninterrupted one.
+optimizer state) costs 12 bytes per trained parameter: 197 MB for the 16.4 M that a real-size
+``svp`` run trains (Qwen2.5-0.5B, DINOv2-base, SAM ViT-B; 99.5 MB with 8-bit moments, measured
+by ``bench.realsize``). bitsandbytes' block-wise 8-bit AdamW (what Hugging Face's Trainer offers
+as ``adamw_bnb_8bit``) keeps each moment in one byte plus a float32 scale per block of 256, for
+every tensor of 4096 values or more (smaller ones keep float32 moments), so the same checkpoint
+costs about 6 bytes per parameter and the optimizer's memory a quarter. The update still runs in
+float32; only the stored moments are quantised, and they are the optimizer's own state, so a
+resumed run continues exactly as the uninterrupted one.
 
-bitsandbytes is an optional dependency (``pip install 'svp[optim8bit]'``): it is imported only when
-a run asks for it.
+bitsandbytes is an optional dependency (``pip install 'svp[optim8bit]'``): svp imports it only
+when a run asks for it (peft imports it by itself wherever it is installed).
 """
 
 from __future__ import annotations
