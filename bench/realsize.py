@@ -46,7 +46,7 @@ from jobs.options import OptionsParser
 from pipeline.shards import read_manifest
 from trainer.data import DataConfig
 from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, SegmentationMLLM
-from trainer.optimizers import OPTIMIZERS, build_optimizer
+from trainer.optimizers import OPTIMIZERS, optimizer_class
 from trainer.stored_features import data_config as stored_data_config
 
 NAME = "realsize"
@@ -159,7 +159,7 @@ def measure(kind: str, args: argparse.Namespace, paths: dict[str, Path]) -> dict
 def train_step(model: SegmentationMLLM, batch: dict, timer: Timer, clock: PartClock) -> Callable[[], None]:
     """One training step (forward, backward, AdamW) of ``model`` on ``batch``, its backward and
     optimizer charged to ``clock`` (the forward's parts are by the clock's hooks)."""
-    optimizer = build_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = optimizer_class("adamw")([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
     def step() -> None:
@@ -185,7 +185,7 @@ def checkpoint_bytes(model: SegmentationMLLM, batch: dict, work: Path) -> dict[s
     sizes = {}
     for name in OPTIMIZERS:
         accelerator = Accelerator(cpu=True)  # a fresh one: save_state writes every optimizer it prepared
-        optimizer = build_optimizer(name, [p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        optimizer = optimizer_class(name)([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         prepared, optimizer = accelerator.prepare(model, optimizer)
         save_trained_weights_only(accelerator)
         accelerator.backward(prepared(batch).loss)

@@ -23,6 +23,7 @@ from jobs import entry, options, ray_cluster
 from trainer.checkpoint import resume_point
 from trainer.data import shard_urls
 from trainer.loop import TrainConfig, train
+from trainer.optimizers import optimizer_class
 
 # The Ray options that mean nothing without --ray-workers; None unless given, so that a run
 # without Ray can refuse them rather than ignore them. --cpus-per-worker defaults to this under Ray.
@@ -92,6 +93,7 @@ def _train_on_ray(config: TrainConfig, workers: RayTrainOptions, cluster: ray_cl
         raise ray_cluster.ClusterResourceError(f"--ray-workers must be >= 0, got {workers.ray_workers}")
     config = replace(config, run_dir=config.run_dir.absolute())  # Ray's storage path; the workers' run dir
     resume_point(config)  # raises for a run directory the workers would refuse
+    optimizer_class(config.optimizer)  # and for an optimizer they could not build
     ray_cluster.connect(cluster.address)
     gpus = ray_cluster.gpus_per_worker(cluster.gpus_per_worker, workers.ray_workers, "--ray-workers")
     cpus = CPUS_PER_WORKER if workers.cpus_per_worker is None else workers.cpus_per_worker

@@ -6,25 +6,31 @@ import sys
 
 import pytest
 import torch
+from train_helpers import train_flags
 
-from trainer.optimizers import OptimizerError, build_optimizer
+from trainer.optimizers import OptimizerError, optimizer_class
 
 
 def test_adamw8bit_keeps_one_byte_moments_for_large_tensors_and_float32_for_small_ones():
     large, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(8))
-    optimizer = build_optimizer("adamw8bit", [large, small], lr=1e-3)
+    optimizer = optimizer_class("adamw8bit")([large, small], lr=1e-3)
     (large.square().sum() + small.square().sum()).backward()
     optimizer.step()
     assert optimizer.state[large]["state1"].dtype == torch.uint8  # 4096 values: quantised block-wise
     assert optimizer.state[small]["state1"].dtype == torch.float32  # under bitsandbytes' 4096-value floor
 
 
-def test_adamw8bit_without_bitsandbytes_names_the_extra_to_install(monkeypatch):
+def test_adamw8bit_without_bitsandbytes_is_refused_before_the_run_starts(shards, tiny_sam_checkpoint, tmp_path,
+                                                                         capsys, monkeypatch):
+    from jobs.train import main as svp_train
+
     monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)  # what Python does when it is not installed
-    with pytest.raises(OptimizerError, match=r"pip install 'svp\[optim8bit\]'"):
-        build_optimizer("adamw8bit", [torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    run_dir = tmp_path / "run"
+    assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--optimizer", "adamw8bit")) == 2
+    assert "pip install 'svp[optim8bit]'" in capsys.readouterr().err
+    assert not run_dir.exists()  # no run config, log or checkpoint of a run that never started
 
 
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(OptimizerError, match="unknown optimizer 'sgd': choose one of adamw, adamw8bit"):
-        build_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        optimizer_class("sgd")

@@ -35,7 +35,7 @@ from trainer.checkpoint import (
 )
 from trainer.data import DataConfig, DataError, ShardLoader, describe_shards, make_loader
 from trainer.model import ModelConfig, SegmentationMLLM
-from trainer.optimizers import OPTIMIZERS, build_optimizer
+from trainer.optimizers import OPTIMIZERS, optimizer_class
 from trainer.plots import training_curves
 from trainer.stored_features import data_config as stored_data_config
 from trainer.validation import Validation, best_weights, eval_splits
@@ -140,6 +140,7 @@ class Training:
 
 def setup_training(config: TrainConfig) -> Training:
     """Model, optimizer and schedule, prepared by Accelerate; the saved state loaded when resuming."""
+    make_optimizer = optimizer_class(config.optimizer)  # a missing optional dependency: refused before any work
     # cpu=True where there is no GPU: that is what makes Accelerate pick gloo DDP under torchrun.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
                               log_with="tensorboard", project_dir=str(config.run_dir),
@@ -155,7 +156,7 @@ def setup_training(config: TrainConfig) -> Training:
         accelerator.print(model.describe())
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.betas, config.weight_decay)
+    optimizer = make_optimizer(trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     # Accelerate steps a prepared scheduler once per process per optimizer step: scale to match.
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps * accelerator.num_processes,
                                                 config.max_steps * accelerator.num_processes)

@@ -16,8 +16,6 @@ when a run asks for it (peft imports it by itself wherever it is installed).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 from pipeline.errors import SvpError
@@ -29,16 +27,16 @@ class OptimizerError(SvpError):
     """An optimizer that cannot be built here (an unknown name, a missing optional dependency)."""
 
 
-def build_optimizer(name: str, parameters: Iterable[torch.nn.Parameter], lr: float,
-                    betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (one of :data:`OPTIMIZERS`) over ``parameters``."""
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The class ``--optimizer name`` builds (both take AdamW's ``lr``, ``betas``, ``weight_decay``), or
+    why it cannot be built here: a run asks before it starts any work."""
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.AdamW
     if name == "adamw8bit":
         try:
             from bitsandbytes.optim import AdamW8bit
         except ImportError as exc:
             raise OptimizerError("--optimizer adamw8bit needs bitsandbytes: pip install 'svp[optim8bit]' "
                                  f"({exc})") from None
-        return AdamW8bit(parameters, lr=lr, betas=betas, weight_decay=weight_decay)
+        return AdamW8bit
     raise OptimizerError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
