@@ -1,7 +1,7 @@
 """SAM's mask decoder for many prompts in one call: ``MaskDecoder.predict_masks`` made cheaper.
 
 The same modules, weights and arithmetic as segment-anything's decoder (tests compare masks, IoU
-predictions and gradients with ``predict_masks``, to float rounding); three changes of mechanics,
+predictions and gradients with ``predict_masks``, to float rounding); four changes of mechanics,
 because the decoder is what the automatic mask generator, SAM's pretraining and the trainer's
 mask head spend their time in, once per prompt:
 
@@ -9,11 +9,17 @@ mask head spend their time in, once per prompt:
   repeats *one* image's embedding for every prompt, so one call serves one image);
 - every attention runs through ``torch.nn.functional.scaled_dot_product_attention``, one fused
   kernel, instead of a matmul, a softmax over rows of 7 tokens, a second matmul and the copies of
-  splitting and joining heads (much of SAM's decoder time on a CPU);
+  splitting and joining heads (much of SAM's decoder time on a CPU); which kernel is
+  ``pipeline.attention.sdpa_backend``'s choice (a training step's backward is faster without flash);
 - without mask prompts (``dense`` given once for all prompts), the first layer's image side runs
   once per image instead of once per prompt: until the first image-to-token attention writes into
   them, the image tokens of every prompt of an image are the same, and so are their
-  token-to-image keys and values and their image-to-token queries.
+  token-to-image keys and values and their image-to-token queries;
+- the output upscaling (two 2×2, stride-2 transposed convolutions, a ``LayerNorm2d`` and GELUs)
+  runs as matmuls on channel-last tokens (``_upscaled_masks``): such a convolution is one matmul
+  per pixel, whose 2×2 outputs need not be interleaved into an image until the masks, which are
+  32 times smaller than the features; the features never leave channel-last, so the layer norm is
+  one fused kernel and no layout copies are made.
 
 Sharing the first layer's image side pays where an image has many prompts (the automatic mask
 generator's points grid), not in the trainer's step, which has one prompt per image (BENCHMARKS.md
@@ -26,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+from torch import nn
+
+from pipeline.attention import sdpa_backend
 
 
 def decode_prompts(
@@ -49,13 +58,36 @@ def decode_prompts(
         images = image_embeddings + dense
     else:
         images, owner = image_embeddings[owner] + dense, torch.arange(prompts, device=owner.device)
-    _, channels, height, width = images.shape
     hs, src = two_way_transformer(decoder.transformer, images, owner, image_pe, tokens)
     mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(prompts, channels, height, width))
     hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-    masks = (hyper_in @ upscaled.flatten(2)).view(prompts, -1, *upscaled.shape[2:])
+    masks = _upscaled_masks(decoder.output_upscaling, src.unflatten(1, images.shape[2:]), hyper_in)
     return masks, decoder.iou_prediction_head(hs[:, 0, :])
+
+
+def _upscaled_masks(upscaling: nn.Sequential, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+    """``hyper_in @ output_upscaling(src)`` for image tokens ``src`` (P, h, w, C) (channel-last) and
+    ``hyper_in`` (P, M, C/8): the masks (P, M, 4h, 4w).
+
+    A 2×2, stride-2 transposed convolution maps each input pixel to its own 2×2 output block:
+    ``x @ weight`` with the weight as (C_in, 2·2·C_out), its outputs left as a (2, 2) block per
+    pixel. Two of them give a (2, 2, 2, 2) block per pixel, (a, b) from the first and (c, d) from
+    the second: output pixel (4y + 2a + c, 4x + 2b + d).
+    """
+    first, norm, first_act, second, second_act = upscaling
+    y = _pixel_blocks(first, src)  # (P, h, w, 2, 2, C/4)
+    y = first_act(F.layer_norm(y, y.shape[-1:], norm.weight, norm.bias, norm.eps))
+    y = second_act(_pixel_blocks(second, y))  # (P, h, w, 2, 2, 2, 2, C/8)
+    prompts, height, width = src.shape[:3]
+    masks = (y.flatten(1, -2) @ hyper_in.transpose(1, 2)).unflatten(1, y.shape[1:-1])  # (P, h, w, a, b, c, d, M)
+    masks = masks.permute(0, 7, 1, 3, 5, 2, 4, 6)  # (P, M, h, a, c, w, b, d)
+    return masks.reshape(prompts, -1, 4 * height, 4 * width)
+
+
+def _pixel_blocks(convolution: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """A 2×2, stride-2 ``ConvTranspose2d`` on channel-last ``x`` (..., C_in): (..., 2, 2, C_out)."""
+    weight = convolution.weight.permute(0, 2, 3, 1).flatten(1)  # (C_in, 2·2·C_out): (a, b, C_out)
+    return (x @ weight).unflatten(-1, (2, 2, -1)) + convolution.bias
 
 
 def two_way_transformer(transformer: TwoWayTransformer, images: torch.Tensor, owner: torch.Tensor,
@@ -104,5 +136,6 @@ def _attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def _attend(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The rest of ``Attention.forward`` once q, k and v are projected: heads, attention, out_proj."""
     heads = module.num_heads
-    out = F.scaled_dot_product_attention(*(x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v)))
+    with sdpa_backend(q.shape[1], k.shape[1], q.device):
+        out = F.scaled_dot_product_attention(*(x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v)))
     return module.out_proj(out.transpose(1, 2).flatten(2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import V, make_batch
+from test_model import V, capture_sequences, make_batch
 from torch import nn
 
 from bench import hub_models
@@ -50,15 +50,14 @@ def test_the_model_s_ce_is_the_ce_of_the_llm_s_own_full_logits(llm: str, trainin
         for param in model.llm.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn_like(param))
-    decoder = model.causal_lm().get_decoder()
-    inputs = []
-    decoder.register_forward_hook(lambda module, args, kwargs, out: inputs.append(kwargs), with_kwargs=True)
+    sequences = capture_sequences(model)
     batch = make_batch()
     ce = model(batch).ce_loss
     labels = model._run(batch).labels
-    llm_inputs = {key: inputs[0][key] for key in ("inputs_embeds", "attention_mask", "position_ids")}
-    with torch.no_grad():
-        logits = model.llm(**llm_inputs).logits  # the LLM's own forward: every position, the whole vocabulary
+    spliced = sequences[0]
+    with torch.no_grad():  # the LLM's own forward: the whole batch (no shared prefix), every position and word
+        logits = model.llm(inputs_embeds=spliced.embeds, attention_mask=spliced.attention_mask,
+                           position_ids=model._positions(spliced.attention_mask)).logits
     torch.testing.assert_close(ce, full_logits_ce(logits, labels), rtol=1e-5, atol=1e-6)
 
 

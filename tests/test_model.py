@@ -76,7 +76,8 @@ def test_forward_shapes_and_visual_token_counts(kind: str, expected: list[int]) 
     assert out.num_visual_tokens.tolist() == expected
     model.eval()
     logits, tokens = model.predict_masks(make_batch())
-    assert torch.allclose(logits, model(make_batch()).mask_logits) and tokens.tolist() == expected
+    torch.testing.assert_close(logits, model(make_batch()).mask_logits)  # flash vs math attention: rounding
+    assert tokens.tolist() == expected
     assert model.num_patches() == GRID_PATCHES
 
 
@@ -109,18 +110,76 @@ def test_mask_head_decodes_a_batch_like_sam_decodes_each_image() -> None:
 def test_padding_does_not_leak_into_a_shorter_sample() -> None:
     """Sample 0 alone vs. batched with a longer one (more tokens, longer sentence): same LLM states."""
     model = build().eval()
-    captured = []
-    model.causal_lm().get_decoder().register_forward_hook(
-        lambda module, args, kwargs, out: captured.append((kwargs, out)), with_kwargs=True)
     batch = make_batch(counts=(3, 9))
-    pair = model(batch)
-    alone = model(take(batch, [0]))
-    (pair_in, pair_out), (alone_in, alone_out) = captured
-    length = int(alone_in["attention_mask"].sum())
-    assert alone_in["attention_mask"].shape[1] == length  # alone: no padding at all
-    assert pair_in["attention_mask"].shape[1] > length and int(pair_in["attention_mask"][0].sum()) == length
-    assert torch.allclose(pair_out.last_hidden_state[0, :length], alone_out.last_hidden_state[0], atol=1e-5)
-    assert torch.allclose(pair.mask_logits[0], alone.mask_logits[0], atol=1e-5)
+    with torch.no_grad():
+        pair, alone = model._run(batch), model._run(take(batch, [0]))
+    length = alone.hidden.shape[1]  # alone: no padding at all
+    assert pair.hidden.shape[1] > length and int((pair.labels[1] != IGNORE_INDEX).sum()) == len(model.answer_ids)
+    torch.testing.assert_close(pair.hidden[0, :length], alone.hidden[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pair.mask_logits[0], alone.mask_logits[0], rtol=1e-5, atol=1e-5)
+
+
+def capture_sequences(model: SegmentationMLLM) -> list:
+    """Every ``_Sequences`` the model hands its LLM, as the model calls it."""
+    captured, decode = [], model._decode
+    model._decode = lambda sequences: (captured.append(sequences), decode(sequences))[1]
+    return captured
+
+
+@pytest.mark.parametrize("training", ["lora", "full"])
+def test_the_shared_prefix_runs_once_with_the_states_and_gradients_of_the_full_batch(training: str) -> None:
+    """Both sentences start with "the": the prompt's opening and that word run once, as one sequence,
+    and the rest of each sample attends to their cached keys and values."""
+    model = build(lora_dropout=0.0, llm_training=training).train()
+    decoder = model.causal_lm().get_decoder()
+    calls = []
+    decoder.register_forward_hook(lambda module, args, kwargs, out: calls.append(tuple(kwargs["inputs_embeds"].shape)),
+                                  with_kwargs=True)
+    sequences = capture_sequences(model)
+    model(make_batch())
+    (spliced,) = sequences
+    samples, length, width = spliced.embeds.shape
+    opening = model.tokenizer(PROMPT.split("{sentence}")[0] + "the")["input_ids"]  # BOS included
+    assert spliced.shared == len(opening) > 1
+    assert calls == [(1, spliced.shared, width), (samples, length - spliced.shared, width)]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(samples, length, width, generator=torch.Generator().manual_seed(0))
+    weights = weights * spliced.attention_mask[..., None]  # padding positions are never read
+    results = []
+    for run in (lambda: model._decode(spliced),
+                lambda: decoder(inputs_embeds=spliced.embeds, attention_mask=spliced.attention_mask,
+                                position_ids=model._positions(spliced.attention_mask)).last_hidden_state):
+        model.zero_grad(set_to_none=True)
+        hidden = run()
+        (hidden * weights).sum().backward(retain_graph=True)
+        results.append((hidden * (weights != 0), [p.grad for p in trained]))
+    (shared_hidden, shared_grads), (full_hidden, full_grads) = results
+    assert [g is None for g in shared_grads] == [g is None for g in full_grads]
+    assert sum(g is not None for g in full_grads) > 4
+    torch.testing.assert_close(shared_hidden, full_hidden, rtol=1e-4, atol=1e-5)
+    for got, expected in zip(shared_grads, full_grads):
+        if expected is None:
+            continue
+        scale = float(expected.abs().max())  # gradients of the random tiny LLM reach the hundreds
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("checkpointing, calls_per_batch", [(False, 2), (True, 1)])
+def test_what_is_shared_and_when_the_batch_runs_whole(checkpointing: bool, calls_per_batch: int) -> None:
+    """Different first words leave the prompt's opening to share; gradient checkpointing (whose layers
+    drop HF's cache), a batch of one and inference run in one call."""
+    model = build(gradient_checkpointing=checkpointing).train()
+    calls = []
+    model.causal_lm().get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    sequences = capture_sequences(model)
+    batch = make_batch(sentences=("red circle", "the blue square"))
+    model(batch)
+    assert sequences[0].shared == len(model.tokenizer(PROMPT.split("{sentence}")[0])["input_ids"])
+    assert len(calls) == calls_per_batch
+    model(take(batch, [0]))
+    assert len(calls) == calls_per_batch + 1
+    model.predict_masks(batch)  # inference: the batch runs whole, so its outputs are each sample's own
+    assert len(calls) == calls_per_batch + 2
 
 
 def test_splice_layout_visual_tokens_in_place_labels_on_the_answer_only() -> None:

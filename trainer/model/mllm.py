@@ -31,7 +31,9 @@ nothing, and a low-rank update of random frozen weights learns the words of the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -39,8 +41,16 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
+from pipeline.attention import sdpa_backend
 from pipeline.errors import SvpError
 from pipeline.sam_model import SamCheckpointError, build_sam, validate_sam_checkpoint
 from pipeline.state_dicts import state_dict_problems
@@ -159,6 +169,7 @@ class _Sequences:
     labels: torch.Tensor  # (B, L): answer token ids, IGNORE_INDEX elsewhere
     seg_positions: torch.Tensor  # (B,)
     visual_start: torch.Tensor  # (B,): where each sample's visual tokens begin
+    shared: int  # leading positions that hold the same text token in every sample
 
 
 class TrainableStateError(SvpError, ValueError):
@@ -206,6 +217,22 @@ def _load_llm(name: str) -> tuple[PreTrainedModel, Any]:
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model, tokenizer
+
+
+def _shared_prefix(texts: list[list[int]], limit: int) -> int:
+    """How many leading ids (at most ``limit``: where the first visual token goes) every text has."""
+    shared = 0
+    for column in zip(*texts):
+        if shared == limit or any(token != column[0] for token in column):
+            break
+        shared += 1
+    return shared
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """The name of a decoder's KV-cache argument: ``cache`` in recent transformers, which still
+    accept the older ``past_key_values`` with a deprecation warning."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
@@ -297,10 +324,7 @@ class SegmentationMLLM(nn.Module):
             batch["superpixels"].to(device), batch["num_superpixels"].to(device),
         )
         sequences = self._splice(batch["sentences"], tokens, valid)
-        hidden = self.causal_lm().get_decoder()(
-            inputs_embeds=sequences.embeds, attention_mask=sequences.attention_mask,
-            position_ids=self._positions(sequences.attention_mask), use_cache=False,
-        ).last_hidden_state
+        hidden = self._decode(sequences)
         dtype = self.seg_mlp[0].weight.dtype  # only the rows read below are cast, not the whole sequence
         rows = torch.arange(len(tokens), device=device)
         seg_hidden = hidden[rows, sequences.seg_positions].to(dtype)
@@ -324,6 +348,43 @@ class SegmentationMLLM(nn.Module):
         (``get_output_embeddings``, with the trained ``[SEG]`` row) are called apart, so that the head
         runs on the labelled rows only (``answer_ce``), not on every position of the sequence."""
         return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+
+    def _decode(self, sequences: _Sequences) -> torch.Tensor:
+        """The LLM's last hidden state (B, L, D) of the spliced sequences; their shared prefix runs once.
+
+        Every sequence opens with the same tokens (the chat template's system turn, the user turn's
+        opening, the prompt up to the sentence: 17 of ~52 tokens for svp on Qwen2.5). In a causal LLM
+        their states depend on nothing after them, so they are the same in every sample: the prefix
+        runs as one sequence, its keys and values (HF's KV cache, with their graph) are repeated for
+        the batch, and the rest of each sequence attends to them: the same states and gradients as
+        the whole batch run in full, for 1/B of the prefix's compute. LoRA dropout then draws one mask
+        for the prefix's positions instead of one per sample.
+
+        Only where autograd is on (training). Without it (eval, predict) the batch runs whole, and an
+        eval gives the same table on one process as on several (``tests/test_multi_dataset.py``): how
+        many positions are shared depends on the batch's sentences, so sharing would move a sample's
+        outputs with its batch by float rounding.
+
+        The attention kernel is ``pipeline.attention.sdpa_backend``'s choice. Neither with gradient
+        checkpointing: HF drops the cache of a checkpointed layer (the rest would not see the prefix),
+        and the backward recomputes the layers outside any kernel choice made here.
+        """
+        decoder = self.causal_lm().get_decoder()
+        embeds, mask = sequences.embeds, sequences.attention_mask
+        samples, length = mask.shape
+        positions, shared = self._positions(mask), sequences.shared
+        checkpointed = self.config.gradient_checkpointing
+        with contextlib.nullcontext() if checkpointed else sdpa_backend(length, length, embeds.device):
+            if checkpointed or shared == 0 or samples == 1 or not torch.is_grad_enabled():
+                return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                               use_cache=False).last_hidden_state
+            cache = DynamicCache(config=decoder.config)
+            prefix = decoder(inputs_embeds=embeds[:1, :shared], position_ids=positions[:1, :shared], use_cache=True,
+                             **{_cache_argument(decoder): cache}).last_hidden_state
+            cache.batch_repeat_interleave(samples)
+            rest = decoder(inputs_embeds=embeds[:, shared:], attention_mask=mask, position_ids=positions[:, shared:],
+                           use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state
+        return torch.cat((prefix.expand(samples, -1, -1), rest), 1)
 
     @staticmethod
     def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -367,7 +428,8 @@ class SegmentationMLLM(nn.Module):
                                                              tokens[valid].to(frozen_layer(embedding).weight.dtype))
         answer_start = lengths - len(self.answer_ids)
         labels = torch.where(in_sequence & (position >= answer_start[:, None]), ids, IGNORE_INDEX)
-        return _Sequences(embeds, in_sequence.long(), labels, answer_start + self.seg_offset, image_at)
+        return _Sequences(embeds, in_sequence.long(), labels, answer_start + self.seg_offset, image_at,
+                          _shared_prefix(texts, int(image_at.min())))
 
     # ------------------------------------------------------------------------------ bookkeeping
 
