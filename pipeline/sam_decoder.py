@@ -40,12 +40,13 @@ from pipeline.attention import sdpa_backend
 def decode_prompts(
     decoder: MaskDecoder,
     image_embeddings: torch.Tensor,
-    owner: torch.Tensor,
+    owner: torch.Tensor | None,
     image_pe: torch.Tensor,
     sparse: torch.Tensor,
     dense: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``predict_masks`` for ``len(sparse)`` prompts, prompt ``i`` on ``image_embeddings[owner[i]]``.
+    """``predict_masks`` for ``len(sparse)`` prompts, prompt ``i`` on ``image_embeddings[owner[i]]``
+    (``owner`` None: on ``image_embeddings[i]``, one prompt per image, as in the trainer's step).
 
     ``dense``: (prompts, C, h, w), or (1, C, h, w) when it is the same for every prompt (no mask
     prompt: SAM's ``no_mask_embed``), which lets the first layer's image side run once per image.
@@ -54,10 +55,9 @@ def decode_prompts(
     prompts = len(sparse)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.expand(prompts, -1, -1), sparse), dim=1)
-    if len(dense) == 1:
-        images = image_embeddings + dense
-    else:
-        images, owner = image_embeddings[owner] + dense, torch.arange(prompts, device=owner.device)
+    if owner is not None and len(dense) > 1:  # a dense prompt per prompt: image tokens per prompt from the start
+        image_embeddings, owner = image_embeddings[owner], None
+    images = image_embeddings + dense
     hs, src = two_way_transformer(decoder.transformer, images, owner, image_pe, tokens)
     mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
     hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
@@ -90,10 +90,10 @@ def _pixel_blocks(convolution: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Ten
     return (x @ weight).unflatten(-1, (2, 2, -1)) + convolution.bias
 
 
-def two_way_transformer(transformer: TwoWayTransformer, images: torch.Tensor, owner: torch.Tensor,
+def two_way_transformer(transformer: TwoWayTransformer, images: torch.Tensor, owner: torch.Tensor | None,
                         image_pe: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``TwoWayTransformer.forward`` for prompt tokens (P, T, C) on images (N, C, h, w), prompt ``i``
-    on image ``owner[i]``: (P, T, C) queries and (P, h·w, C) image tokens."""
+    on image ``owner[i]`` (None: on image ``i``): (P, T, C) queries and (P, h·w, C) image tokens."""
     keys = images.flatten(2).transpose(1, 2)
     key_pe = image_pe.flatten(2).transpose(1, 2)
     queries = tokens

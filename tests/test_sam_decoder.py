@@ -33,8 +33,13 @@ def prompts(sam: Sam, with_masks: bool) -> dict[str, torch.Tensor]:
     return {"embeddings": embeddings, "sparse": sparse, "dense": dense, "pe": sam.prompt_encoder.get_dense_pe()}
 
 
-def ours(sam: Sam, x: dict[str, torch.Tensor], shared_dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def ours(sam: Sam, x: dict[str, torch.Tensor], shared_dense: bool,
+         image_per_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image_per_prompt``: each prompt's image embedding given in its row (no ``owner``), as the
+    trainer's mask head does."""
     dense = x["dense"][:1] if shared_dense else x["dense"]
+    if image_per_prompt:
+        return decode_prompts(sam.mask_decoder, x["embeddings"][OWNER], None, x["pe"], x["sparse"], dense)
     return decode_prompts(sam.mask_decoder, x["embeddings"], OWNER, x["pe"], x["sparse"], dense)
 
 
@@ -50,12 +55,15 @@ def reference(sam: Sam, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
     return torch.stack(masks), torch.stack(iou)
 
 
-@pytest.mark.parametrize("with_masks,shared_dense", [(False, True), (False, False), (True, False)],
-                         ids=["clicks, first layer shared per image", "clicks, per prompt", "mask prompts"])
-def test_the_same_masks_and_iou_predictions_as_sams_decoder(sam: Sam, with_masks: bool, shared_dense: bool) -> None:
+@pytest.mark.parametrize("with_masks,shared_dense,image_per_prompt",
+                         [(False, True, False), (False, False, False), (True, False, False), (True, False, True)],
+                         ids=["clicks, first layer shared per image", "clicks, per prompt", "mask prompts",
+                              "mask prompts, an image per prompt"])
+def test_the_same_masks_and_iou_predictions_as_sams_decoder(sam: Sam, with_masks: bool, shared_dense: bool,
+                                                            image_per_prompt: bool) -> None:
     with torch.inference_mode():
         x = prompts(sam, with_masks)
-        masks, iou = ours(sam, x, shared_dense)
+        masks, iou = ours(sam, x, shared_dense, image_per_prompt)
         expected_masks, expected_iou = reference(sam, x)
     assert masks.shape == expected_masks.shape == (len(OWNER), 4, *expected_masks.shape[2:])
     assert expected_masks.std() > 0.01  # masks that differ from pixel to pixel, so the comparison can fail
@@ -63,13 +71,14 @@ def test_the_same_masks_and_iou_predictions_as_sams_decoder(sam: Sam, with_masks
     torch.testing.assert_close(iou, expected_iou, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("shared_dense", [True, False], ids=["first layer shared per image", "per prompt"])
-def test_the_same_gradients_as_sams_decoder(sam: Sam, shared_dense: bool) -> None:
+@pytest.mark.parametrize("shared_dense,image_per_prompt", [(True, False), (False, False), (True, True)],
+                         ids=["first layer shared per image", "per prompt", "an image per prompt"])
+def test_the_same_gradients_as_sams_decoder(sam: Sam, shared_dense: bool, image_per_prompt: bool) -> None:
     """What the trainer's mask head and SAM's pretraining backpropagate through."""
     weights = torch.randn(len(OWNER), 4, sam.image_encoder.img_size // 4, sam.image_encoder.img_size // 4,
                           generator=torch.Generator().manual_seed(1))
     gradients = []
-    for decode in (lambda x: ours(sam, x, shared_dense), lambda x: reference(sam, x)):
+    for decode in (lambda x: ours(sam, x, shared_dense, image_per_prompt), lambda x: reference(sam, x)):
         sam.zero_grad(set_to_none=True)
         x = prompts(sam, with_masks=False)
         x["embeddings"].requires_grad_(True)

@@ -70,8 +70,7 @@ class MaskHead(nn.Module):
         dtype = decoder.iou_token.weight.dtype  # shards store float16 embeddings
         encoder = self.sam.prompt_encoder
         _, dense = encoder(points=None, boxes=None, masks=None if mask_prompt is None else mask_prompt.to(dtype))
-        owner = torch.arange(len(prompts), device=prompts.device)
-        masks, _ = decode_prompts(decoder, image_embeddings.to(dtype), owner, encoder.get_dense_pe(),
+        masks, _ = decode_prompts(decoder, image_embeddings.to(dtype), None, encoder.get_dense_pe(),
                                   prompts.to(dtype), dense)
         return masks[:, :1]  # SAM's single-mask output is its first mask token
 
