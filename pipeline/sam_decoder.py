@@ -17,9 +17,9 @@ mask head spend their time in, once per prompt:
   token-to-image keys and values and their image-to-token queries;
 - the output upscaling (two 2×2, stride-2 transposed convolutions, a ``LayerNorm2d`` and GELUs)
   runs as matmuls on channel-last tokens (``_upscaled_masks``): such a convolution is one matmul
-  per pixel, whose 2×2 outputs need not be interleaved into an image until the masks, which are
-  32 times smaller than the features; the features never leave channel-last, so the layer norm is
-  one fused kernel and no layout copies are made.
+  per pixel, whose 2×2 outputs need not be interleaved into an image until the masks, which have a
+  channel per mask where the features have 32; the features never leave channel-last, so the layer
+  norm is one fused kernel and no layout copies are made.
 
 Sharing the first layer's image side pays where an image has many prompts (the automatic mask
 generator's points grid), not in the trainer's step, which has one prompt per image (BENCHMARKS.md

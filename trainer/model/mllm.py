@@ -356,8 +356,8 @@ class SegmentationMLLM(nn.Module):
         opening, the prompt up to the sentence: 17 of ~52 tokens for svp on Qwen2.5). In a causal LLM
         their states depend on nothing after them, so they are the same in every sample: the prefix
         runs as one sequence, its keys and values (HF's KV cache, with their graph) are repeated for
-        the batch, and the rest of each sequence attends to them: the same states and gradients as
-        the whole batch run in full, for 1/B of the prefix's compute. LoRA dropout then draws one mask
+        the batch, and the rest of each sequence attends to them: the states and gradients of the
+        whole batch run in full (to float rounding), for 1/B of the prefix's compute. LoRA dropout then draws one mask
         for the prefix's positions instead of one per sample.
 
         Only where autograd is on (training). Without it (eval, predict) the batch runs whole, and an
