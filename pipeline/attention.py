@@ -2,24 +2,25 @@
 training step, where the math kernel's backward is the faster.
 
 On a CPU, PyTorch picks its flash kernel whenever it can. Its forward is the fastest there is, but
-its backward, at the sizes svp trains at, spends far more than the arithmetic needs: on the 2-core
-CPU of BENCHMARKS.md, bf16, forward plus backward (milliseconds per call):
+its backward, at the sizes svp trains at, spends far more than the arithmetic needs. On the 2-core
+CPU of BENCHMARKS.md (``python -m bench.kernels``, bf16, causal masks for the LLM), forward plus
+backward, milliseconds per call:
 
 =====================================================  =====  ====
 attention (batch 8)                                    flash  math
 =====================================================  =====  ====
-LLM, 14 heads of 64, 52 tokens                          9.7    3.9
-LLM, 128 tokens                                         30.0   19.4
-LLM, 192 tokens                                         44.1   39.9
-LLM, 256 tokens                                         63.6   66.5
-SAM decoder, 4096 image tokens onto 6 prompt tokens     87.1   44.7
-SAM decoder, 6 prompt tokens onto 4096 image tokens     36.1   24.7
+LLM, 14 heads of 64, 52 tokens                          10.6    4.2
+LLM, 128 tokens                                         27.7   19.2
+LLM, 192 tokens                                         36.3   43.1
+LLM, 256 tokens                                         57.6   64.8
+SAM decoder, 4096 image tokens onto 6 prompt tokens     91.8   48.0
+SAM decoder, 6 prompt tokens onto 4096 image tokens     61.1   29.3
 =====================================================  =====  ====
 
-Forward only (inference, the automatic mask generator), flash stays 2.5-7× faster than math in
-the SAM decoder's shapes. So the math kernel is chosen only where a backward will follow (autograd
-on), on a CPU, and one side of the attention has at most ``MATH_MAX_TOKENS`` tokens; elsewhere
-(GPUs, inference, long sequences) PyTorch's own choice stands.
+Forward only (inference: the automatic mask generator's 64 prompts, fp32), flash stays 2.3-3.5×
+faster than math in the SAM decoder's shapes. So the math kernel is chosen only where a backward
+will follow (autograd on), on a CPU, and one side of the attention has at most ``MATH_MAX_TOKENS``
+tokens; elsewhere (GPUs, inference, long sequences) PyTorch's own choice stands.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-MATH_MAX_TOKENS = 192  # where math's forward + backward stops beating flash's (the table above)
+MATH_MAX_TOKENS = 128  # up to where math's forward + backward stops beating flash's (the table above)
 
 
 def sdpa_backend(queries: int, keys: int, device: torch.device) -> contextlib.AbstractContextManager:

@@ -16,7 +16,7 @@ mask head spend their time in, once per prompt:
   them, the image tokens of every prompt of an image are the same, and so are their
   token-to-image keys and values and their image-to-token queries;
 - the output upscaling (two 2×2, stride-2 transposed convolutions, a ``LayerNorm2d`` and GELUs)
-  runs as matmuls on channel-last tokens (``_upscaled_masks``): such a convolution is one matmul
+  runs as matmuls on channel-last tokens (``upscaled_masks``): such a convolution is one matmul
   per pixel, whose 2×2 outputs need not be interleaved into an image until the masks, which have a
   channel per mask where the features have 32; the features never leave channel-last, so the layer
   norm is one fused kernel and no layout copies are made.
@@ -61,11 +61,11 @@ def decode_prompts(
     hs, src = two_way_transformer(decoder.transformer, images, owner, image_pe, tokens)
     mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
     hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-    masks = _upscaled_masks(decoder.output_upscaling, src.unflatten(1, images.shape[2:]), hyper_in)
+    masks = upscaled_masks(decoder.output_upscaling, src.unflatten(1, images.shape[2:]), hyper_in)
     return masks, decoder.iou_prediction_head(hs[:, 0, :])
 
 
-def _upscaled_masks(upscaling: nn.Sequential, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+def upscaled_masks(upscaling: nn.Sequential, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
     """``hyper_in @ output_upscaling(src)`` for image tokens ``src`` (P, h, w, C) (channel-last) and
     ``hyper_in`` (P, M, C/8): the masks (P, M, 4h, 4w).
 

@@ -76,7 +76,7 @@ def test_forward_shapes_and_visual_token_counts(kind: str, expected: list[int]) 
     assert out.num_visual_tokens.tolist() == expected
     model.eval()
     logits, tokens = model.predict_masks(make_batch())
-    torch.testing.assert_close(logits, model(make_batch()).mask_logits)  # flash vs math attention: rounding
+    torch.testing.assert_close(logits, model(make_batch()).mask_logits, rtol=1e-5, atol=1e-6)  # flash vs math: rounding
     assert tokens.tolist() == expected
     assert model.num_patches() == GRID_PATCHES
 

@@ -378,12 +378,13 @@ class SegmentationMLLM(nn.Module):
             if checkpointed or shared == 0 or samples == 1 or not torch.is_grad_enabled():
                 return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                use_cache=False).last_hidden_state
-            cache = DynamicCache(config=decoder.config)
+            keys_values = DynamicCache(config=decoder.config)
+            cache = {_cache_argument(decoder): keys_values}  # the argument's name, looked up once
             prefix = decoder(inputs_embeds=embeds[:1, :shared], position_ids=positions[:1, :shared], use_cache=True,
-                             **{_cache_argument(decoder): cache}).last_hidden_state
-            cache.batch_repeat_interleave(samples)
+                             **cache).last_hidden_state
+            keys_values.batch_repeat_interleave(samples)
             rest = decoder(inputs_embeds=embeds[:, shared:], attention_mask=mask, position_ids=positions[:, shared:],
-                           use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state
+                           use_cache=True, **cache).last_hidden_state
         return torch.cat((prefix.expand(samples, -1, -1), rest), 1)
 
     @staticmethod
