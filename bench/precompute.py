@@ -55,20 +55,24 @@ from jobs import tiny_sam
 from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig, partition_agreement, partition_from_masks
 from pipeline.shards import read_timing
-from pipeline.superpixels.base import SamOptions
+from pipeline.superpixels.base import POINT_GRIDS, SamOptions
 from pipeline.superpixels.sam import SamSuperpixels
 from pipeline.synth import synthesize
+from trainer.checkpoint import git_commit
 
 NAME = "precompute"
 PRESETS: dict[str, dict] = {
     "cpu": {},
-    "full": {"workers_images": 128},
+    "full": {"workers_images": 128, "realsize": True},
     "quick": {"precompute_images": 2, "workers_images": 2, "image_size": 64, "points_per_side": 2,
               "precompute_sam_pretrain_steps": 2},
     "gpu": {"precompute_images": 16, "workers_images": 32, "image_size": 1024, "points_per_side": 32,
-            "points_per_batch": 256},
+            "points_per_batch": 256, "realsize": True, "realsize_images": 8},
 }
 PRETRAINED_TINY_THRESHOLDS = {"pred_iou_thresh": 0.5, "stability_score_thresh": 0.8}
+# The real-size comparison's small SAM, pretrained on the synthetic train images: SAM's own thresholds.
+REALSIZE_THRESHOLDS: dict = {}
+REALSIZE_PRETRAIN_IMAGES = 16  # synthetic 1024 px images made for it (its train split pretrains the small SAM)
 THRESHOLDS = {"checkpoint": {}, "pretrained": PRETRAINED_TINY_THRESHOLDS, "random": RANDOM_WEIGHT_THRESHOLDS}
 
 
@@ -92,6 +96,15 @@ class PrecomputeOptions:
         "for this many steps, so that its masks are objects (200: about 1.5 min on 2 cores); 0: random weights, "
         "whose masks are speckle")})
     skip_workers: bool = field(default=False, metadata={"help": "skip the 1 vs 2 Ray workers job comparison"})
+    realsize: bool = field(default=False, metadata={"help": (
+        "also compare the generators at SAM's real sizes (the full preset does): SAM's own prompt encoder and mask "
+        "decoder on a small encoder (--sam-model small, pretrained here on 1024 px synthetic images), 1024 px, "
+        "SAM's 32x32 grid, with the full grid and with coarse-to-fine (the reference: about 2 min per image on "
+        "2 cores)")})
+    realsize_images: int = field(default=2, metadata={"help": "images of the real-size comparison"})
+    realsize_pretrain_steps: int = field(default=120, metadata={"help": (
+        "pretraining steps of the real-size comparison's small SAM (2 images a step, about 10 s each on 2 cores; "
+        "kept in the workspace: a --work directory pretrains once)")})
     profile: bool = field(default=False, metadata={"help": (
         "also run each generator once more under cProfile and print where its time goes (mask decoder, mask "
         "upsampling, encoder, the rest)")})
@@ -108,7 +121,8 @@ def dataset_images(root: Path, count: int, size: int, seed: int = 0) -> list[np.
 
 
 def reference_backend(options: SamOptions, ours: SamSuperpixels) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
-    """SAM's own generator on our model, one image at a time, then the partition at full size."""
+    """SAM's own generator on our model (float32, as SAM's code runs it on a CPU), one image at a
+    time, then the partition at full size."""
     generator = SamAutomaticMaskGenerator(
         ours.sam,
         points_per_side=options.points_per_side,
@@ -133,11 +147,13 @@ def reference_backend(options: SamOptions, ours: SamSuperpixels) -> Callable[[Se
 
 
 def timed(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], images: Sequence[np.ndarray],
-          device: str) -> tuple[dict, list[np.ndarray]]:
+          device: str, warm_up: bool = True) -> tuple[dict, list[np.ndarray]]:
     """Warm up on one image, then time the whole set; returns throughput (and on a GPU the peak
     memory allocated) and the label maps, which are on the host: the GPU work is done when the
-    timer stops."""
-    run(images[:1])
+    timer stops. ``warm_up=False`` for a run whose one image takes minutes (the reference at real
+    size on a CPU), where a first call's set-up is a rounding error."""
+    if warm_up:
+        run(images[:1])
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -156,20 +172,54 @@ def timed(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], images: Seque
 def compare_generators(options: SamOptions, images: list[np.ndarray], device: str) -> dict:
     """Reference generator vs ours on the same model and images: throughput and agreement."""
     ours = SamSuperpixels(options, PartitionConfig(), device=device)
-    reference_stats, reference_labels = timed(reference_backend(options, ours), images, device)
-    ours_stats, ours_labels = timed(lambda batch: [r.labels for r in ours(batch)], images, device)
-    agreement = np.array([partition_agreement(r, o) for r, o in zip(reference_labels, ours_labels)]).mean(0)
+    reference = timed(reference_backend(options, ours), images, device)
+    return {"reference": reference[0], **against_reference(ours, images, device, reference)}
+
+
+def against_reference(ours: SamSuperpixels, images: list[np.ndarray], device: str,
+                      reference: tuple[dict, list[np.ndarray]], warm_up: bool = True) -> dict:
+    """Ours timed on ``images`` against the reference's (stats, labels) of them: throughput, where
+    ours spends its time per image (``stages``), the masks per image after each filter, agreement."""
+    if warm_up:
+        ours(images[:1])
+    ours.stages.take(), ours.counts.update(dict.fromkeys(ours.counts, 0))  # the timed run's alone
+    stats, labels = timed(lambda batch: [r.labels for r in ours(batch)], images, device, warm_up=False)
+    agreement = np.array([partition_agreement(r, o) for r, o in zip(reference[1], labels)]).mean(0)
     return {
-        "reference": reference_stats,
-        "ours": ours_stats,
-        "speedup": ours_stats["images_per_s"] / reference_stats["images_per_s"],
+        "ours": stats,
+        "speedup": stats["images_per_s"] / reference[0]["images_per_s"],
         "agreement": {"mean_iou": float(agreement[0]), "area_weighted_iou": float(agreement[1])},
+        "stages": {stage: seconds / len(images) for stage, seconds in ours.stages.take().items()},
+        "masks_per_image": {name: count / len(images) for name, count in ours.counts.items()},
     }
+
+
+def compare_at_real_size(args: argparse.Namespace, scratch: Path) -> dict:
+    """The generators at SAM's real sizes, the reference once and ours in each ``point_grid`` mode
+    (``full`` at the top, ``coarse-to-fine`` nested under its name); see the module doc."""
+    root = scratch / "refer1024"
+    images = dataset_images(root, max(args.realsize_images, REALSIZE_PRETRAIN_IMAGES), 1024)[: args.realsize_images]
+    checkpoint = pretrained_sam(root, "small", args.realsize_pretrain_steps, images_per_step=2)
+    entries = {}
+    reference = None
+    for mode in POINT_GRIDS:
+        options = SamOptions(str(checkpoint), "small", points_per_side=32, points_per_batch=args.points_per_batch,
+                             point_grid=mode, **REALSIZE_THRESHOLDS)
+        ours = SamSuperpixels(options, PartitionConfig(), device=args.device)
+        if reference is None:
+            reference = timed(reference_backend(options, ours), images, args.device, warm_up=False)
+        compared = against_reference(ours, images, args.device, reference)
+        entries[mode] = {"sam_model": "small", "image_size": 1024, "points_per_side": 32, "point_grid": mode,
+                         "superpixels_per_image": compared["ours"]["superpixels_per_image"], **compared,
+                         "sam": {k: v for k, v in asdict(options).items() if k != "sam_checkpoint"},
+                         "sam_weights": f"pretrained here for {args.realsize_pretrain_steps} steps",
+                         "reference": reference[0], "git_commit": git_commit()}
+    return {**entries.pop("full"), **entries}
 
 
 # Where a generator's time goes: (label, (file, function) whose cumulative time it is; either side's).
 PROFILED = (
-    ("mask decoder", (("mask_decoder.py", "predict_masks"), ("sam_decoder.py", "decode_prompts"))),
+    ("mask decoder", (("mask_decoder.py", "predict_masks"), ("superpixels/sam.py", "_decode"))),
     ("mask upsampling", (("modeling/sam.py", "postprocess_masks"),)),
     ("image encoder", (("image_encoder.py", "forward"),)),
 )
@@ -239,11 +289,18 @@ def precompute_sam(args: argparse.Namespace, workspace: Workspace, refer_root: P
     steps = args.precompute_sam_pretrain_steps
     if args.sam_model != "tiny" or steps <= 0:
         return speed_sam_checkpoint(args, workspace), "random"
-    path = refer_root.parent / f"sam_tiny_pretrained{steps}.pth"
-    if not path.exists() and tiny_sam.main(["--out", str(path), "--pretrain-on", str(refer_root),
-                                            "--steps", str(steps)]) != 0:
-        raise RuntimeError(f"pretraining the tiny SAM on {refer_root} failed")
-    return path, "pretrained"
+    return pretrained_sam(refer_root, "tiny", steps), "pretrained"
+
+
+def pretrained_sam(refer_root: Path, model_type: str, steps: int, images_per_step: int | None = None) -> Path:
+    """A ``model_type`` SAM (``tiny`` or ``small``) pretrained on ``refer_root``'s train images by
+    ``svp tiny-sam --pretrain-on``, kept beside the data: a workspace pretrains it once."""
+    path = refer_root.parent / f"sam_{model_type}_pretrained{steps}.pth"
+    per_step = [] if images_per_step is None else ["--images-per-step", str(images_per_step)]
+    if not path.exists() and tiny_sam.main(["--out", str(path), "--sam-model", model_type, "--pretrain-on",
+                                            str(refer_root), "--steps", str(steps), *per_step]) != 0:
+        raise RuntimeError(f"pretraining the {model_type} SAM on {refer_root} failed")
+    return path
 
 
 def run(args: argparse.Namespace, workspace: Workspace) -> dict:
@@ -273,6 +330,8 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     }
     if args.profile:
         results["profile"] = profile_generators(options, images, args.device)
+    if args.realsize:
+        results["realsize"] = compare_at_real_size(args, scratch)
     if not args.skip_workers:
         workers = compare_workers(scratch / "refer", options, scratch, args.device)
         results["workers"] = {"images": dataset_size, **workers}

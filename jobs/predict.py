@@ -18,6 +18,7 @@ backend's SAM is the run's own checkpoint (see ``trainer.predict``).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -32,7 +33,14 @@ from pipeline.images import ImageDecodeError, decode_image
 from pipeline.partition import PartitionConfig
 from pipeline.storage import read_url, storage_env
 from pipeline.superpixels import BACKENDS
-from pipeline.superpixels.base import BackendConfigError, SamOptions, sam_checkpoint_field, sam_model_field
+from pipeline.superpixels.base import (
+    BackendConfigError,
+    SamOptions,
+    point_grid_field,
+    sam_checkpoint_field,
+    sam_model_field,
+    sam_precision_field,
+)
 from pipeline.superpixels.spec import BackendSpec
 from trainer.checkpoint import read_run_config
 from trainer.predict import Predictor, render_overlay
@@ -45,6 +53,8 @@ from trainer.predictions import (
     predict_inputs,
     read_inputs,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,10 @@ class PredictOptions:
         "superpixel backend; omitted: the one the run's training shards were made with")})
     sam_checkpoint: str | None = sam_checkpoint_field()
     sam_model: str | None = sam_model_field(None)
+    point_grid: str | None = point_grid_field(None, help=(
+        "SAM's prompts for the superpixels; omitted: the run's recorded grid. Another than the run's is used, "
+        "with a warning: the model then reads superpixels of another kind than it was trained on"))
+    sam_precision: str = sam_precision_field()
 
 
 OPTIONS = (PredictOptions, ray_cluster.RayOptions)
@@ -94,8 +108,15 @@ def superpixel_backend(given: PredictOptions) -> BackendSpec:
     sam = None
     if name == "sam":
         settings = recorded or SamOptions()
+        if recorded is not None and given.point_grid not in (None, recorded.point_grid):
+            log.warning("--point-grid %s: %s's training shards were made with --point-grid %s; the model reads "
+                        "superpixels of another kind than it was trained on", given.point_grid, given.run,
+                        settings.point_grid)
         sam = replace(settings, sam_checkpoint=given.sam_checkpoint, sam_model=given.sam_model or settings.sam_model,
+                      point_grid=given.point_grid or settings.point_grid, sam_precision=given.sam_precision,
                       store_sam_embeddings=False)
+    elif given.point_grid is not None:
+        raise BackendConfigError(f"--point-grid is for the sam backend; {given.run} uses --backend {name}")
     spec = BackendSpec(name, partition, sam)
     spec.validate()
     return spec
@@ -142,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ImageDecodeError(f"cannot read --image {given.image}: {exc}") from exc
     image = decode_image(data)
-    predictor = Predictor.load(given.run, spec, _local_device(), given.batch_size)
+    predictor = Predictor.load(given.run, spec, _local_device(), given.batch_size, given.sam_precision)
     [(mask, tokens)] = predictor.masks([(predictor.prepare([image.rgb])[0], given.text)])
     given.out.parent.mkdir(parents=True, exist_ok=True)
     render_overlay(image.rgb, mask, given.text).save(given.out)
@@ -188,7 +209,7 @@ def _local_device() -> str:
 def _in_process(given: PredictOptions, spec: BackendSpec, batches: list[list[PredictInput]]) -> Iterator[list[Outcome]]:
     if not batches:
         return
-    predictor = Predictor.load(given.run, spec, _local_device(), given.batch_size)
+    predictor = Predictor.load(given.run, spec, _local_device(), given.batch_size, given.sam_precision)
     for batch in batches:
         yield predict_inputs(predictor, batch, given.overlays)
 
@@ -202,11 +223,11 @@ def _on_ray(given: PredictOptions, spec: BackendSpec, cluster: ray_cluster.RayOp
         return iter(())
     ray_cluster.connect(cluster.address)
     gpus = ray_cluster.gpus_per_worker(cluster.gpus_per_worker, given.workers, "--workers", share=True)
-    run_dir, overlays, batch_size = given.run, given.overlays, given.batch_size
+    run_dir, overlays, batch_size, precision = given.run, given.overlays, given.batch_size, given.sam_precision
 
     class PredictWorker:
         def __init__(self) -> None:
-            self.predictor = Predictor.load(run_dir, spec, ray_cluster.worker_device("predict"), batch_size)
+            self.predictor = Predictor.load(run_dir, spec, ray_cluster.worker_device("predict"), batch_size, precision)
 
         def predict(self, batch: list[PredictInput]) -> list[Outcome]:
             return predict_inputs(self.predictor, batch, overlays)

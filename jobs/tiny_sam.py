@@ -21,7 +21,7 @@ import torch
 
 from jobs import entry, options
 from pipeline.errors import SvpError
-from pipeline.sam_model import build_sam, save_tiny_sam
+from pipeline.sam_model import TOY_SAM_MODEL_TYPES, build_sam, save_tiny_sam
 from trainer.sam_pretraining import PretrainConfig, load_promptable_images, pretrain_sam
 
 
@@ -34,6 +34,9 @@ class TinySamOptions:
     """Where the tiny SAM goes, and what it is first taught (its defaults: ``PretrainConfig``'s)."""
 
     out: Path = field(metadata={"help": "where to write the .pth state dict"})
+    sam_model: str = field(default="tiny", metadata={"choices": TOY_SAM_MODEL_TYPES, "help": (
+        "tiny: SAM at toy sizes (512 px, 64-wide decoder); small: SAM's real prompt encoder, mask decoder and "
+        "1024 px frame (what ViT-B/L/H share) on a small image encoder, for benchmarks of SAM's real sizes")})
     seed: int = field(default=0, metadata={"help": "random seed of the initial weights and of the pretraining"})
     pretrain_on: Path | None = field(default=None, metadata={"metavar": "REFER_ROOT", "help": (
         "a REFER root whose train split (refcoco, unc) the SAM learns clicks → masks on; omitted: no pretraining, "
@@ -62,19 +65,21 @@ OPTIONS = (TinySamOptions,)
 def run(args: argparse.Namespace) -> int:
     given = options.build(TinySamOptions, args)
     if given.pretrain_on is None:
-        path = save_tiny_sam(given.out, seed=given.seed)
-        print(f"random tiny SAM written to {path} (use: --sam-checkpoint {path} --sam-model tiny)")
+        path = save_tiny_sam(given.out, seed=given.seed, model_type=given.sam_model)
+        print(f"random {given.sam_model} SAM written to {path} "
+              f"(use: --sam-checkpoint {path} --sam-model {given.sam_model})")
         return 0
     # Written under a temporary name and renamed when trained: an interrupted run leaves no
     # random checkpoint where a trained one is expected.
-    staging = save_tiny_sam(given.out.with_name(given.out.name + ".partial"), seed=given.seed)
-    sam = build_sam("tiny", staging)
+    staging = save_tiny_sam(given.out.with_name(given.out.name + ".partial"), seed=given.seed,
+                            model_type=given.sam_model)
+    sam = build_sam(given.sam_model, staging)
     try:
         images = load_promptable_images(given.pretrain_on, sam.image_encoder.img_size)
     except (SvpError, OSError) as error:  # a missing or malformed root, or one without train images
         staging.unlink()
         raise PretrainOnError(f"--pretrain-on {given.pretrain_on}: {error}") from error
-    print(f"pretraining the tiny SAM on {len(images)} train images "
+    print(f"pretraining the {given.sam_model} SAM on {len(images)} train images "
           f"({sum(len(image.masks) for image in images)} objects), {given.steps} steps")
     started = time.perf_counter()
 
@@ -87,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         pretrain_sam(sam, images, given.pretraining(), progress)
     torch.save(sam.state_dict(), staging)
     path = staging.replace(given.out)
-    print(f"pretrained tiny SAM written to {path} (use: --sam-checkpoint {path} --sam-model tiny)")
+    print(f"pretrained {given.sam_model} SAM written to {path} (use: --sam-checkpoint {path} "
+          f"--sam-model {given.sam_model})")
     return 0
 
 

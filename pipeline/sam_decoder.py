@@ -28,6 +28,8 @@ has the figures).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
@@ -52,6 +54,29 @@ def decode_prompts(
     prompt: SAM's ``no_mask_embed``), which lets the first layer's image side run once per image.
     Returns all ``1 + num_multimask_outputs`` masks (prompts, M, 4h, 4w) and IoU predictions (prompts, M).
     """
+    decoded = decode_tokens(decoder, image_embeddings, owner, image_pe, sparse, dense)
+    return mask_logits(decoder, decoded), predicted_iou(decoder, decoded)
+
+
+@dataclass(frozen=True)
+class DecodedPrompts:
+    """The two-way transformer's outputs for P prompts: what the IoU head and the masks read."""
+
+    tokens: torch.Tensor  # (P, T, C): the IoU token, the mask tokens, the prompt's own tokens
+    image_tokens: torch.Tensor  # (P, h, w, C), channel-last
+
+    def __getitem__(self, index: torch.Tensor) -> DecodedPrompts:
+        """The prompts ``index`` selects."""
+        return DecodedPrompts(self.tokens[index], self.image_tokens[index])
+
+
+def decode_tokens(decoder: MaskDecoder, image_embeddings: torch.Tensor, owner: torch.Tensor | None,
+                  image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> DecodedPrompts:
+    """The part of :func:`decode_prompts` that every prompt needs; its arguments are the same.
+
+    Split from the masks because the IoU head reads only the tokens: a caller that filters masks
+    by their predicted IoU (the automatic mask generator) upscales only the prompts that pass.
+    """
     prompts = len(sparse)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.expand(prompts, -1, -1), sparse), dim=1)
@@ -59,10 +84,20 @@ def decode_prompts(
         image_embeddings, owner = image_embeddings[owner], None
     images = image_embeddings + dense
     hs, src = two_way_transformer(decoder.transformer, images, owner, image_pe, tokens)
-    mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-    masks = upscaled_masks(decoder.output_upscaling, src.unflatten(1, images.shape[2:]), hyper_in)
-    return masks, decoder.iou_prediction_head(hs[:, 0, :])
+    return DecodedPrompts(hs, src.unflatten(1, images.shape[2:]))
+
+
+def predicted_iou(decoder: MaskDecoder, decoded: DecodedPrompts) -> torch.Tensor:
+    """(P, M): the IoU head's prediction for each of the ``1 + num_multimask_outputs`` masks."""
+    return decoder.iou_prediction_head(decoded.tokens[:, 0, :])
+
+
+def mask_logits(decoder: MaskDecoder, decoded: DecodedPrompts, outputs: slice = slice(None)) -> torch.Tensor:
+    """(P, M, 4h, 4w): the low-res mask logits of the outputs ``outputs`` selects (all by default;
+    ``slice(1, None)``: the multimask ones), so that no hypernetwork runs for a mask nobody reads."""
+    indices = range(decoder.num_mask_tokens)[outputs]
+    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](decoded.tokens[:, 1 + i, :]) for i in indices], 1)
+    return upscaled_masks(decoder.output_upscaling, decoded.image_tokens, hyper_in)
 
 
 def upscaled_masks(upscaling: nn.Sequential, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
@@ -81,7 +116,7 @@ def upscaled_masks(upscaling: nn.Sequential, src: torch.Tensor, hyper_in: torch.
     prompts, height, width = src.shape[:3]
     masks = (y.flatten(1, -2) @ hyper_in.transpose(1, 2)).unflatten(1, y.shape[1:-1])  # (P, h, w, a, b, c, d, M)
     masks = masks.permute(0, 7, 1, 3, 5, 2, 4, 6)  # (P, M, h, a, c, w, b, d)
-    return masks.reshape(prompts, -1, 4 * height, 4 * width)
+    return masks.reshape(prompts, hyper_in.shape[1], 4 * height, 4 * width)
 
 
 def _pixel_blocks(convolution: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:

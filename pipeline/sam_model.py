@@ -12,6 +12,12 @@ and the tiny one costs a small fraction of SAM's, which is what lets the demo tr
 exists for tests, the demo and CPU benchmarks, where the real ViT-H weights (2.5 GB, never
 downloaded by us) are not at hand. Random, its masks mean nothing; ``svp tiny-sam --pretrain-on``
 teaches it clicks → masks first (``trainer.sam_pretraining``).
+
+``small`` is the other half of that trade: SAM's real prompt encoder, mask decoder (256 wide, 8
+heads, 2048-wide MLP) and 1024 px frame with a 256×64×64 embedding, which every released SAM
+(ViT-B/L/H) shares, on a 2-block, 64-wide encoder of windowed attention with SAM's neck. Its automatic masks cost what a
+real SAM's cost after the encoder (the 32×32 grid's 1024 prompts through the real decoder), so the
+mask generator is measured at the sizes users run, on a CPU, without the real encoder's weights.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from pipeline.errors import SvpError
 from pipeline.state_dicts import state_dict_problems
 
-SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
+SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "small", "tiny")
+TOY_SAM_MODEL_TYPES = ("tiny", "small")  # built here, never released: ``svp tiny-sam`` makes their checkpoints
 # segment_anything's Sam.pixel_mean / pixel_std (0-255 RGB): what every SAM, tiny included, normalises by.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+SAM_MASK_STRIDE = 4  # SAM's mask decoder predicts masks at a quarter of its input frame
 
 
 class SamCheckpointError(SvpError, ValueError):
@@ -43,23 +51,30 @@ def _architecture(model_type: str) -> Sam:
         raise SamCheckpointError(f"unknown SAM model type {model_type!r}; choose one of {', '.join(SAM_MODEL_TYPES)}")
     if model_type == "tiny":
         return _tiny_architecture()
+    if model_type == "small":
+        return _tiny_architecture(image_size=1024, width=256, encoder_width=64, decoder_heads=8, decoder_mlp=2048,
+                                  global_attention=())
     return sam_model_registry[model_type](checkpoint=None)
 
 
-def _tiny_architecture(image_size: int = 512, width: int = 64) -> Sam:
-    """SAM's modules wired as ``segment_anything.build_sam._build_sam`` wires them, at toy sizes."""
+def _tiny_architecture(image_size: int = 512, width: int = 64, encoder_width: int = 32, decoder_heads: int = 4,
+                       decoder_mlp: int | None = None, global_attention: tuple[int, ...] = (1,)) -> Sam:
+    """SAM's modules wired as ``segment_anything.build_sam._build_sam`` wires them, with a 2-block
+    encoder ``encoder_width`` wide, a ``width``-wide neck, prompt encoder and mask decoder, on an
+    ``image_size`` frame (SAM's: 256 and 1024)."""
     grid = image_size // 16
     return Sam(
         image_encoder=ImageEncoderViT(
-            depth=2, embed_dim=32, img_size=image_size, mlp_ratio=4,
+            depth=2, embed_dim=encoder_width, img_size=image_size, mlp_ratio=4,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16, qkv_bias=True,
-            use_rel_pos=True, global_attn_indexes=(1,), window_size=14, out_chans=width,
+            use_rel_pos=True, global_attn_indexes=global_attention, window_size=14, out_chans=width,
         ),
         prompt_encoder=PromptEncoder(embed_dim=width, image_embedding_size=(grid, grid),
                                      input_image_size=(image_size, image_size), mask_in_chans=16),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=4 * width, num_heads=4),
+            transformer=TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=decoder_mlp or 4 * width,
+                                          num_heads=decoder_heads),
             transformer_dim=width, iou_head_depth=3, iou_head_hidden_dim=256,
         ),
         pixel_mean=list(SAM_PIXEL_MEAN),
@@ -143,11 +158,14 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, device: str
     return model.eval().to(device)
 
 
-def save_tiny_sam(path: str | Path, seed: int = 0) -> Path:
-    """Write a random-initialised ``tiny`` SAM state dict: the stand-in checkpoint for tests and the demo."""
+def save_tiny_sam(path: str | Path, seed: int = 0, model_type: str = "tiny") -> Path:
+    """Write a random-initialised ``tiny`` (or ``small``) SAM state dict: the stand-in checkpoint for
+    tests, the demo and benchmarks, where no official one is at hand."""
+    if model_type not in TOY_SAM_MODEL_TYPES:
+        raise ValueError(f"only {' and '.join(TOY_SAM_MODEL_TYPES)} SAMs are made here, not {model_type!r}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = build_sam("tiny")
+        model = build_sam(model_type)
     path = Path(path)
     torch.save(model.state_dict(), path)
     return path

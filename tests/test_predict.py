@@ -18,11 +18,12 @@ from segment_anything.modeling import ImageEncoderViT
 from test_sam_backend import TEST_OPTIONS, shapes_image
 from train_helpers import train_flags
 
+from jobs.predict import PredictOptions, superpixel_backend
 from jobs.predict import main as svp_predict
 from jobs.train import main as svp_train
 from pipeline.partition import PartitionConfig
 from pipeline.sam_model import save_tiny_sam
-from pipeline.superpixels.base import SamOptions
+from pipeline.superpixels.base import BackendConfigError, SamOptions
 from pipeline.superpixels.spec import BackendSpec
 from trainer.checkpoint import load_trained_model
 from trainer.predict import Predictor, predict_mask
@@ -200,11 +201,13 @@ def test_a_batch_predicts_what_it_can_records_what_it_cannot_and_a_rerun_skips_i
 
 
 def test_a_batch_on_two_ray_workers_gives_what_one_process_does(run, images, tmp_path, ray_local, capsys):
+    """Bit for bit in fp32. (In bf16, PyTorch's CPU flash attention rounds differently with the
+    number of threads, and a Ray actor has one: a mask can move by a pixel, as --help says.)"""
     inputs, failures = write_inputs(images, tmp_path)
     local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(local), "--batch-size", "4"]) == 0
-    assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(on_ray), "--batch-size", "4",
-                        "--workers", "2"]) == 0
+    fp32 = ["--sam-precision", "fp32", "--batch-size", "4"]
+    assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(local), *fp32]) == 0
+    assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(on_ray), *fp32, "--workers", "2"]) == 0
     assert "predict: 17 predicted, 3 failed, 0 skipped" in capsys.readouterr().out
     expected = {p["line"]: p for p in check_outputs(local, images, failures)}
     for prediction in check_outputs(on_ray, images, failures):
@@ -261,3 +264,19 @@ def test_an_images_inputs_share_a_batch_however_they_are_ordered():
 def test_the_two_modes_refuse_each_others_options(tmp_path, capsys, flags, message):
     assert svp_predict(["--run", str(tmp_path), "--out", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_point_grid_other_than_the_runs_is_warned_about(tiny_sam_checkpoint, tmp_path, caplog):
+    """A run trained on the full grid's superpixels, predicted with coarse-to-fine's: used, never silently."""
+    recorded = SamOptions(str(tiny_sam_checkpoint), "tiny").record()
+    (tmp_path / "run_config.json").write_text(json.dumps(
+        {"data": {"train": {"config": {"backend": "sam", "sam": recorded}}}}))
+    options = dict(run=tmp_path, out=tmp_path / "o.png", sam_checkpoint=str(tiny_sam_checkpoint))
+    assert superpixel_backend(PredictOptions(**options)).sam.point_grid == "full"
+    assert not caplog.records
+    spec = superpixel_backend(PredictOptions(**options, point_grid="coarse-to-fine"))
+    assert spec.sam.point_grid == "coarse-to-fine"
+    assert "made with --point-grid full" in caplog.text
+    (tmp_path / "run_config.json").write_text(json.dumps({"data": {"train": {"config": {"backend": "slic"}}}}))
+    with pytest.raises(BackendConfigError, match="--point-grid is for the sam backend"):
+        superpixel_backend(PredictOptions(**options, point_grid="full"))

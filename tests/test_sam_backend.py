@@ -6,6 +6,7 @@ path (encoder batch, decoder, filters, NMS, partition) is the one the real weigh
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from pipeline.partition import (
 from pipeline.sam_model import SamCheckpointError, build_sam, save_tiny_sam, validate_sam_checkpoint
 from pipeline.superpixels.base import BackendConfigError, SamOptions
 from pipeline.superpixels.sam import SamSuperpixels
+from pipeline.superpixels.sam_embeddings import compute_dtype
 from pipeline.superpixels.spec import BackendSpec
 
 # Random weights give predicted IoUs around 0.0-0.3 and logits around ±0.05: these thresholds let
@@ -257,3 +259,42 @@ def test_partition_agreement() -> None:
     assert area_weighted == pytest.approx((12 / 16 * 16 + 16 / 20 * 16) / 32)
     with pytest.raises(ValueError, match="different shapes"):
         partition_agreement(reference, reference[:, :4])
+
+
+# --- fewer prompts, precision ------------------------------------------------------------------
+
+
+def test_the_point_grid_is_recorded_only_when_it_is_not_the_default(tiny_sam_checkpoint: Path) -> None:
+    """Shards written before the option existed keep their config hash (and so resume)."""
+    full = SamOptions(str(tiny_sam_checkpoint), "tiny")
+    assert "point_grid" not in full.record()
+    fewer = SamOptions(str(tiny_sam_checkpoint), "tiny", point_grid="coarse-to-fine")
+    assert fewer.record()["point_grid"] == "coarse-to-fine"
+    assert SamOptions.from_record(fewer.record()).point_grid == "coarse-to-fine"
+    assert SamOptions.from_record(full.record()).point_grid == "full"
+    assert "sam_precision" not in full.record()  # bf16 or fp32: the same masks to rounding, as batch sizes
+
+
+@pytest.mark.parametrize("side", [4, 5])
+def test_coarse_to_fine_asks_the_rest_of_the_grid_only_where_no_mask_covers(tiny_sam_checkpoint: Path,
+                                                                          side: int) -> None:
+    image = shapes_image(96, 128, 0)
+    coarse = ((side + 1) // 2) ** 2
+    nothing_kept = sam_options(tiny_sam_checkpoint, points_per_side=side, pred_iou_thresh=0.99,
+                               point_grid="coarse-to-fine")
+    backend = SamSuperpixels(nothing_kept, PartitionConfig())
+    backend.generate_masks([image])
+    assert backend.counts["prompts"] == side * side  # nothing covers: every point is asked
+    everything_kept = replace(nothing_kept, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    backend = SamSuperpixels(everything_kept, PartitionConfig())
+    masks = backend.generate_masks([image])[0]
+    assert coarse <= backend.counts["prompts"] < side * side and len(masks) >= 1
+    full = SamSuperpixels(replace(everything_kept, point_grid="full"), PartitionConfig())
+    full.generate_masks([image])
+    assert full.counts["prompts"] == side * side
+
+
+def test_sam_precision_picks_what_sam_computes_in() -> None:
+    assert compute_dtype("cpu", "fp32") == torch.float32 and compute_dtype("cpu", "bf16") == torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)

@@ -57,7 +57,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from pipeline.errors import SvpError
 from pipeline.images import decode_image
 from pipeline.refer import ref_mask
-from pipeline.sam_model import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from pipeline.sam_model import SAM_MASK_STRIDE, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from pipeline.shards import (
     MANIFEST_FILE,
     ManifestError,
@@ -77,7 +77,6 @@ from pipeline.vision_model import per_channel, vision_pixels
 
 log = logging.getLogger(__name__)
 
-SAM_MASK_STRIDE = 4  # SAM's mask decoder predicts masks at a quarter of its input frame
 REQUIRED_MEMBERS = ("jpg", "spx.png", "refs.json", "meta.json")
 LOGGED_SKIPS = 5  # per worker: the first few corrupt samples are named, the rest only counted
 # What a corrupt sample raises from the decoders (ImageDecodeError, ReferError, JSON and PIL errors

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.hashing import file_sha256
 from pipeline.superpixels.base import SuperpixelBackend
 from pipeline.superpixels.sam import SamSuperpixels
+from pipeline.superpixels.sam_embeddings import compute_dtype, encoder_autocast
 from pipeline.superpixels.spec import BackendSpec
 from pipeline.vision_model import vision_pixels
 from trainer.checkpoint import load_trained_model
@@ -45,15 +46,17 @@ class PreparedImage:
 
 
 @torch.no_grad()
-def sam_embeddings(model: torch.nn.Module, images: Sequence[np.ndarray], config: DataConfig,
-                   batch_size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """(N, C, S/16, S/16) embeddings by the mask head's SAM encoder, ``batch_size`` images per pass, and
-    each image's (h, w) inside SAM's frame; SAM's own preprocessing (``trainer.data.sam_inputs``)."""
+def sam_embeddings(model: torch.nn.Module, images: Sequence[np.ndarray], config: DataConfig, batch_size: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """(N, C, S/16, S/16) embeddings by the mask head's SAM encoder computing in ``dtype``, ``batch_size``
+    images per pass, and each image's (h, w) inside SAM's frame; SAM's own preprocessing
+    (``trainer.data.sam_inputs``). The same embedding as the superpixel generator's encoder makes."""
     embeddings, sizes = [], []
     for start in range(0, len(images), batch_size):
         inputs = [sam_inputs(rgb, config) for rgb in images[start : start + batch_size]]
         pixels = torch.stack([pixels for pixels, _ in inputs]).to(model.device)
-        embeddings.append(model.mask_head.image_embeddings(pixels))
+        with encoder_autocast(model.device, dtype):
+            embeddings.append(model.mask_head.image_embeddings(pixels).float())
         sizes += [size for _, size in inputs]
     return torch.cat(embeddings), sizes
 
@@ -100,7 +103,7 @@ def predict_mask(model: torch.nn.Module, rgb: np.ndarray, superpixels: np.ndarra
     """(H, W) bool mask for ``text`` on ``rgb`` (superpixels from the same backend the model trained on),
     and the number of visual tokens the LLM saw."""
     config = DataConfig(**model.data_config_fields())
-    embeddings, [size] = sam_embeddings(model, [rgb], config, batch_size=1)
+    embeddings, [size] = sam_embeddings(model, [rgb], config, 1, compute_dtype(model.device))
     features = vision_features(model, [rgb], config, batch_size=1)
     [prediction] = decode_masks(model, [(prepared_image(rgb, superpixels, embeddings[0], features[0], size, config),
                                          text)])
@@ -115,17 +118,21 @@ def same_checkpoint(path: str | Path, other: str | Path) -> bool:
 class Predictor:
     """A trained model with its superpixel backend: images and expressions → masks (module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, superpixels: SuperpixelBackend | None, batch_size: int = 8) -> None:
+    def __init__(self, model: torch.nn.Module, superpixels: SuperpixelBackend | None, batch_size: int = 8,
+                 sam_precision: str = "auto") -> None:
         """``superpixels``: the backend the run trained with; None for a projector that reads no
         superpixels (mlp, pool: each image is then one region, as far as the model can tell).
-        ``batch_size``: expressions per forward pass of the model, and images per pass of SAM's encoder."""
+        ``batch_size``: expressions per forward pass of the model, and images per pass of SAM's encoder.
+        ``sam_precision``: what the mask head's SAM encoder computes in (``--sam-precision``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.superpixels, self.batch_size = model, superpixels, batch_size
+        self.sam_dtype = compute_dtype(model.device, sam_precision)
         self.config = DataConfig(**model.data_config_fields())
 
     @classmethod
-    def load(cls, run: Path, spec: BackendSpec, device: str | torch.device = "cpu", batch_size: int = 8) -> Predictor:
+    def load(cls, run: Path, spec: BackendSpec, device: str | torch.device = "cpu", batch_size: int = 8,
+             sam_precision: str = "auto") -> Predictor:
         """The run's trained model on ``device`` and ``spec``'s backend, sharing SAM's encoder where
         ``spec`` is SAM with the model's own checkpoint (compared by content, not path)."""
         model = load_trained_model(run, device)
@@ -137,7 +144,7 @@ class Predictor:
             backend = SamSuperpixels(spec.sam, spec.partition, device, image_encoder=model.mask_head.sam.image_encoder)
         else:
             backend = spec.build(str(device))
-        return cls(model, backend, batch_size)
+        return cls(model, backend, batch_size, sam_precision)
 
     @property
     def shares_sam_encoder(self) -> bool:
@@ -147,7 +154,7 @@ class Predictor:
 
     def prepare(self, images: Sequence[np.ndarray]) -> list[PreparedImage]:
         """Each image's superpixels, SAM embedding and vision features: what its expressions share."""
-        embeddings, sizes = sam_embeddings(self.model, images, self.config, self.batch_size)
+        embeddings, sizes = sam_embeddings(self.model, images, self.config, self.batch_size, self.sam_dtype)
         features = vision_features(self.model, images, self.config, self.batch_size)
         if self.superpixels is None:
             labels = [np.zeros(rgb.shape[:2], dtype=np.int64) for rgb in images]

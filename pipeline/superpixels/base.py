@@ -68,6 +68,27 @@ def sam_model_field(default: str | None, **metadata: Any) -> Any:
         "choices": SAM_MODEL_TYPES, **metadata})
 
 
+POINT_GRIDS = ("full", "coarse-to-fine")
+SAM_PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def sam_precision_field(**metadata: Any) -> Any:
+    """``--sam-precision``: what SAM computes in, for every command that runs SAM."""
+    return field(default="auto", metadata={"choices": SAM_PRECISIONS, "help": (
+        "what SAM's encoder and mask decoder compute in. auto: bf16 where the device has it (a CUDA GPU; a CPU with "
+        "AVX-512 bf16 or AMX), else fp32. bf16 is about twice as fast on such CPUs; its masks agree with fp32's to "
+        "rounding (BENCHMARKS.md) but, unlike fp32's, can differ by a pixel with how images are batched"),
+        **metadata})
+
+
+def point_grid_field(default: str | None, **metadata: Any) -> Any:
+    """``--point-grid``: which points of SAM's grid prompt the mask decoder."""
+    return field(default=default, metadata={"choices": POINT_GRIDS, "help": (
+        "full: every point of the grid is a prompt (SAM's own generator); coarse-to-fine: every other point of every "
+        "other row first, then only the grid's points that no mask kept so far covers (fewer prompts for about the "
+        "same partition, BENCHMARKS.md). Recorded with the shards"), **metadata})
+
+
 # The names shard configs record two settings by, kept from before the fields took their flags'
 # names: a config hash must not change with a rename, and predict reads older records too.
 _RECORDED_AS = {"sam_model": "model_type", "store_sam_embeddings": "store_embeddings"}
@@ -80,14 +101,17 @@ class SamOptions:
     sam_checkpoint: str | None = sam_checkpoint_field()
     sam_model: str = sam_model_field("vit_h")
     points_per_side: int = field(default=32, metadata={"help": "SAM point grid per side"})
+    point_grid: str = point_grid_field("full", recorded_unless_default=True)
     points_per_batch: int = field(default=256, metadata={
-        "help": "point prompts per pass of SAM's mask decoder (memory for speed; the same masks)", "speed_only": True})
+        "help": "point prompts per pass of SAM's mask decoder (memory for speed; in fp32 the same masks)",
+        "speed_only": True})
+    sam_precision: str = sam_precision_field(speed_only=True)
     pred_iou_thresh: float = field(default=0.88, metadata={"help": "SAM predicted-IoU filter"})
     stability_score_thresh: float = field(default=0.95, metadata={"help": "SAM stability filter"})
     stability_score_offset: float = field(default=1.0, metadata={"help": "logit offset of SAM's stability score"})
     box_nms_thresh: float = field(default=0.7, metadata={"help": "box NMS IoU between SAM masks"})
     images_per_batch: int = field(default=4, metadata={
-        "help": "images per SAM encoder batch (memory for speed; the same masks)", "speed_only": True})
+        "help": "images per SAM encoder batch (memory for speed; in fp32 the same masks)", "speed_only": True})
     store_sam_embeddings: bool = field(default=False, metadata={
         "help": "also write sam.npy (float16 256x64x64 SAM image embedding; with --backend sam from the same SAM "
                 "pass, with a classical backend from SAM's encoder alone; needs --sam-checkpoint) so that training "
@@ -95,9 +119,12 @@ class SamOptions:
 
     def record(self) -> dict[str, Any]:
         """What of these settings changes the output, for the shard config and its hash: the
-        checkpoint by its content (a path can move), and nothing that only changes the speed."""
+        checkpoint by its content (a path can move), and nothing that only changes the speed. A
+        setting added later is left out at its default, so that the outputs written before it keep
+        their hash (and resume)."""
         recorded = {_RECORDED_AS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)
-                    if f.name != "sam_checkpoint" and not f.metadata.get("speed_only")}
+                    if f.name != "sam_checkpoint" and not f.metadata.get("speed_only")
+                    and not (f.metadata.get("recorded_unless_default") and getattr(self, f.name) == f.default)}
         return recorded | {"checkpoint_sha256": file_sha256(self.sam_checkpoint)}
 
     @classmethod

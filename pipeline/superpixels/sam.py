@@ -1,21 +1,34 @@
 """SAM backend: a fast, batched automatic-mask generator (DESIGN §4).
 
 The masks follow ``segment_anything.SamAutomaticMaskGenerator`` with ``crop_n_layers=0`` (points
-grid, three multimask outputs per point, predicted-IoU filter, stability score, box NMS); only the
-*mechanics* differ, because the reference spends most of its time outside the model:
+grid, three multimask outputs per point, predicted-IoU filter, stability score, box NMS); the
+*mechanics* differ, because the reference spends most of its time on work whose result it drops:
 
 - the image encoder runs on a batch of images, not one at a time, and so does the mask decoder:
   one call takes the point prompts of every image of the encoder batch, and runs its first layer's
   image side once per image and its attention through fused kernels
-  (``pipeline.sam_decoder.decode_prompts``);
-- the predicted-IoU filter runs on the 256×256 low-res logits, so only survivors are upsampled;
-- survivors are upsampled to the *working resolution* (the image itself up to 1024 px on the long
-  side, SAM's own input frame beyond), never to a 3000×2000 photo's full size: the stability
-  score, boxes, NMS and partition run there, and only the finished label map is brought to full
-  size (``pipeline.partition.upsample_partition``, as the classical backends do);
+  (``pipeline.sam_decoder.decode_tokens``);
+- the predicted-IoU filter runs before any mask exists: the IoU head reads the transformer's
+  tokens, so only prompts with a passing output have their masks upscaled (the upscaling is about
+  half of the decoder's work per prompt), and only their multimask outputs;
+- the stability score, boxes and NMS run on the decoder's 256×256 logits (cropped to the image),
+  not on masks upsampled to the image: a mask NMS drops is never upsampled. Only the kept masks
+  are brought to the *working resolution* (the image up to 1024 px on the long side, SAM's own
+  frame beyond) for the partition, whose finished label map is brought to full size
+  (``pipeline.partition.upsample_partition``, as the classical backends do);
 - masks stay tensors on the device from the decoder to the partition: no RLE round trip, no
-  ``MaskData.cat`` copies, no Python loop over masks; on a GPU the encoder and decoder run under
-  bf16 autocast.
+  ``MaskData.cat`` copies, no Python loop over masks;
+- where the device computes in bfloat16 (a CUDA GPU, a CPU with AVX-512 bf16 or AMX) and
+  ``sam_precision`` is auto (or bf16), the encoder runs under bf16 autocast and the decoder with
+  bf16 weights (it is mostly memory-bound elementwise work on the per-prompt image tokens, which
+  bf16 halves).
+
+The stability score on low-res logits and bf16 are approximations of the reference; how close the
+partitions stay is measured (``python -m bench.precompute``: agreement with the reference's).
+
+``point_grid="coarse-to-fine"`` (opt-in, recorded with the shards) asks fewer prompts for about the
+same partition: every other point of every other row first, then only those of the grid's other
+points that no mask kept so far covers, since a point inside a kept mask mostly finds that mask again.
 
 A caller that has already run SAM's image encoder on the images (``svp predict``, whose mask head
 needs the same embedding) builds the backend around that encoder (``image_encoder``) and hands it
@@ -24,7 +37,9 @@ the embeddings (:meth:`SamSuperpixels.from_embeddings`): the encoder runs once p
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,17 +48,44 @@ from segment_anything.utils.amg import batched_mask_to_box, build_all_layer_poin
 from torchvision.ops import batched_nms
 
 from pipeline.partition import PartitionConfig, paint_masks, partition_at_working_resolution, working_shape
-from pipeline.sam_decoder import decode_prompts
-from pipeline.sam_model import build_sam
+from pipeline.sam_decoder import decode_tokens, mask_logits, predicted_iou
+from pipeline.sam_model import SAM_MASK_STRIDE, build_sam
 from pipeline.superpixels.base import SamOptions, SuperpixelBackend, SuperpixelResult
-from pipeline.superpixels.sam_embeddings import SamImageEncoder, stored_embedding
+from pipeline.superpixels.sam_embeddings import SamImageEncoder, compute_dtype, stored_embedding
 from pipeline.timing import StageTimer
 
 _UPSAMPLE_CHUNK = 64  # masks upsampled at once: bounds the (n, 1024, 1024) float temporary
+# Counts of masks after each filter, summed over images (``SamSuperpixels.counts``).
+COUNTED = ("prompts", "candidates", "iou_passing", "stable", "kept")
+_MULTIMASK = slice(1, None)  # the decoder's outputs 1-3: SAM's three masks per point (``multimask_output=True``)
+
+
+@dataclass
+class _Found:
+    """One image's masks that passed the IoU and stability filters so far: low-res logits and scores."""
+
+    logits: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Where one image's masks live: SAM's resized input (``input_size`` inside the 1024 px frame),
+    the decoder's low-res logits of it (``low_res``, a quarter of ``input_size``), the partition's
+    ``working`` resolution."""
+
+    input_size: tuple[int, int]
+    low_res: tuple[int, int]
+    working: tuple[int, int]
 
 
 class SamSuperpixels(SuperpixelBackend):
-    """SAM automatic masks → partition, for a batch of images at a time."""
+    """SAM automatic masks → partition, for a batch of images at a time.
+
+    ``stages`` (seconds per step of the generator: encoder, decoder, IoU filter, mask upscaling,
+    stability, NMS, upsampling) and ``counts`` (masks after each filter, :data:`COUNTED`) add up
+    over calls, for benchmarks; the worker's ``timer`` gets the coarse stages a shard records.
+    """
 
     def __init__(self, options: SamOptions, partition: PartitionConfig, device: str | torch.device = "cpu",
                  timer: StageTimer | None = None, image_encoder: ImageEncoderViT | None = None) -> None:
@@ -53,10 +95,16 @@ class SamSuperpixels(SuperpixelBackend):
         self.options = options
         self.partition = partition
         self.device = torch.device(device)
+        self.dtype = compute_dtype(self.device, options.sam_precision)
         self.sam = build_sam(options.sam_model, options.sam_checkpoint, self.device, image_encoder)
-        self.encoder = SamImageEncoder(self.sam, options.images_per_batch, self.device)
+        self.encoder = SamImageEncoder(self.sam, options.images_per_batch, self.device, self.dtype)
         self.transform = self.encoder.transform
+        # A copy in the compute dtype: the decoder's weights cast once, not at every call as autocast does.
+        self.decoder = copy.deepcopy(self.sam.mask_decoder).to(self.dtype)
+        self.dense_pe = self.sam.prompt_encoder.get_dense_pe().to(self.dtype)
         (self.point_grid,) = build_all_layer_point_grids(options.points_per_side, 0, 1)
+        self.stages = StageTimer()
+        self.counts = dict.fromkeys(COUNTED, 0)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
         """The encoder and mask decoder count as ``superpixels``; the embedding they share is
@@ -74,7 +122,7 @@ class SamSuperpixels(SuperpixelBackend):
         """Each image's masks → its partition (and its stored embedding when asked for)."""
         results = []
         for image, masks, embedding in self.timer.timed("superpixels", generated):
-            with self.timer.stage("partition"):
+            with self.timer.stage("partition"), self.stages.stage("partition"):
                 painted = paint_masks(masks).cpu().numpy()
                 labels = partition_at_working_resolution(painted, image.shape[:2], self.partition)
                 result = SuperpixelResult(labels=labels)
@@ -92,7 +140,7 @@ class SamSuperpixels(SuperpixelBackend):
     @torch.inference_mode()
     def _generate(self, images: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """(image, masks, embedding) per image; encoder and decoder see ``images_per_batch`` images at once."""
-        for chunk, embeddings in self.encoder.batches(images):
+        for chunk, embeddings in self.stages.timed("encoder", self.encoder.batches(images)):
             yield from self._with_masks(chunk, embeddings)
 
     @torch.inference_mode()
@@ -109,60 +157,103 @@ class SamSuperpixels(SuperpixelBackend):
         return zip(images, self._masks(embeddings, [image.shape[:2] for image in images]), embeddings)
 
     def _masks(self, embeddings: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-        """Points grids → decoder → IoU filter → upsample survivors → stability → boxes → NMS, per image."""
-        options = self.options
-        points, owner = self._prompts(sizes)
-        frames = [(self.transform.get_preprocess_shape(h, w, self.transform.target_length), working_shape(h, w))
-                  for h, w in sizes]
-        # Each image's (masks, scores) chunks start with an empty one: an image none of whose masks
-        # survive still ends with a (0, h, w) tensor, which the partition turns into one region.
-        candidates = [[(torch.zeros((0, *working), dtype=torch.bool, device=self.device),
-                        torch.zeros(0, device=self.device))] for _, working in frames]
-        for batch, batch_owner in zip(points.split(options.points_per_batch), owner.split(options.points_per_batch)):
-            low_res, scores, mask_owner = self._decode(embeddings, batch, batch_owner)
-            passing = (scores > options.pred_iou_thresh) | (options.pred_iou_thresh <= 0.0)  # 0 disables, as in SAM
-            for image in mask_owner[passing].unique().tolist():
-                mine = passing & (mask_owner == image)
-                candidates[image] += self._stable_masks(low_res[mine], scores[mine], *frames[image])
-        return [self._nms(*map(torch.cat, zip(*found))) for found in candidates]
+        """Points → decoder → IoU filter → upscale survivors → stability → boxes → NMS → upsample the kept."""
+        frames = [self._frame(h, w) for h, w in sizes]
+        found = [_Found() for _ in sizes]
+        embeddings = embeddings.to(self.dtype)
+        step = self.options.points_per_batch
+        for points, owner in self._prompt_rounds(sizes, frames, found):
+            for batch, batch_owner in zip(points.split(step), owner.split(step)):
+                self._decode(embeddings, batch, batch_owner, frames, found)
+        return [self._kept(image_found, frame) for image_found, frame in zip(found, frames)]
 
-    def _prompts(self, sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every image's points grid in its resized frame, image after image, and whose each point is."""
-        points = [self.transform.apply_coords(self.point_grid * [w, h], (h, w)) for h, w in sizes]
-        owner = np.repeat(np.arange(len(sizes)), len(self.point_grid))
+    def _frame(self, height: int, width: int) -> _Frame:
+        input_size = self.transform.get_preprocess_shape(height, width, self.transform.target_length)
+        low_res = tuple(-(-side // SAM_MASK_STRIDE) for side in input_size)
+        return _Frame(input_size, low_res, working_shape(height, width))
+
+    def _prompt_rounds(self, sizes: Sequence[tuple[int, int]], frames: Sequence[_Frame],
+                       found: Sequence[_Found]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rounds of prompts ((points, owner) of every image): one round of the whole grid; or, for
+        ``coarse-to-fine``, the coarse grid, then the points no kept mask covers. A generator on purpose:
+        the second round is chosen after the caller has decoded the first into ``found``."""
+        side = self.options.points_per_side
+        every = np.ones(side * side, dtype=bool)
+        if self.options.point_grid == "full":
+            yield self._prompts(sizes, [every] * len(sizes))
+            return
+        rows, cols = np.divmod(np.arange(side * side), side)
+        coarse = (rows % 2 == 0) & (cols % 2 == 0)
+        yield self._prompts(sizes, [coarse] * len(sizes))
+        yield self._prompts(sizes, [~coarse & ~self._covered(size, frame, image_found)
+                                    for size, frame, image_found in zip(sizes, frames, found)])
+
+    def _covered(self, size: tuple[int, int], frame: _Frame, found: _Found) -> np.ndarray:
+        """Which points of the grid fall on a pixel that a mask found so far covers."""
+        if not found.logits:
+            return np.zeros(len(self.point_grid), dtype=bool)
+        threshold, (rows, cols) = self.sam.mask_threshold, frame.low_res
+        covered = torch.stack([(logits[:, :rows, :cols] > threshold).any(0) for logits in found.logits]).any(0)
+        xy = self.transform.apply_coords(self.point_grid * [size[1], size[0]], size) / SAM_MASK_STRIDE
+        x = np.clip(xy[:, 0].astype(int), 0, cols - 1)
+        y = np.clip(xy[:, 1].astype(int), 0, rows - 1)
+        return covered.cpu().numpy()[y, x]
+
+    def _prompts(self, sizes: Sequence[tuple[int, int]],
+                 chosen: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``chosen`` points of every image's grid in its resized frame, image after image, and
+        whose each point is."""
+        points = [self.transform.apply_coords(self.point_grid[mine] * [w, h], (h, w))
+                  for (h, w), mine in zip(sizes, chosen)]
+        owner = np.repeat(np.arange(len(sizes)), [int(mine.sum()) for mine in chosen])
         return (torch.as_tensor(np.concatenate(points), dtype=torch.float32, device=self.device),
                 torch.as_tensor(owner, device=self.device))
 
-    def _stable_masks(self, low_res: torch.Tensor, scores: torch.Tensor, input_size: tuple[int, int],
-                      working: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """IoU-passing low-res logits → (bool masks at ``working`` size, scores) that pass the stability filter."""
+    def _decode(self, embeddings: torch.Tensor, points: torch.Tensor, owner: torch.Tensor,
+                frames: Sequence[_Frame], found: Sequence[_Found]) -> None:
+        """One positive click per prompt → SAM's three multimask outputs (``multimask_output=True``);
+        those that pass the IoU and stability filters go to their image's ``found``."""
         options, threshold = self.options, self.sam.mask_threshold
-        kept = []
-        for logits, score in zip(low_res.split(_UPSAMPLE_CHUNK), scores.split(_UPSAMPLE_CHUNK)):
-            logits = self.sam.postprocess_masks(logits[:, None], input_size, working)[:, 0]
-            stability = calculate_stability_score(logits, threshold, options.stability_score_offset)
-            stable = (stability >= options.stability_score_thresh) | (options.stability_score_thresh <= 0.0)
-            kept.append((logits[stable] > threshold, score[stable]))
-        return kept
-
-    def _nms(self, masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        boxes = batched_mask_to_box(masks).float()
-        keep = batched_nms(boxes, scores, torch.zeros_like(scores), self.options.box_nms_thresh)
-        return masks[keep]
-
-    def _decode(self, embeddings: torch.Tensor, points: torch.Tensor,
-                owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One positive click per prompt → (3·n, 256, 256) float32 low-res logits, their predicted IoU
-        and the image each belongs to (SAM's three multimask outputs, as ``multimask_output=True``)."""
-        labels = torch.ones((len(points), 1), dtype=torch.int, device=self.device)
-        with self.encoder.autocast():
+        with self.stages.stage("decoder"):
+            labels = torch.ones((len(points), 1), dtype=torch.int, device=self.device)
             sparse, dense = self.sam.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
-            low_res, scores = decode_prompts(self.sam.mask_decoder, embeddings, owner,
-                                             self.sam.prompt_encoder.get_dense_pe(), sparse, dense[:1])
-        multimask = slice(1, None)
-        outputs = low_res.shape[1] - 1
-        return (low_res[:, multimask].flatten(0, 1).float(), scores[:, multimask].flatten().float(),
-                owner.repeat_interleave(outputs))
+            decoded = decode_tokens(self.decoder, embeddings, owner, self.dense_pe, sparse.to(self.dtype),
+                                    dense[:1].to(self.dtype))
+            scores = predicted_iou(self.decoder, decoded)[:, _MULTIMASK].float()
+        self.counts["prompts"] += len(points)
+        self.counts["candidates"] += scores.numel()
+        with self.stages.stage("IoU filter"):
+            passing = (scores > options.pred_iou_thresh) | (options.pred_iou_thresh <= 0.0)  # 0 disables, as in SAM
+            prompts = passing.any(1).nonzero()[:, 0]
+            passing = passing[prompts]
+        with self.stages.stage("mask upscaling"):
+            logits = mask_logits(self.decoder, decoded[prompts], _MULTIMASK)[passing]
+        scores, mask_owner = scores[prompts][passing], owner[prompts, None].expand(passing.shape)[passing]
+        with self.stages.stage("stability"):
+            for image in mask_owner.unique().tolist():
+                mine = mask_owner == image
+                rows, cols = frames[image].low_res
+                stability = calculate_stability_score(logits[mine][:, :rows, :cols], threshold,
+                                                      options.stability_score_offset)
+                stable = (stability >= options.stability_score_thresh) | (options.stability_score_thresh <= 0.0)
+                found[image].logits.append(logits[mine][stable])
+                found[image].scores.append(scores[mine][stable])
+                self.counts["stable"] += int(stable.sum())
+        self.counts["iou_passing"] += len(logits)
+
+    def _kept(self, found: _Found, frame: _Frame) -> torch.Tensor:
+        """NMS on the low-res masks' boxes, then the kept masks at the working resolution (bool, NMS order)."""
+        if not found.logits:
+            return torch.zeros((0, *frame.working), dtype=torch.bool, device=self.device)
+        logits, scores = torch.cat(found.logits), torch.cat(found.scores)
+        with self.stages.stage("NMS"):
+            rows, cols = frame.low_res
+            boxes = batched_mask_to_box(logits[:, :rows, :cols] > self.sam.mask_threshold).float()
+            keep = batched_nms(boxes, scores, torch.zeros_like(scores), self.options.box_nms_thresh)
+        self.counts["kept"] += len(keep)
+        with self.stages.stage("upsampling"):
+            return torch.cat([self.sam.postprocess_masks(chunk[:, None].float(), frame.input_size, frame.working)[:, 0]
+                              > self.sam.mask_threshold for chunk in logits[keep].split(_UPSAMPLE_CHUNK)])
 
 
 def build(partition: PartitionConfig, sam: SamOptions | None, device: str, timer: StageTimer | None) -> SamSuperpixels:

@@ -18,8 +18,10 @@ class SamImageEncoder:
     """SAM's image encoder alone, a batch of images at a time: the embedding that both the mask
     generator and the trainer's mask decoder read (so it is computed once and can be stored)."""
 
-    def __init__(self, sam: Sam, images_per_batch: int, device: torch.device) -> None:
+    def __init__(self, sam: Sam, images_per_batch: int, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        """``dtype``: what the encoder computes in (bfloat16: under autocast); None: :func:`compute_dtype`."""
         self.sam, self.images_per_batch, self.device = sam, images_per_batch, device
+        self.dtype = dtype or compute_dtype(device)
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
 
     def __call__(self, images: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
@@ -41,7 +43,7 @@ class SamImageEncoder:
             yield chunk, embeddings
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return encoder_autocast(self.device, self.dtype)
 
     def _preprocess(self, image: np.ndarray) -> torch.Tensor:
         """What ``SamPredictor.set_image`` feeds the encoder: resize the long side to 1024, normalise, pad."""
@@ -49,6 +51,30 @@ class SamImageEncoder:
             raise ValueError(f"SAM expects RGB uint8 images (H, W, 3), got {image.dtype} {image.shape}")
         resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
         return self.sam.preprocess(resized.permute(2, 0, 1)[None].float())
+
+
+def compute_dtype(device: str | torch.device, precision: str = "auto") -> torch.dtype:
+    """What SAM computes in for ``--sam-precision`` ``precision``. auto: bfloat16 where the device
+    computes in it natively (a CUDA GPU that has it; a CPU with AVX-512 bf16 or AMX, where oneDNN's
+    bf16 matmuls are about twice the float32 ones and every elementwise pass moves half the bytes),
+    else float32. SAM was trained in float32; what bf16 changes in its masks is measured against the
+    float32 reference (``bench.precompute``)."""
+    if precision != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def encoder_autocast(device: str | torch.device, dtype: torch.dtype | None = None) -> torch.autocast:
+    """bf16 autocast where SAM's image encoder computes in ``dtype`` (None: :func:`compute_dtype`) =
+    bfloat16: every path that encodes an image for SAM (the precompute job, the mask generator,
+    ``svp predict``'s mask head) enters this one, so they give the same embedding of an image."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype or compute_dtype(device)) == torch.bfloat16)
 
 
 def stored_embedding(embedding: torch.Tensor) -> np.ndarray:
@@ -65,7 +91,7 @@ class WithSamEmbeddings(SuperpixelBackend):
         self.inner = inner
         device = torch.device(device)
         self.encoder = SamImageEncoder(build_sam(options.sam_model, options.sam_checkpoint, device),
-                                       options.images_per_batch, device)
+                                       options.images_per_batch, device, compute_dtype(device, options.sam_precision))
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[SuperpixelResult]:
         results = self.inner(images)
