@@ -11,7 +11,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo_out
 BENCH_FLAGS ?=
 
-.PHONY: setup demo test bench bench-gpu clean
+.PHONY: setup demo test bench bench-gpu gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: setup
 
 bench-gpu: setup
 	$(BIN)/python -m bench --preset gpu $(BENCH_FLAGS)
+
+# Every CUDA path in a few minutes on one GPU (bench/gpu_check.py): bench/results/gpu/check.json.
+gpu-check: setup
+	$(BIN)/python -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -5,7 +5,8 @@ then pays for SAM's automatic masks (the point grid's decoding and the partition
 ``mlp`` pays (decoding the image, SAM's encoder for the mask decoder, the vision encoder, the
 projector, the LLM, the mask decoder), and saves in the LLM what its few tokens save. Both are
 timed through ``trainer.predict.Predictor``, the code ``svp predict`` runs (one SAM encoder pass
-per image, shared by the mask generator and the mask decoder), stage by stage: forward hooks on the
+per image, shared by the mask generator and the mask decoder; SAM in bf16 where the CPU has it, as
+``--sam-precision auto``; ``--point-grid`` as predict's), stage by stage: forward hooks on the
 model's parts, the superpixel backend's own stage timer, and the rest as ``other``. For one image
 alone and for a batch of ``--batch-size`` images (one expression each), at two sizes:
 
@@ -49,6 +50,7 @@ from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig
 from pipeline.superpixels.base import SamOptions
 from pipeline.superpixels.sam import SamSuperpixels
+from pipeline.superpixels.sam_embeddings import compute_dtype
 from trainer.model import ModelConfig, ProjectorConfig, SegmentationMLLM
 from trainer.predict import Predictor
 
@@ -72,6 +74,7 @@ class InferenceOptions:
     batch_size: int = field(default=4, metadata={"help": "images in the batch measurement (one expression each)"})
     repeats: int = field(default=2, metadata={"help": "timed runs of each measurement after a warm-up (median)"})
     points_per_side: int = option_of(SamOptions, "points_per_side", SamOptions.points_per_side)
+    point_grid: str = option_of(SamOptions, "point_grid", SamOptions.point_grid)
     measure: str | None = field(default=None, metadata={"metavar": "STACK:PROJECTOR", "help": (
         "measure this one alone, in this process, and print its row as JSON (what each child process of a run "
         "does, so that no model's memory holds another's); writes no results")})
@@ -110,7 +113,7 @@ def measure(stack: str, kind: str, args: argparse.Namespace, images: list[bytes]
     with superpixels, SAM embeddings and vision features precomputed."""
     fields, sam = stack_config(stack, args.work)
     # a random SAM's masks all fall below SAM's own thresholds: these keep some, as real weights do
-    sam = replace(sam, points_per_side=args.points_per_side, **RANDOM_WEIGHT_THRESHOLDS)
+    sam = replace(sam, points_per_side=args.points_per_side, point_grid=args.point_grid, **RANDOM_WEIGHT_THRESHOLDS)
     model = SegmentationMLLM(ModelConfig(**fields, projector=ProjectorConfig(kind=kind))).eval()
     clock = PartClock(model_parts(model))  # also the generator's timer: its stages are charged to it
     backend = (SamSuperpixels(sam, PartitionConfig(), "cpu", clock, image_encoder=model.mask_head.sam.image_encoder)
@@ -163,13 +166,15 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             mlp, svp = stack_rows["mlp"]["seconds_per_image"], stack_rows["svp"]["seconds_per_image"]
             stack_rows["svp_over_mlp"] = {mode: svp[mode]["total"] / mlp[mode]["total"] for mode in svp}
     return {"stacks": rows, "batch_size": args.batch_size, "repeats": args.repeats, "dtype": args.dtype,
-            "points_per_side": args.points_per_side, "device": describe_device("cpu"),
+            "points_per_side": args.points_per_side, "point_grid": args.point_grid,
+            "sam_dtype": str(compute_dtype("cpu")).removeprefix("torch."), "device": describe_device("cpu"),
             "date": time.strftime("%Y-%m-%d")}
 
 
 def format_table(results: dict) -> str:
-    lines = [f"seconds per new image by stage, {results['dtype']}, batch {results['batch_size']}, "
-             f"SAM {results['points_per_side']}² points, {results['device']}"]
+    lines = [f"seconds per new image by stage, {results['dtype']} (SAM {results['sam_dtype']}), batch "
+             f"{results['batch_size']}, SAM {results['points_per_side']}² points ({results['point_grid']}), "
+             f"{results['device']}"]
     header = f"{'stack':<9}{'projector':<10}{'mode':<14}" + "".join(f"{s[:9]:>10}" for s in (*STAGES, "total"))
     lines.append(header + f"{'x mlp':>7}")
     for stack, rows in results["stacks"].items():
