@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jobs import demo, entry, eval, inspect, precompute, predict, synth, tiny_sam, train
+from jobs import demo, entry, eval, export, inspect, precompute, predict, synth, tiny_sam, train
 from jobs.options import OptionsParser
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "train": (train, "fine-tune the projector, LoRA and mask decoder from shards (Accelerate)"),
     "eval": (eval, "cIoU / gIoU / visual tokens / speed of a trained run, per split"),
     "predict": (predict, "segment what a text refers to in one image; writes an overlay"),
+    "export": (export, "a run's checkpoint as a PEFT adapter, svp's trained parts and a model card"),
     "demo": (demo, "synth -> precompute -> train -> eval -> overlays, on a CPU in minutes"),
     "tiny-sam": (tiny_sam, "save a random tiny SAM checkpoint (for trying --backend sam without real weights)"),
 }

@@ -22,7 +22,7 @@ from jobs import entry, options, workflow
 from jobs.eval import run_eval
 from pipeline.images import decode_image
 from pipeline.shards import decode_label_map, read_manifest, split_shard_urls
-from trainer.checkpoint import load_trained_model
+from trainer.export import load_exported_model
 from trainer.loop import TrainConfig
 from trainer.predict import predict_mask, render_overlay
 
@@ -107,13 +107,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _mlp_tokens(run_dir: Path) -> int:
     """Tokens the mlp projector gives the LLM per image with the same vision encoder: one per patch."""
-    model = load_trained_model(run_dir)
+    model = load_exported_model(run_dir)
     return model.num_patches()
 
 
 def _overlays(run_dir: Path, out: Path, count: int) -> None:
     """Predictions on the first val refs, with the expression written on them."""
-    model = load_trained_model(run_dir)
+    model = load_exported_model(run_dir)
     manifest = read_manifest(out / "shards")
     samples = wds.WebDataset(split_shard_urls(out / "shards", manifest, "val"), shardshuffle=False)
     (out / "overlays").mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ from accelerate import PartialState
 
 from jobs import entry, options
 from pipeline.shards import ManifestError, read_manifest
-from trainer.checkpoint import load_trained_model
 from trainer.evaluate import evaluate, evaluation_splits, format_table, paper_csv, paper_markdown, paper_table
+from trainer.export import load_exported_model
 from trainer.plots import eval_chart
 from trainer.stored_features import data_config as stored_data_config
 
@@ -26,11 +26,11 @@ from trainer.stored_features import data_config as stored_data_config
 class EvalOptions:
     """Which runs to evaluate on which shards, and where the report goes."""
 
-    run: Path | None = field(default=None, metadata={"help": (
-        "run directory of `svp train` (or its export/); give this or --runs")})
-    runs: tuple[Path, ...] | None = field(default=None, metadata={"help": (
-        "comma-separated run directories, evaluated on the same splits and reported as one table, a row per "
-        "run (e.g. the mlp, pool and svp runs); give this or --run")})
+    run_dir: Path | None = field(default=None, metadata={"help": (
+        "run directory of `svp train`, or an export (`svp export`, or a run's export/); give this or --run-dirs")})
+    run_dirs: tuple[Path, ...] | None = field(default=None, metadata={"help": (
+        "comma-separated run directories or exports, evaluated on the same splits and reported as one table, a "
+        "row per run (e.g. the mlp, pool and svp runs); give this or --run-dir")})
     shards: str = field(metadata={"help": "directory or URL prefix written by `svp precompute`"})
     splits: tuple[str, ...] | None = field(default=None, metadata={"help": (
         "comma-separated splits to evaluate: as REFER spells them (val, testA) for an output of one dataset, as "
@@ -40,14 +40,14 @@ class EvalOptions:
     max_samples: int | None = field(default=None, metadata={"help": (
         "stop each split after this many samples (per process under torchrun / accelerate launch)")})
     out: Path | None = field(default=None, metadata={"help": (
-        "JSON report; omitted: RUN/eval.json for one --run, ./eval.json for --runs. The table goes beside it as "
-        ".csv and .md, and a bar chart of cIoU/gIoU per split as .png (RUN/eval.csv, RUN/eval.md, RUN/eval.png)")})
+        "JSON report; omitted: RUN/eval.json for one --run-dir, ./eval.json for --run-dirs. The table goes beside it "
+        "as .csv and .md, and a bar chart of cIoU/gIoU per split as .png (RUN/eval.csv, RUN/eval.md, RUN/eval.png)")})
 
-    def run_dirs(self) -> list[Path]:
-        """The runs to evaluate: exactly one of --run and --runs names them."""
-        if (self.run is None) == (not self.runs):
-            raise options.OptionError("give either --run RUN or --runs RUN1,RUN2,... (not both)")
-        return [self.run] if self.run is not None else list(self.runs)
+    def evaluated(self) -> list[Path]:
+        """The runs to evaluate: exactly one of --run-dir and --run-dirs names them."""
+        if (self.run_dir is None) == (not self.run_dirs):
+            raise options.OptionError("give either --run-dir RUN or --run-dirs RUN1,RUN2,... (not both)")
+        return [self.run_dir] if self.run_dir is not None else list(self.run_dirs)
 
 
 OPTIONS = (EvalOptions,)
@@ -69,7 +69,7 @@ def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: i
     chosen = evaluation_splits(shards, manifest, splits or None)
     if not chosen:  # else an empty report, and a chart of nothing
         raise ManifestError(f"{shards} holds no split but train to evaluate; name one with --splits")
-    model = load_trained_model(run_dir, device=processes().device)
+    model = load_exported_model(run_dir, device=processes().device)
     data_config = stored_data_config(model, manifest)
     results = evaluate(model, chosen, data_config, batch_size=batch_size, max_samples=max_samples)
     source = manifest["config"]
@@ -82,7 +82,7 @@ def run_eval(run_dir: Path, shards: str, splits: list[str] | None, batch_size: i
 
 def run(args: argparse.Namespace) -> int:
     given = options.build(EvalOptions, args)
-    run_dirs = given.run_dirs()
+    run_dirs = given.evaluated()
     state = processes()
     try:
         evaluated = [run_eval(run_dir, given.shards, list(given.splits or ()), given.batch_size, given.max_samples)
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if not state.is_main_process:  # every process evaluated its share; one reports
         return 0
     reports = [report for report, _ in evaluated]
-    out = given.out or (run_dirs[0] / "eval.json" if given.run is not None else Path("eval.json"))
+    out = given.out or (run_dirs[0] / "eval.json" if given.run_dir is not None else Path("eval.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": reports}, indent=2) + "\n")
     out.with_suffix(".csv").write_text(paper_csv(reports))

@@ -1,16 +1,17 @@
 """``svp predict``: segment what a text refers to, in one image or in a batch of (image, text) pairs.
 
-One image: ``svp predict --run RUN --image IMG --text TEXT --out overlay.png`` writes the overlay (mask
+One image: ``svp predict --run-dir RUN --image IMG --text TEXT --out overlay.png`` writes the overlay (mask
 tinted red, the expression written above) and, with ``--mask-out``, the binary mask.
 
-A batch: ``svp predict --run RUN --inputs PAIRS.jsonl --out DIR`` reads one ``{"image": path-or-URL,
+A batch: ``svp predict --run-dir RUN --inputs PAIRS.jsonl --out DIR`` reads one ``{"image": path-or-URL,
 "text": ...}`` per line (or a .csv with image and text columns) and writes DIR/predictions.jsonl (a mask
 as COCO RLE per input) and DIR/failures.jsonl (unreadable images, empty expressions: recorded, the rest
 goes on); ``--overlays`` adds DIR/overlays/. A rerun into the same DIR skips what is done. ``--workers N``
 runs it on Ray, N actors holding one model each (``python -m jobs.predict`` for ``ray job submit``).
 
-The images get superpixels from the same backend the run was trained on (as recorded in its
-``run_config.json``; override with ``--backend``), with the SAM settings it recorded; a
+RUN is a run directory of ``svp train`` (its ``export/`` is read) or an export alone (``svp export``).
+The images get superpixels from the same backend the run was trained on (as its export records it;
+override with ``--backend``), with the SAM settings it recorded; a
 ``--sam-model`` given here must be the run's. SAM's image encoder runs once per image when the
 backend's SAM is the run's own checkpoint (see ``trainer.predict``).
 """
@@ -42,7 +43,7 @@ from pipeline.superpixels.base import (
     sam_precision_field,
 )
 from pipeline.superpixels.spec import BackendSpec
-from trainer.checkpoint import read_run_config
+from trainer.export import read_export_config
 from trainer.predict import Predictor, render_overlay
 from trainer.predictions import (
     Outcome,
@@ -61,7 +62,8 @@ log = logging.getLogger(__name__)
 class PredictOptions:
     """Which run; one image (--image, --text) or a batch (--inputs); where the results go."""
 
-    run: Path = field(metadata={"help": "run directory of `svp train`"})
+    run_dir: Path = field(metadata={"help": (
+        "run directory of `svp train`, or an export (`svp export`, or a run's export/)")})
     out: Path = field(metadata={"help": (
         "with --image: the overlay PNG to write; with --inputs: the output directory (predictions.jsonl, "
         "failures.jsonl, overlays/), where a rerun skips the inputs already done")})
@@ -92,31 +94,31 @@ class PredictOptions:
 OPTIONS = (PredictOptions, ray_cluster.RayOptions)
 
 
-def superpixel_backend(given: PredictOptions) -> BackendSpec:
-    """The backend the run trained on (from its recorded shard config), unless overridden, with the
-    SAM settings it recorded; a ``--sam-model`` that is not the recorded one is refused, not replaced."""
-    source = read_run_config(given.run).get("data", {}).get("train", {}).get("config", {})
+def superpixel_backend(given: PredictOptions, source: dict) -> BackendSpec:
+    """The backend the run trained on (``source``: the config of its training shards, as its export
+    records it), unless overridden, with the SAM settings it recorded; a ``--sam-model`` that is not the
+    recorded one is refused, not replaced."""
     recorded = SamOptions.from_record(source["sam"]) if "sam" in source else None
     if given.sam_model is not None and recorded is not None and given.sam_model != recorded.sam_model:
         raise BackendConfigError(
-            f"--sam-model {given.sam_model} is not the SAM of the run: {given.run}'s training shards were made with "
-            f"--sam-model {recorded.sam_model}; give that, or leave --sam-model out")
+            f"--sam-model {given.sam_model} is not the SAM of the run: {given.run_dir}'s training shards were made "
+            f"with --sam-model {recorded.sam_model}; give that, or leave --sam-model out")
     name = given.backend or source.get("backend")
     if name is None:
-        raise BackendConfigError(f"{given.run} does not record its superpixel backend; pass --backend")
+        raise BackendConfigError(f"{given.run_dir} does not record its superpixel backend; pass --backend")
     partition = PartitionConfig(**source["partition"]) if "partition" in source else PartitionConfig()
     sam = None
     if name == "sam":
         settings = recorded or SamOptions()
         if recorded is not None and given.point_grid not in (None, recorded.point_grid):
             log.warning("--point-grid %s: %s's training shards were made with --point-grid %s; the model reads "
-                        "superpixels of another kind than it was trained on", given.point_grid, given.run,
+                        "superpixels of another kind than it was trained on", given.point_grid, given.run_dir,
                         settings.point_grid)
         sam = replace(settings, sam_checkpoint=given.sam_checkpoint, sam_model=given.sam_model or settings.sam_model,
                       point_grid=given.point_grid or settings.point_grid, sam_precision=given.sam_precision,
                       store_sam_embeddings=False)
     elif given.point_grid is not None:
-        raise BackendConfigError(f"--point-grid is for the sam backend; {given.run} uses --backend {name}")
+        raise BackendConfigError(f"--point-grid is for the sam backend; {given.run_dir} uses --backend {name}")
     spec = BackendSpec(name, partition, sam)
     spec.validate()
     return spec
@@ -155,7 +157,7 @@ def _refuse(flags: dict[str, bool], why: str) -> None:
 def run(args: argparse.Namespace) -> int:
     given, cluster = options.build(PredictOptions, args), options.build(ray_cluster.RayOptions, args)
     check_modes(given, cluster)
-    spec = superpixel_backend(given)
+    spec = superpixel_backend(given, read_export_config(given.run_dir)["superpixels"])
     if given.inputs is not None:
         return predict_batch(given, spec, cluster)
     try:
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ImageDecodeError(f"cannot read --image {given.image}: {exc}") from exc
     image = decode_image(data)
-    predictor = Predictor.load(given.run, spec, _local_device(), given.batch_size, given.sam_precision)
+    predictor = Predictor.load(given.run_dir, spec, _local_device(), given.batch_size, given.sam_precision)
     [(mask, tokens)] = predictor.masks([(predictor.prepare([image.rgb])[0], given.text)])
     given.out.parent.mkdir(parents=True, exist_ok=True)
     render_overlay(image.rgb, mask, given.text).save(given.out)
@@ -209,7 +211,7 @@ def _local_device() -> str:
 def _in_process(given: PredictOptions, spec: BackendSpec, batches: list[list[PredictInput]]) -> Iterator[list[Outcome]]:
     if not batches:
         return
-    predictor = Predictor.load(given.run, spec, _local_device(), given.batch_size, given.sam_precision)
+    predictor = Predictor.load(given.run_dir, spec, _local_device(), given.batch_size, given.sam_precision)
     for batch in batches:
         yield predict_inputs(predictor, batch, given.overlays)
 
@@ -223,7 +225,7 @@ def _on_ray(given: PredictOptions, spec: BackendSpec, cluster: ray_cluster.RayOp
         return iter(())
     ray_cluster.connect(cluster.address)
     gpus = ray_cluster.gpus_per_worker(cluster.gpus_per_worker, given.workers, "--workers", share=True)
-    run_dir, overlays, batch_size, precision = given.run, given.overlays, given.batch_size, given.sam_precision
+    run_dir, overlays, batch_size, precision = given.run_dir, given.overlays, given.batch_size, given.sam_precision
 
     class PredictWorker:
         def __init__(self) -> None:

@@ -4,7 +4,8 @@ Runs unchanged as a single process, under ``accelerate launch`` (any number of p
 nodes), under ``torchrun``, and with ``--ray-workers N`` in N Ray Train workers (TorchTrainer) on a
 Ray cluster; every process streams its own disjoint shards. The run directory gets
 ``run_config.json`` (the full resolved config), TensorBoard logs, ``checkpoints/step_N``
-(``--resume`` continues from the last one) and ``export/`` (the trained parts as safetensors).
+(``--resume`` continues from the last one) and ``export/`` (what ``svp export`` writes: a PEFT
+adapter, svp's trained parts, a model card).
 
 Under Ray the run directory is also the Ray Train run's storage (``RunConfig(storage_path, name)``):
 the workers write each checkpoint there and report it to Ray where it lies, so Ray knows every

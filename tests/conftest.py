@@ -102,3 +102,16 @@ def shards(refer_root, tmp_path_factory, tiny_sam_checkpoint, ray_local) -> Path
                        "--backend", "felzenszwalb", "--shard-size", "2", "--store-sam-embeddings",
                        "--sam-checkpoint", str(tiny_sam_checkpoint), "--sam-model", "tiny"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(shards, tiny_sam_checkpoint, tmp_path_factory) -> Path:
+    """A tiny run of three steps (LoRA on the tiny LLM), its one checkpoint at the last: the run that
+    eval, predict and export tests read (and do not change, but for eval's reports beside it)."""
+    from train_helpers import train_flags
+
+    from jobs.train import main as svp_train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "3", "--save-every", "3")) == 0
+    return run_dir

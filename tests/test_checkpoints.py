@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_helpers import assert_checkpoints, one_sentence_shards, tiny_train_config
+from train_helpers import assert_checkpoints, export_tensors, one_sentence_shards, tiny_train_config
 
 from trainer.checkpoint import (
     CHECKPOINT_WEIGHTS,
     CHECKPOINTS,
-    EXPORT_WEIGHTS,
     CheckpointError,
     last_checkpoint,
     resume_point,
@@ -177,14 +176,14 @@ def test_a_resumed_run_continues_as_the_uninterrupted_run(shards, tiny_sam_check
         losses[metrics["step"]] = metrics["loss"]
 
     train(config, report=report)
-    straight, straight_weights = dict(losses), load_file(run_dir / "export" / EXPORT_WEIGHTS)
+    straight, straight_weights = dict(losses), export_tensors(run_dir / "export")
     moments = _moment_dtypes(run_dir / CHECKPOINTS / "step_000002")
     assert (torch.uint8 in moments) == (optimizer == "adamw8bit") and torch.float32 in moments, moments
     shutil.rmtree(run_dir / CHECKPOINTS / "step_000004")
     losses.clear()
     train(replace(config, resume=True), report=report)
     assert losses == {3: straight[3], 4: straight[4]}
-    resumed_weights = load_file(run_dir / "export" / EXPORT_WEIGHTS)
+    resumed_weights = export_tensors(run_dir / "export")
     assert resumed_weights.keys() == straight_weights.keys()
     for name, tensor in straight_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=0)

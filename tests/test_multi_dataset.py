@@ -336,7 +336,7 @@ def test_the_papers_workflow_joint_training_validation_and_the_eight_column_tabl
     assert svp_train([*train_flags(multi_out, runs[1], tiny_sam_checkpoint, *mixture), "--projector", "mlp"]) == 0
 
     recipe = tmp_path / "eval.yaml"
-    recipe.write_text(json.dumps({"runs": ",".join(map(str, runs)), "shards": str(multi_out), "batch_size": 2}))
+    recipe.write_text(json.dumps({"run_dirs": ",".join(map(str, runs)), "shards": str(multi_out), "batch_size": 2}))
     one, two = tmp_path / "one" / "eval.json", tmp_path / "two" / "eval.json"
     assert svp_eval(["--config", str(recipe), "--out", str(one)]) == 0
     splits = ["refcoco/val", "refcoco/testA", "refcoco/testB", "refcoco+/val", "refcoco+/testA", "refcoco+/testB",

@@ -208,9 +208,9 @@ def test_precompute_and_eval_take_recipes_too(tmp_path):
     spec = precompute.backend_spec(entry.parse(precompute, ["--config", str(recipe), "--min-area", "5"]))
     assert (spec.name, spec.partition.max_regions, spec.partition.min_area) == ("felzenszwalb", 12, 5)
     assert (spec.sam.sam_checkpoint, spec.sam.sam_model, spec.sam.store_sam_embeddings) == ("sam.pth", "tiny", True)
-    recipe = _recipe(tmp_path, json.dumps({"run": "run", "shards": "s", "splits": ["val", "testA"]}), "eval.json")
+    recipe = _recipe(tmp_path, json.dumps({"run_dir": "run", "shards": "s", "splits": ["val", "testA"]}), "eval.json")
     given = build(eval.EvalOptions, entry.parse(eval, ["--config", str(recipe), "--batch-size", "2"]))
-    assert (given.run, given.splits, given.batch_size) == (Path("run"), ("val", "testA"), 2)
+    assert (given.run_dir, given.splits, given.batch_size) == (Path("run"), ("val", "testA"), 2)
 
 
 def test_train_precompute_and_eval_take_recipes_and_no_other_command_does():

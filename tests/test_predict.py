@@ -25,7 +25,7 @@ from pipeline.partition import PartitionConfig
 from pipeline.sam_model import save_tiny_sam
 from pipeline.superpixels.base import BackendConfigError, SamOptions
 from pipeline.superpixels.spec import BackendSpec
-from trainer.checkpoint import load_trained_model
+from trainer.export import load_exported_model
 from trainer.predict import Predictor, predict_mask
 from trainer.predictions import FAILURES, PREDICTIONS, PredictInput, group_by_image, read_inputs
 
@@ -76,7 +76,7 @@ def test_a_sam_backend_with_the_runs_checkpoint_encodes_each_image_once(run, ima
     elif sam != tiny_sam_checkpoint:
         shutil.copyfile(tiny_sam_checkpoint, sam)
     with sam_encoder_images() as encoded:
-        assert svp_predict(["--run", str(run), "--image", str(images[0]), "--text", "the red circle", "--backend",
+        assert svp_predict(["--run-dir", str(run), "--image", str(images[0]), "--text", "the red circle", "--backend",
                             "sam", "--sam-checkpoint", str(sam), "--out", str(tmp_path / "overlay.png")]) == 0
     assert sum(encoded) == passes
     assert (tmp_path / "overlay.png").is_file()
@@ -85,7 +85,7 @@ def test_a_sam_backend_with_the_runs_checkpoint_encodes_each_image_once(run, ima
 def test_the_shared_pass_gives_the_superpixels_and_masks_of_two_passes(run, tiny_sam_checkpoint):
     spec = BackendSpec("sam", PartitionConfig(), SamOptions(str(tiny_sam_checkpoint), "tiny", **TEST_OPTIONS))
     shared = Predictor.load(run, spec)
-    two = Predictor(load_trained_model(run), spec.build())
+    two = Predictor(load_exported_model(run), spec.build())
     assert shared.shares_sam_encoder and not two.shares_sam_encoder
     assert shared.superpixels.sam.image_encoder is shared.model.mask_head.sam.image_encoder  # one encoder held
     rgbs = [shapes_image(300, 400, 1), shapes_image(480, 640, 2)]  # where the random SAM's masks make regions
@@ -132,7 +132,7 @@ def test_a_projector_that_reads_no_superpixels_gets_none_made(tiny_sam_checkpoin
 
 
 def test_only_svp_reads_superpixels(run):
-    assert load_trained_model(run).projector.reads_superpixels  # the run's projector is svp
+    assert load_exported_model(run).projector.reads_superpixels  # the run's projector is svp
 
 # --- batch inference ----------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ def test_a_batch_predicts_what_it_can_records_what_it_cannot_and_a_rerun_skips_i
     inputs, failures = write_inputs(images, tmp_path)
     out = tmp_path / "out"
     with sam_encoder_images() as encoded:
-        assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(out), "--overlays"]) == 0
+        assert svp_predict(["--run-dir", str(run), "--inputs", str(inputs), "--out", str(out), "--overlays"]) == 0
     assert sum(encoded) == len(images)  # an image's expressions share its one SAM embedding
     predictions = check_outputs(out, images, failures)
     assert "predict: 17 predicted, 3 failed, 0 skipped" in capsys.readouterr().out
@@ -187,14 +187,14 @@ def test_a_batch_predicts_what_it_can_records_what_it_cannot_and_a_rerun_skips_i
             assert overlay.width == Image.open(prediction["image"]).width
     before = {name: (out / name).read_bytes() for name in (PREDICTIONS, FAILURES)}
 
-    assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(out)]) == 0
+    assert svp_predict(["--run-dir", str(run), "--inputs", str(inputs), "--out", str(out)]) == 0
     assert "predict: 0 predicted, 0 failed, 20 skipped" in capsys.readouterr().out
     assert {name: (out / name).read_bytes() for name in before} == before
 
     # A run killed while writing its last line: that line is dropped and its input predicted again.
     text = before[PREDICTIONS].decode()
     (out / PREDICTIONS).write_text(text[: len(text) - 25])
-    assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(out)]) == 0
+    assert svp_predict(["--run-dir", str(run), "--inputs", str(inputs), "--out", str(out)]) == 0
     assert "predict: 1 predicted, 0 failed, 19 skipped" in capsys.readouterr().out
     again = check_outputs(out, images, failures)
     assert sorted(p["line"] for p in again) == sorted(p["line"] for p in predictions)
@@ -206,14 +206,15 @@ def test_a_batch_on_two_ray_workers_gives_what_one_process_does(run, images, tmp
     inputs, failures = write_inputs(images, tmp_path)
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     fp32 = ["--sam-precision", "fp32", "--batch-size", "4"]
-    assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(local), *fp32]) == 0
-    assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(on_ray), *fp32, "--workers", "2"]) == 0
+    assert svp_predict(["--run-dir", str(run), "--inputs", str(inputs), "--out", str(local), *fp32]) == 0
+    assert svp_predict(["--run-dir", str(run), "--inputs", str(inputs), "--out", str(on_ray), *fp32,
+                        "--workers", "2"]) == 0
     assert "predict: 17 predicted, 3 failed, 0 skipped" in capsys.readouterr().out
     expected = {p["line"]: p for p in check_outputs(local, images, failures)}
     for prediction in check_outputs(on_ray, images, failures):
         assert {k: v for k, v in prediction.items() if k != "seconds"} == {
             k: v for k, v in expected[prediction["line"]].items() if k != "seconds"}
-    assert svp_predict(["--run", str(run), "--inputs", str(inputs), "--out", str(on_ray), "--workers", "2"]) == 0
+    assert svp_predict(["--run-dir", str(run), "--inputs", str(inputs), "--out", str(on_ray), "--workers", "2"]) == 0
     assert "predict: 0 predicted, 0 failed, 20 skipped" in capsys.readouterr().out
 
 
@@ -240,7 +241,7 @@ def test_malformed_json_lines_are_failures_and_blank_lines_are_skipped(tmp_path)
 def test_a_csv_without_the_columns_is_refused(run, tmp_path, capsys):
     path = tmp_path / "pairs.csv"
     path.write_text("file,sentence\na.jpg,the red circle\n")
-    assert svp_predict(["--run", str(run), "--inputs", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert svp_predict(["--run-dir", str(run), "--inputs", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "its header lacks image, text" in capsys.readouterr().err
 
 
@@ -262,21 +263,19 @@ def test_an_images_inputs_share_a_batch_however_they_are_ordered():
     (["--inputs", "p.jsonl", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_the_two_modes_refuse_each_others_options(tmp_path, capsys, flags, message):
-    assert svp_predict(["--run", str(tmp_path), "--out", str(tmp_path / "out"), *flags]) == 2
+    assert svp_predict(["--run-dir", str(tmp_path), "--out", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_point_grid_other_than_the_runs_is_warned_about(tiny_sam_checkpoint, tmp_path, caplog):
     """A run trained on the full grid's superpixels, predicted with coarse-to-fine's: used, never silently."""
     recorded = SamOptions(str(tiny_sam_checkpoint), "tiny").record()
-    (tmp_path / "run_config.json").write_text(json.dumps(
-        {"data": {"train": {"config": {"backend": "sam", "sam": recorded}}}}))
-    options = dict(run=tmp_path, out=tmp_path / "o.png", sam_checkpoint=str(tiny_sam_checkpoint))
-    assert superpixel_backend(PredictOptions(**options)).sam.point_grid == "full"
+    source = {"backend": "sam", "sam": recorded}
+    options = dict(run_dir=tmp_path, out=tmp_path / "o.png", sam_checkpoint=str(tiny_sam_checkpoint))
+    assert superpixel_backend(PredictOptions(**options), source).sam.point_grid == "full"
     assert not caplog.records
-    spec = superpixel_backend(PredictOptions(**options, point_grid="coarse-to-fine"))
+    spec = superpixel_backend(PredictOptions(**options, point_grid="coarse-to-fine"), source)
     assert spec.sam.point_grid == "coarse-to-fine"
     assert "made with --point-grid full" in caplog.text
-    (tmp_path / "run_config.json").write_text(json.dumps({"data": {"train": {"config": {"backend": "slic"}}}}))
     with pytest.raises(BackendConfigError, match="--point-grid is for the sam backend"):
-        superpixel_backend(PredictOptions(**options, point_grid="full"))
+        superpixel_backend(PredictOptions(**options, point_grid="full"), {"backend": "slic"})

@@ -49,7 +49,7 @@ def test_two_ray_workers_train_on_disjoint_shards_checkpoint_to_ray_and_resume(s
     assert _ray_checkpoints(run_dir) == [("step_000002", 2), ("step_000004", 4)]
     # Steps 3 and 4 only: a resume that started over would have trained 2 more batches per worker.
     assert [len(keys) for keys in keys_per_rank(run_dir, ranks=2)] == [4 * 2, 4 * 2]
-    assert (run_dir / "export" / "trained.safetensors").is_file()
+    assert (run_dir / "export" / "svp.safetensors").is_file()
 
 
 def test_gpus_the_cluster_lacks_are_refused_at_once(shards, tiny_sam_checkpoint, tmp_path, ray_local, capsys):

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import export_tensors
 
 from bench import hub_models
 from bench.common import save_random_sam
@@ -83,7 +84,7 @@ def test_hub_directories_are_what_from_pretrained_reads(hub):
 def test_real_size_train_resume_export_eval_predict(hub, rs_root, vit_b_shards, tmp_path, capsys):
     from jobs.eval import main as evaluate
     from jobs.predict import main as predict
-    from trainer.checkpoint import load_trained_model, read_export
+    from trainer.export import load_exported_model
     from trainer.model import SegmentationMLLM
 
     run = tmp_path / "run"
@@ -92,7 +93,7 @@ def test_real_size_train_resume_export_eval_predict(hub, rs_root, vit_b_shards, 
     assert "llm           trainable" in printed  # the parameter table, at real size
     config = json.loads((run / "run_config.json").read_text())
     assert config["model"]["vision_size"] == 224  # DINOv2-base's processor crop, not its config's 518
-    assert any("lora_A" in name for name in load_file(str(run / "export" / "trained.safetensors")))
+    assert any("lora_A" in name for name in export_tensors(run / "export"))
 
     # The whole training state of the 0.5B LoRA svp run, 8-bit AdamW's moments included, is under 100 MB.
     checkpoint_bytes = sum(path.stat().st_size for path in (run / "checkpoints" / "step_000002").iterdir())
@@ -103,26 +104,27 @@ def test_real_size_train_resume_export_eval_predict(hub, rs_root, vit_b_shards, 
     assert _train(hub, vit_b_shards, run, "--max-steps", "3", "--resume", "--optimizer", "adamw8bit") == 0
     assert "resumed from" in capsys.readouterr().out and (run / "checkpoints" / "step_000003").is_dir()
     at_step_2 = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
-    resumed = load_file(str(run / "export" / "trained.safetensors"))
-    assert resumed.keys() <= at_step_2.keys()
-    assert any(not torch.equal(resumed[name], at_step_2[name]) for name in resumed)
+    at_step_3 = load_file(str(run / "checkpoints" / "step_000003" / "model.safetensors"))
+    assert any(not torch.equal(at_step_3[name], at_step_2[name]) for name in at_step_3)
 
-    # The export reloads strictly into a model rebuilt from the same directories, and is that model.
-    model = load_trained_model(run)
+    # The export reloads strictly into a model rebuilt from the same directories, and is the last step's.
+    model = load_exported_model(run)
     assert isinstance(model, SegmentationMLLM)
-    exported = read_export(run / "export")[1]
-    for name, tensor in model.trainable_state_dict().items():
-        torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
+    exported = model.trainable_state_dict()
+    assert exported.keys() == at_step_3.keys()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, at_step_3[name], rtol=0, atol=0)
     with pytest.raises(ValueError, match="missing keys"):
         model.load_trainable_state_dict({k: v for k, v in exported.items() if "lora_A" not in k})
 
-    assert evaluate(["--run", str(run), "--shards", str(vit_b_shards), "--splits", "val", "--batch-size", "2"]) == 0
+    assert evaluate(["--run-dir", str(run), "--shards", str(vit_b_shards), "--splits", "val", "--batch-size", "2"]) == 0
     report = json.loads((run / "eval.json").read_text())["runs"][0]
     assert 0.0 <= report["splits"]["val"]["ciou"] <= 1.0 and report["splits"]["val"]["samples"] > 0
 
     image = next(rs_root.rglob("*.jpg"))
     overlay = tmp_path / "overlay.png"
-    assert predict(["--run", str(run), "--image", str(image), "--text", "the red circle", "--out", str(overlay)]) == 0
+    assert predict(["--run-dir", str(run), "--image", str(image), "--text", "the red circle",
+                    "--out", str(overlay)]) == 0
     assert overlay.stat().st_size > 0
 
 
@@ -135,7 +137,7 @@ def test_real_size_bf16_mixed_precision(hub, vit_b_shards, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "run_config.json").read_text())["mixed_precision"] == "bf16"
-    saved = load_file(str(run / "export" / "trained.safetensors"))
+    saved = export_tensors(run / "export")
     assert saved and all(torch.isfinite(t.float()).all() for t in saved.values())
 
 
@@ -187,5 +189,5 @@ def test_llama_1b_with_clip_336_all_linear_lora_and_gradient_checkpointing(vit_b
                   "--gradient-checkpointing") == 0
     config = json.loads((run / "run_config.json").read_text())["model"]
     assert config["vision_size"] == 336 and config["lora_targets"] == ["all-linear"]
-    saved = load_file(str(run / "export" / "trained.safetensors"))
+    saved = export_tensors(run / "export")
     assert any("gate_proj.lora_A" in name for name in saved) and any("k_proj.lora_A" in name for name in saved)

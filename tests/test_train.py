@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -13,22 +14,22 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from train_helpers import assert_checkpoints, assert_disjoint_keys, assert_restores_saved_state, train_flags
+from train_helpers import (
+    assert_checkpoints,
+    assert_disjoint_keys,
+    assert_restores_saved_state,
+    export_tensors,
+    train_flags,
+)
 
 from jobs.eval import main as svp_eval
 from jobs.predict import main as svp_predict
 from jobs.train import main as svp_train
-from trainer.checkpoint import load_trained_model
+from trainer.checkpoint import CheckpointError
+from trainer.export import load_exported_model
 from trainer.plots import PlotError, training_curves, training_series
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trained_run(shards, tiny_sam_checkpoint, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run")
-    assert svp_train(train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "3", "--save-every", "3")) == 0
-    return run_dir
 
 
 def test_a_run_records_its_full_config_and_exports_only_trained_parts(trained_run, shards):
@@ -42,10 +43,15 @@ def test_a_run_records_its_full_config_and_exports_only_trained_parts(trained_ru
     assert config["data"]["train"]["config_hash"] == json.loads(manifest.read_text())["config_hash"]
     assert config["git_commit"] != "" and {"torch", "transformers", "peft", "accelerate"} <= set(config["libraries"])
     assert config["seed"] == 0 and config["max_steps"] == 3
-    exported = load_file(str(trained_run / "export" / "trained.safetensors"))
-    model = load_trained_model(trained_run)
-    assert set(exported) == set(model.trainable_state_dict())
+    exported = export_tensors(trained_run / "export")
+    model = load_exported_model(trained_run)
+    trained = model.trainable_state_dict()
+    assert {n for n in exported if not n.startswith("llm/")} == set(model.trainable_state_dict(include_llm=False))
+    assert sum(name.startswith("llm/") for name in exported) == sum(name.startswith("llm.") for name in trained) > 0
     assert not any(name.startswith(("vision.", "mask_head.sam.image_encoder")) for name in exported)
+    # the export is the last step's weights, whose checkpoint the run kept
+    kept = load_file(str(trained_run / "checkpoints" / "step_000003" / "model.safetensors"))
+    assert kept.keys() == trained.keys() and all(torch.equal(kept[name], trained[name]) for name in kept)
     assert list((trained_run / "tensorboard").rglob("events.out.tfevents.*"))
 
 
@@ -134,7 +140,7 @@ def test_missing_shards_and_sam_checkpoint_are_named(shards, tiny_sam_checkpoint
 
 
 def test_eval_reports_refer_split_names_and_metrics(trained_run, shards, capsys):
-    assert svp_eval(["--run", str(trained_run), "--shards", str(shards)]) == 0
+    assert svp_eval(["--run-dir", str(trained_run), "--shards", str(shards)]) == 0
     printed = capsys.readouterr().out
     assert "refcoco (unc)" in printed and f"chart:  {trained_run / 'eval.png'}" in printed
     with Image.open(trained_run / "eval.png") as chart:
@@ -144,7 +150,7 @@ def test_eval_reports_refer_split_names_and_metrics(trained_run, shards, capsys)
     for split in report["splits"].values():
         assert 0 <= split["ciou"] <= 1 and 0 <= split["giou"] <= 1 and 0 < split["all_foreground_ciou"] < 1
         assert split["samples"] >= split["images"] >= 1 and split["tokens_max"] >= split["tokens_mean"] > 0
-    assert svp_eval(["--run", str(trained_run), "--shards", str(shards), "--splits", "test"]) == 2
+    assert svp_eval(["--run-dir", str(trained_run), "--shards", str(shards), "--splits", "test"]) == 2
     assert "'test'" in capsys.readouterr().err
 
 
@@ -158,7 +164,7 @@ def _paper_table(path: Path) -> list[list[str]]:
 def test_eval_of_several_runs_is_one_table_a_row_per_run_as_the_papers_lay_it_out(trained_run, shards, tmp_path,
                                                                                  capsys):
     out = tmp_path / "table" / "eval.json"
-    assert svp_eval(["--runs", f"{trained_run},{trained_run / 'export'}", "--shards", str(shards),
+    assert svp_eval(["--run-dirs", f"{trained_run},{trained_run / 'export'}", "--shards", str(shards),
                      "--out", str(out)]) == 0
     reports = json.loads(out.read_text())["runs"]
     assert [r["run"] for r in reports] == [str(trained_run), str(trained_run / "export")]
@@ -177,26 +183,24 @@ def test_eval_of_several_runs_is_one_table_a_row_per_run_as_the_papers_lay_it_ou
     assert "cIoU testA" in printed and f"report: {out}" in printed
 
 
-def test_eval_takes_either_run_or_runs(trained_run, shards, capsys):
-    for flags in ([], ["--run", str(trained_run), "--runs", str(trained_run)]):
+def test_eval_takes_either_run_dir_or_run_dirs(trained_run, shards, capsys):
+    for flags in ([], ["--run-dir", str(trained_run), "--run-dirs", str(trained_run)]):
         assert svp_eval([*flags, "--shards", str(shards)]) == 2
-        assert "give either --run RUN or --runs RUN1,RUN2,... (not both)" in capsys.readouterr().err
+        assert "give either --run-dir RUN or --run-dirs RUN1,RUN2,... (not both)" in capsys.readouterr().err
     # as `python -m jobs.eval` (the module is then __main__), errors still name the command
     result = subprocess.run([sys.executable, "-m", "jobs.eval", "--shards", str(shards)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "svp eval: error: give either --run" in result.stderr
+    assert result.returncode == 2 and "svp eval: error: give either --run-dir" in result.stderr
 
 
 def test_eval_under_torchrun_with_two_processes_reports_what_one_process_does(trained_run, shards, tmp_path):
-    # the train split spans 5 shards, so each process reads some of them; a recipe carries the run's
-    # path because torchrun's own parser would take `--run` for its `--run-path`
-    recipe = tmp_path / "eval.yaml"
-    recipe.write_text(json.dumps({"run": str(trained_run), "shards": str(shards), "splits": "train,val",
-                                  "batch_size": 2}))
+    # the train split spans 5 shards, so each process reads some of them; --run-dir goes on torchrun's
+    # command line as it is (no svp option is an abbreviation of one of torchrun's: test_cli.py)
+    flags = ["--run-dir", str(trained_run), "--shards", str(shards), "--splits", "train,val", "--batch-size", "2"]
     one, two = tmp_path / "one" / "eval.json", tmp_path / "two" / "eval.json"
-    assert svp_eval(["--config", str(recipe), "--out", str(one)]) == 0
+    assert svp_eval([*flags, "--out", str(one)]) == 0
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "jobs.eval",
-                             "--config", str(recipe), "--out", str(two)], cwd=REPO,
+                             *flags, "--out", str(two)], cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("report: ") == 1  # one process reports for both
@@ -228,9 +232,10 @@ def test_validation_while_training_logs_each_split_and_keeps_the_best_checkpoint
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in (checkpoints / "best").iterdir()) == sorted(
         p.name for p in (checkpoints / "step_000004").iterdir())  # as complete as a step checkpoint
-    exported = load_file(str(run_dir / "export" / "trained.safetensors"))
+    exported = load_exported_model(run_dir).trainable_state_dict()
     kept = load_file(str(checkpoints / "best" / "model.safetensors"))
     assert exported.keys() == kept.keys() and all(torch.equal(exported[k], kept[k]) for k in kept)
+    assert json.loads((run_dir / "export" / "config.json").read_text())["trained"]["step"] == best["step"]
     with Image.open(run_dir / "training_curves.png") as curves:
         assert curves.height == 4 * 260  # four panels of 2.6 in at 100 dpi: loss, train-batch cIoU, validation, lr
 
@@ -243,7 +248,7 @@ def test_eval_of_shards_with_only_a_train_split_is_refused_with_no_report(shards
     manifest["shards"] = [s for s in manifest["shards"] if s["split"] == "train"]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     run_dir = tmp_path / "run"  # refused before the run is read: it need not exist
-    assert svp_eval(["--run", str(run_dir), "--shards", str(tmp_path)]) == 2
+    assert svp_eval(["--run-dir", str(run_dir), "--shards", str(tmp_path)]) == 2
     assert "holds no split but train to evaluate; name one with --splits" in capsys.readouterr().err
     assert not run_dir.exists()
 
@@ -271,24 +276,24 @@ def test_training_curves_plot_the_logged_steps_and_a_resumed_run_s_later_values(
         assert curves.format == "PNG" and curves.size == (700, 780)  # three panels of 7 x 2.6 inches at 100 dpi
 
 
-def test_an_export_with_missing_or_extra_keys_is_refused_with_the_list(trained_run, tmp_path):
+@pytest.mark.parametrize("weights", ["svp.safetensors", "llm/adapter_model.safetensors"])
+def test_an_export_with_missing_or_extra_keys_is_refused_with_the_list(trained_run, tmp_path, weights):
     export = tmp_path / "export"
-    export.mkdir()
-    (export / "model_config.json").write_bytes((trained_run / "export" / "model_config.json").read_bytes())
-    state = load_file(str(trained_run / "export" / "trained.safetensors"))
+    shutil.copytree(trained_run / "export", export)
+    state = load_file(str(export / weights))
     dropped = sorted(state)[0]
     state.pop(dropped)
     state["unexpected.weight"] = torch.zeros(1)
-    save_file(state, str(export / "trained.safetensors"))
-    with pytest.raises(Exception) as error:
-        load_trained_model(export)
+    save_file(state, str(export / weights))
+    with pytest.raises(CheckpointError) as error:
+        load_exported_model(export)
     assert dropped in str(error.value) and "unexpected.weight" in str(error.value)
 
 
 def test_predict_writes_an_overlay_and_a_mask(trained_run, refer_root, tmp_path):
     image = sorted((refer_root / "images/mscoco/images/train2014").glob("*.jpg"))[0]
     width, height = Image.open(image).size
-    status = svp_predict(["--run", str(trained_run), "--image", str(image), "--text", "the red circle",
+    status = svp_predict(["--run-dir", str(trained_run), "--image", str(image), "--text", "the red circle",
                           "--out", str(tmp_path / "overlay.png"), "--mask-out", str(tmp_path / "mask.png")])
     assert status == 0
     overlay, mask = Image.open(tmp_path / "overlay.png"), Image.open(tmp_path / "mask.png")
@@ -298,7 +303,7 @@ def test_predict_writes_an_overlay_and_a_mask(trained_run, refer_root, tmp_path)
 @pytest.mark.parametrize("text", ["", "   "], ids=["empty", "spaces"])
 def test_predict_refuses_an_empty_expression(trained_run, refer_root, tmp_path, capsys, text):
     image = sorted((refer_root / "images/mscoco/images/train2014").glob("*.jpg"))[0]
-    status = svp_predict(["--run", str(trained_run), "--image", str(image), "--text", text,
+    status = svp_predict(["--run-dir", str(trained_run), "--image", str(image), "--text", text,
                           "--out", str(tmp_path / "overlay.png")])
     assert status == 2 and "--text is empty" in capsys.readouterr().err
     assert not (tmp_path / "overlay.png").exists()
@@ -310,7 +315,7 @@ def test_predict_refuses_a_sam_model_the_run_was_not_made_with(trained_run, refe
     """The run's shards were made with the tiny SAM (its embeddings): an explicit --sam-model vit_h is an
     error naming both, never silently replaced by the recorded one; --sam-model tiny agrees."""
     image = sorted((refer_root / "images/mscoco/images/train2014").glob("*.jpg"))[0]
-    common = ["--run", str(trained_run), "--image", str(image), "--text", "the red circle",
+    common = ["--run-dir", str(trained_run), "--image", str(image), "--text", "the red circle",
               "--sam-checkpoint", str(tiny_sam_checkpoint), *flags]
     assert svp_predict([*common, "--sam-model", "vit_h", "--out", str(tmp_path / "refused.png")]) == 2
     assert "--sam-model vit_h is not the SAM of the run" in capsys.readouterr().err
@@ -343,7 +348,7 @@ def test_accelerate_launch_two_cpu_processes(shards, tiny_sam_checkpoint, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert_disjoint_keys(tmp_path / "run", ranks=2)
     assert_checkpoints(tmp_path / "run", [2], ranks=2)
-    assert (tmp_path / "run" / "export" / "trained.safetensors").is_file()
+    assert (tmp_path / "run" / "export" / "svp.safetensors").is_file()
 
 
 def test_demo_runs_end_to_end_and_reports(tmp_path, ray_local):

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from trainer.loop import TrainConfig, setup_training
 from trainer.model import ModelConfig
@@ -20,6 +21,14 @@ def train_flags(shards: Path, run_dir: Path, sam: Path, *extra: str) -> list[str
     """`svp train` flags of a tiny CPU run (batch 2, a log line every step)."""
     return ["--shards", str(shards), "--run-dir", str(run_dir), "--sam-checkpoint", str(sam), "--sam-model", "tiny",
             "--batch-size", "2", "--log-every", "1", *extra]
+
+
+def export_tensors(export: Path) -> dict[str, torch.Tensor]:
+    """Every tensor an export holds, read from its files: svp's by name, the LLM's as ``llm/NAME``."""
+    tensors = load_file(export / "svp.safetensors")
+    for file in sorted((export / "llm").glob("*.safetensors")):
+        tensors.update({f"llm/{name}": tensor for name, tensor in load_file(file).items()})
+    return tensors
 
 
 def keys_per_rank(run_dir: Path, ranks: int) -> list[list[str]]:

@@ -4,9 +4,7 @@ module that writes and reads it.
 - ``run_config.json``: the full resolved config of a run (model ids, projector and its flags, data
   URLs with their manifest hashes, seeds, git commit, library versions) — the answer to "which
   data, which splits, which recipe?".
-- ``export/``: only the trained parts (projector, LoRA adapters, new token rows, [SEG] MLP, mask
-  decoder) as safetensors plus the model config; loading it is strict: a key that is missing or
-  unexpected is an error that lists it, never a silent partial load.
+- ``export/``: the trained parts in the form Hugging Face tools read (``trainer.export``).
 - ``checkpoints/step_N``: the training state (Accelerate's ``save_state``): the trained tensors
   only (``save_trained_weights_only``; the frozen weights come from the sources the run config
   names), optimizer, schedule, RNG states and progress. It only ever appears complete
@@ -40,8 +38,6 @@ if TYPE_CHECKING:
     from trainer.loop import TrainConfig
 
 RUN_CONFIG = "run_config.json"
-EXPORT_WEIGHTS = "trained.safetensors"
-EXPORT_CONFIG = "model_config.json"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "webdataset", "segment-anything", "ray")
 CHECKPOINTS = "checkpoints"
 # A checkpoint's trained tensors, under the name Accelerate gives a model's weights.
@@ -96,28 +92,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _save_trained(model: nn.Module, path: Path) -> None:
-    """``model.trainable_state_dict()`` as safetensors, by the unwrapped model's parameter names."""
-    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in model.trainable_state_dict().items()},
-              str(path))
-
-
-def export_trained(model: nn.Module, out_dir: Path, model_config: Any) -> Path:
-    """Save the trained parts only, plus the config needed to rebuild the rest from its sources."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _save_trained(model, out_dir / EXPORT_WEIGHTS)
-    (out_dir / EXPORT_CONFIG).write_text(json.dumps(asdict(model_config), indent=2, sort_keys=True) + "\n")
-    return out_dir
-
-
-def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(model config dict, trained tensors) of an export; safetensors never executes code."""
-    weights, config = export_dir / EXPORT_WEIGHTS, export_dir / EXPORT_CONFIG
-    for path in (weights, config):
-        if not path.is_file():
-            raise CheckpointError(f"{path} not found: expected an export written by `svp train` "
-                                  f"({EXPORT_WEIGHTS} + {EXPORT_CONFIG})")
-    return json.loads(config.read_text()), load_file(str(weights))
+def save_trained(model: nn.Module, path: Path, include_llm: bool = True) -> None:
+    """``model.trainable_state_dict(include_llm)`` as safetensors, by the unwrapped model's parameter names."""
+    save_file({name: tensor.detach().cpu().contiguous()
+               for name, tensor in model.trainable_state_dict(include_llm).items()}, str(path))
 
 
 def _unrecorded() -> dict[str, Any]:
@@ -153,17 +131,6 @@ def model_config_from_dict(data: dict[str, Any]):
 
     return ModelConfig(**{**_unrecorded(), **data, "projector": ProjectorConfig(**data["projector"]),
                           "lora_targets": tuple(data["lora_targets"])})
-
-
-def load_trained_model(path: Path, device: str | torch.device = "cpu"):
-    """A run directory (or its ``export/``) → the model with its trained parts loaded, strictly."""
-    from trainer.model import SegmentationMLLM
-
-    export_dir = path / "export" if (path / "export").is_dir() else path
-    config, state = read_export(export_dir)
-    model = SegmentationMLLM(model_config_from_dict(config))
-    model.load_trainable_state_dict(state)
-    return model.to(device).eval()
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -207,7 +174,7 @@ def save_trained_weights_only(accelerator: Accelerator) -> None:
     def save(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
         (model,) = models
         if accelerator.is_main_process:
-            _save_trained(accelerator.unwrap_model(model), Path(output_dir) / CHECKPOINT_WEIGHTS)
+            save_trained(accelerator.unwrap_model(model), Path(output_dir) / CHECKPOINT_WEIGHTS)
         weights.clear()
 
     def load(models: list[nn.Module], input_dir: str) -> None:

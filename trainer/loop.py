@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.vision_model import DEFAULT_MODEL_SEED
 from trainer.checkpoint import (
     CHECKPOINTS,
-    export_trained,
     ignored_saves,
     resume_point,
     save_checkpoint,
@@ -34,11 +34,12 @@ from trainer.checkpoint import (
     write_run_config,
 )
 from trainer.data import DataConfig, DataError, ShardLoader, describe_shards, make_loader
+from trainer.export import EXPORT, checkpoint_weights, write_export
 from trainer.model import ModelConfig, SegmentationMLLM
 from trainer.optimizers import OPTIMIZERS, optimizer_class
 from trainer.plots import training_curves
 from trainer.stored_features import data_config as stored_data_config
-from trainer.validation import Validation, best_weights, eval_splits
+from trainer.validation import Validation, eval_splits
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class TrainConfig:
     best_metric: str = field(default="ciou", metadata={"choices": ("ciou", "giou"), "help": (
         "what makes checkpoints/best the best: this metric's mean over --eval-splits")})
     export: str = field(default="last", metadata={"choices": ("last", "best"), "help": (
-        "which trained weights export/ holds: the last step's, or checkpoints/best's (needs --eval-every)")})
+        "which trained weights export/ holds (as `svp export --checkpoint` writes them): the last step's, or "
+        "checkpoints/best's (needs --eval-every)")})
 
     def __post_init__(self) -> None:
         if self.export == "best" and self.eval_every <= 0:
@@ -236,9 +238,11 @@ def train(config: TrainConfig, report: Report | None = None) -> dict:
         keys_file.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        trained, step = accelerator.unwrap_model(model), progress.step
         if config.export == "best":
-            accelerator.unwrap_model(model).load_trainable_state_dict(best_weights(config.run_dir))
-        export_trained(accelerator.unwrap_model(model), config.run_dir / "export", config.model)
+            weights, step = checkpoint_weights(config.run_dir, config.export)
+            trained.load_trainable_state_dict(load_file(str(weights)))
+        write_export(trained, config.run_dir, config.run_dir / EXPORT, config.export, step)
     accelerator.end_training()  # flushes and closes the event files the curves are read from
     if accelerator.is_main_process:
         training_curves(config.run_dir)

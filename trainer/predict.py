@@ -27,8 +27,8 @@ from pipeline.superpixels.sam import SamSuperpixels
 from pipeline.superpixels.sam_embeddings import compute_dtype, encoder_autocast
 from pipeline.superpixels.spec import BackendSpec
 from pipeline.vision_model import vision_pixels
-from trainer.checkpoint import load_trained_model
 from trainer.data import DataConfig, sam_inputs, superpixel_inputs
+from trainer.export import load_exported_model
 
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 
@@ -131,11 +131,12 @@ class Predictor:
         self.config = DataConfig(**model.data_config_fields())
 
     @classmethod
-    def load(cls, run: Path, spec: BackendSpec, device: str | torch.device = "cpu", batch_size: int = 8,
+    def load(cls, run_dir: Path, spec: BackendSpec, device: str | torch.device = "cpu", batch_size: int = 8,
              sam_precision: str = "auto") -> Predictor:
-        """The run's trained model on ``device`` and ``spec``'s backend, sharing SAM's encoder where
-        ``spec`` is SAM with the model's own checkpoint (compared by content, not path)."""
-        model = load_trained_model(run, device)
+        """The trained model of ``run_dir`` (a run directory or an export) on ``device`` and ``spec``'s
+        backend, sharing SAM's encoder where ``spec`` is SAM with the model's own checkpoint (compared by
+        content, not path)."""
+        model = load_exported_model(run_dir, device)
         own = model.config
         if not model.projector.reads_superpixels:
             backend = None

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
 from pipeline.shards import read_manifest
-from trainer.checkpoint import CHECKPOINT_WEIGHTS, CHECKPOINTS, CheckpointError, save_checkpoint
+from trainer.checkpoint import CHECKPOINTS, save_checkpoint
 from trainer.data import DataConfig, DataError
 from trainer.evaluate import EvalSplit, evaluate, evaluation_splits
 
@@ -82,11 +81,3 @@ class Validation:
                       "scores": scores}
             (run_dir / CHECKPOINTS / BEST_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         return True
-
-
-def best_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The trained tensors of ``checkpoints/best`` (for ``--export best``)."""
-    path = run_dir / CHECKPOINTS / BEST / CHECKPOINT_WEIGHTS
-    if not path.is_file():
-        raise CheckpointError(f"--export best: {path} does not exist: no validation ran (give --eval-every)")
-    return load_file(str(path))

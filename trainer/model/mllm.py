@@ -16,13 +16,15 @@ can already tell whether it is what the sentence describes (BENCHMARKS.md has wh
 and take the last-layer hidden state at the ``[SEG]`` position. There is no free generation: the
 task always has exactly one target, so generating "it is [SEG] ." would only add decoding time.
 
-What trains (everything else is frozen): the projector, LoRA on the LLM, the ``[SEG]`` rows of
-the input (and untied output) embeddings via peft's ``trainable_token_indices`` (computed around the
-frozen layers by ``trainer.model.token_rows``), the ``[SEG]`` →
+What trains (everything else is frozen): the projector, LoRA on the LLM, the rows of the added
+tokens in the input (and untied output) embeddings via peft's ``trainable_token_indices`` (computed
+around the frozen layers by ``trainer.model.token_rows``), the ``[SEG]`` →
 prompt MLP, the region prompt (``region_prompt``: ``[SEG]`` picks visual tokens, whose image
 regions become SAM's mask prompt; see ``trainer.model.region_prompt``) and SAM's mask decoder.
-``<image>`` is never embedded (it is spliced out) nor predicted, so its row would receive no
-gradient and is not trained.
+``<image>`` is never embedded (it is spliced out), so its input row receives no gradient; its
+output row only learns not to be predicted. It is among the token rows all the same: a resized
+embedding draws the added rows at random, so an LLM adapter that left ``<image>``'s rows out would
+give other logits on another copy of the base LLM (``trainer.export`` saves the adapter with peft).
 
 ``llm_training="full"`` trains the whole LLM instead of LoRA adapters (in float32). LoRA adapts
 what a pretrained LLM already knows; a random-initialised LLM (the tiny one of the demo) knows
@@ -86,7 +88,7 @@ _TINY_LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num
 # (``trainer.checkpoint.check_same_model``); the others (loss weights, LoRA alpha, ...) may change.
 _IDENTIFIES = {"identifies_model": True}
 # ``unrecorded`` in a field's metadata: what a saved config (``run_config.json``, an export's
-# ``model_config.json``) that lacks the key stands for; lacking another identifying key, it is another model's.
+# ``config.json``) that lacks the key stands for; lacking another identifying key, it is another model's.
 
 
 @dataclass
@@ -239,16 +241,16 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
-def _add_lora(model: PreTrainedModel, config: ModelConfig, seg_id: int) -> nn.Module:
-    """LoRA on ``lora_targets``; the ``[SEG]`` embedding row (and its untied output row) trains too.
+def _add_lora(model: PreTrainedModel, config: ModelConfig, token_ids: list[int]) -> nn.Module:
+    """LoRA on ``lora_targets``; the embedding rows of ``token_ids`` (and their untied output rows) train too.
 
-    peft ties the output row itself when the embeddings are tied; an untied ``lm_head`` is named
+    peft ties the output rows itself when the embeddings are tied; an untied ``lm_head`` is named
     explicitly, else the CE target ``[SEG]`` would keep its random resize-time row forever.
     """
-    rows = {_module_name(model, model.get_input_embeddings()): [seg_id]}
+    rows = {_module_name(model, model.get_input_embeddings()): token_ids}
     output = model.get_output_embeddings()
     if output is not None and output.weight is not model.get_input_embeddings().weight:
-        rows[_module_name(model, output)] = [seg_id]
+        rows[_module_name(model, output)] = token_ids
     # peft's "all-linear": every linear layer of the decoder, the output layer excepted.
     targets = "all-linear" if config.lora_targets == ("all-linear",) else list(config.lora_targets)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -273,7 +275,8 @@ class SegmentationMLLM(nn.Module):
             llm_dim = llm.get_input_embeddings().embedding_dim
             if config.gradient_checkpointing:  # non-reentrant: no need for inputs that require grad
                 llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.llm = _add_lora(llm, config, self.seg_id) if config.llm_training == "lora" else llm.float()
+            self.llm = (_add_lora(llm, config, [self.seg_id, self.image_id]) if config.llm_training == "lora"
+                        else llm.float())
             self.projector = build_projector(config.projector, vision_dim, llm_dim)
             self.mask_head = MaskHead(build_sam(config.sam_model, config.sam_checkpoint))
             self.seg_mlp = nn.Sequential(nn.Linear(llm_dim, llm_dim), nn.ReLU(),
@@ -456,13 +459,17 @@ class SegmentationMLLM(nn.Module):
         side = self.config.vision_size // self.vision.patch_size
         return side * side
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the trained tensors, by their module path (stable for a given ``ModelConfig``)."""
-        return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}
+    def trainable_state_dict(self, include_llm: bool = True) -> dict[str, torch.Tensor]:
+        """Exactly the trained tensors, by their module path (stable for a given ``ModelConfig``);
+        ``include_llm=False``: those outside the LLM, which an export keeps apart from the LLM's
+        (``trainer.export``: the LLM's go where transformers and peft read them)."""
+        return {name: param.detach() for name, param in self.named_parameters()
+                if param.requires_grad and (include_llm or not name.startswith("llm."))}
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Strict: every trained tensor, nothing else, each of the right shape; else nothing loads."""
-        expected = self.trainable_state_dict()
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], include_llm: bool = True) -> None:
+        """Strict: every trained tensor (outside the LLM with ``include_llm=False``), nothing else, each
+        of the right shape; else nothing loads."""
+        expected = self.trainable_state_dict(include_llm)
         problems = state_dict_problems(state, expected)
         if problems:
             raise TrainableStateError("trained weights do not fit this model: " + "; ".join(problems))
