@@ -14,11 +14,6 @@ README = REPO / "README.md"
 README_MAX_BYTES = 12 * 1024  # a newcomer reads it whole; the detail lives in docs/
 PAGES = [README, REPO / "BENCHMARKS.md", *sorted((REPO / "docs").glob("*.md"))]
 
-# Written on another branch (issue 32: `svp export` and its page). Remove once that branch is merged:
-# from then on the link and the command are checked like every other.
-PENDING_PAGES = {REPO / "docs" / "export.md"}
-PENDING_COMMANDS = {"export"}
-
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
@@ -77,8 +72,6 @@ def test_every_relative_link_leads_to_a_file_and_heading(page):
             continue
         path, _, anchor = target.partition("#")
         resolved = (page.parent / path).resolve() if path else page
-        if resolved in PENDING_PAGES and not resolved.exists():
-            continue
         if not resolved.exists():
             broken.append(f"{target}: no such file")
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
@@ -89,7 +82,7 @@ def test_every_relative_link_leads_to_a_file_and_heading(page):
 @pytest.mark.parametrize("page", PAGES, ids=[str(page.relative_to(REPO)) for page in PAGES])
 def test_every_svp_command_named_is_a_real_command(page):
     named = {command for code in code_of(page.read_text()) for command in SVP_COMMAND.findall(code)}
-    unknown = named - registered_commands() - PENDING_COMMANDS
+    unknown = named - registered_commands()
     assert not unknown, f"{page.relative_to(REPO)} names svp commands the CLI lacks: {sorted(unknown)}"
 
 
