@@ -23,7 +23,7 @@ from jobs.eval import run_eval
 from pipeline.images import decode_image
 from pipeline.shards import decode_label_map, read_manifest, split_shard_urls
 from trainer.checkpoint import load_trained_model
-from trainer.loop import TrainConfig
+from trainer.config import TrainConfig
 from trainer.predict import predict_mask, render_overlay
 
 DEMO_OUTPUTS = ("refer", "shards", "run_svp", "overlays")

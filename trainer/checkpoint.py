@@ -37,7 +37,7 @@ from pipeline.errors import SvpError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from trainer.loop import TrainConfig
+    from trainer.config import TrainConfig
 
 RUN_CONFIG = "run_config.json"
 EXPORT_WEIGHTS = "trained.safetensors"
