@@ -53,7 +53,7 @@ from pipeline.storage import OutputStore, StorageError, storage_env
 from pipeline.superpixels import BACKENDS
 from pipeline.superpixels.base import BackendConfigError, SamOptions
 from pipeline.superpixels.spec import BackendSpec
-from pipeline.timing import STAGES
+from pipeline.timing import STAGES, throughput
 from pipeline.vision_model import VisionOptions
 
 
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         f"precompute: {manifest['images_written']} images written, {manifest['images_failed']} failed"
         f"{f', {pending} pending' if pending else ''} (of {manifest['images_total']}); {len(manifest['shards'])} "
         f"shards ({skipped} skipped as complete); "
-        f"{processed / elapsed if processed and elapsed else 0.0:.1f} images/s; out: {given.out}"
+        f"{throughput(processed, elapsed)}; out: {given.out}"
     )
     if pending:
         print(f"pending: {pending} images are not processed yet (--limit / --only-split); "

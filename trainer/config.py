@@ -77,5 +77,8 @@ class TrainConfig:
         "which trained weights export/ holds: the last step's, or checkpoints/best's (needs --eval-every)")})
 
     def __post_init__(self) -> None:
+        if self.resume_from is not None and not self.resume:
+            raise ValueError("--resume-from needs --resume: without it a run starts from scratch and the checkpoint "
+                             "it names would go unused")
         if self.export == "best" and self.eval_every <= 0:
             raise ValueError("--export best needs --eval-every N: without validation there is no best checkpoint")
