@@ -31,7 +31,7 @@ from bench.options import option_of
 from bench.tokens import pool_budget
 from jobs.eval import run_eval
 from jobs.workflow import tiny_model, train_config, train_on_shards
-from trainer.loop import TrainConfig
+from trainer.config import TrainConfig
 from trainer.model import ProjectorConfig
 
 NAME = "accuracy"

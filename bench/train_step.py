@@ -54,8 +54,8 @@ from bench.common import (
 from bench.options import option_of
 from bench.tokens import pool_budget
 from pipeline.shards import read_manifest, split_shard_urls
+from trainer.config import TrainConfig
 from trainer.data import DataConfig, item_length, make_loader
-from trainer.loop import TrainConfig
 from trainer.model import PROJECTORS, ModelConfig, ProjectorConfig, SegmentationMLLM
 
 NAME = "train_step"

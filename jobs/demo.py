@@ -22,8 +22,8 @@ from jobs import entry, options, workflow
 from jobs.eval import run_eval
 from pipeline.images import decode_image
 from pipeline.shards import decode_label_map, read_manifest, split_shard_urls
+from trainer.config import TrainConfig
 from trainer.export import load_exported_model
-from trainer.loop import TrainConfig
 from trainer.predict import predict_mask, render_overlay
 
 DEMO_OUTPUTS = ("refer", "shards", "run_svp", "overlays")

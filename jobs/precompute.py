@@ -21,10 +21,12 @@ differs between two runs that wrote the same shards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from jobs import entry, options, ray_cluster
 from jobs.options import OptionError
@@ -49,11 +51,11 @@ from pipeline.shards import (
     stage_timing,
     write_job_outputs,
 )
-from pipeline.storage import OutputStore, StorageError, storage_env
+from pipeline.storage import OutputStore, StorageError, StorageSettings, StoreNotAnswering, storage_env
 from pipeline.superpixels import BACKENDS
 from pipeline.superpixels.base import BackendConfigError, SamOptions
 from pipeline.superpixels.spec import BackendSpec
-from pipeline.timing import STAGES
+from pipeline.timing import STAGES, throughput
 from pipeline.vision_model import VisionOptions
 
 
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                         config_hash)
 
     started = time.perf_counter()
-    new_records = _run_on_ray(todo, spec, output, given.workers, gpus) if todo else []
+    new_records, stopped = _run_on_ray(todo, spec, output, given.workers, gpus) if todo else ([], None)
     elapsed = time.perf_counter() - started
 
     records = {**finished, **{record.name: record for record in new_records}}
@@ -165,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         manifest = write_job_outputs(given.out, list(records.values()), problem_rows(datasets, problems),
                                      config, config_hash, pending)
     except StorageError as exc:  # the shards' records are stored: a rerun resumes and writes these again
+        if stopped is not None:
+            raise StoreNotAnswering(f"{stopped}; the job's records could not be written either: {exc}") from exc
         print(f"svp precompute: error: {exc}", file=sys.stderr)
         return 1
     processed = sum(len(r.rows) for r in new_records)
@@ -172,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         f"precompute: {manifest['images_written']} images written, {manifest['images_failed']} failed"
         f"{f', {pending} pending' if pending else ''} (of {manifest['images_total']}); {len(manifest['shards'])} "
         f"shards ({skipped} skipped as complete); "
-        f"{processed / elapsed if processed and elapsed else 0.0:.1f} images/s; out: {given.out}"
+        f"{throughput(processed, elapsed)}; out: {given.out}"
     )
     if pending:
         print(f"pending: {pending} images are not processed yet (--limit / --only-split); "
@@ -182,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"{pair} {count}" for pair, count in manifest["overlaps"].items()))
     for line in _timing_lines(stage_timing(new_records)):
         print(line)
+    if stopped is not None:
+        raise StoreNotAnswering(f"{stopped}; failures.jsonl lists their images: a rerun into the same --out "
+                                f"stores them")
     return 0
 
 
@@ -213,32 +220,63 @@ def _connect_ray(workers: int, cluster: ray_cluster.RayOptions) -> float:
     return ray_cluster.gpus_per_worker(cluster.gpus_per_worker, workers, "--workers", share=True)
 
 
+class ShardOutcome(NamedTuple):
+    """What a worker hands back for one shard: its record, and why its upload failed if the store
+    gave no answer in time (what the driver counts to tell a store that stopped answering)."""
+
+    record: ShardRecord
+    unanswered: str | None = None
+
+
 def _run_on_ray(tasks: list[ShardTask], spec: BackendSpec, output: OutputSpec, n_workers: int,
-                gpus: float) -> list[ShardRecord]:
+                gpus: float) -> tuple[list[ShardRecord], str | None]:
+    """The records of ``tasks``, and why the job stopped early, if it did (None: it did not).
+
+    It stops when ``SVP_STORAGE_STALLED_SHARDS`` shards in a row could not be stored because the
+    store gave no answer in time: a store that has stopped answering would cost every remaining shard
+    its attempts' deadlines, hours for a large job, where it is down to those few shards. No shard is
+    sent after that, the ones in flight are abandoned with their workers, and every shard not stored
+    gets a failed record (kept out of ``_shards/`` like any failed shard, so that a rerun does it).
+    """
     from tqdm import tqdm
 
     class ShardWorker:
         def __init__(self) -> None:
             self.processor = ShardProcessor(spec, output, device=ray_cluster.worker_device("precompute"))
 
-        def process(self, task: ShardTask) -> ShardRecord:
+        def process(self, task: ShardTask) -> ShardOutcome:
             try:
                 record = self.processor(task)
                 save_record(output.out_dir, record)  # recorded by the worker: a driver crash loses nothing done
             except StorageError as exc:  # not recorded, so a rerun writes this shard again
-                return failed_shard(task, output.key_prefix, "write", str(exc))
-            return record
+                return ShardOutcome(failed_shard(task, output.key_prefix, "write", str(exc)),
+                                    str(exc) if exc.timed_out else None)
+            return ShardOutcome(record)
 
     env = {} if OutputStore(output.out_dir).local else storage_env()
-    records = []
-    results = ray_cluster.on_actors(ShardWorker, "process", tasks, n_workers, gpus, env,
-                                    lambda task, reason: failed_shard(task, output.key_prefix, "worker", reason))
-    with tqdm(total=len(tasks), unit="shard", desc="precompute", file=sys.stderr) as progress:
-        for record in results:
-            records.append(record)
+    limit = StorageSettings.from_env().stalled_shards
+    records, unanswered = [], []
+    results = ray_cluster.on_actors(
+        ShardWorker, "process", tasks, n_workers, gpus, env,
+        lambda task, reason: ShardOutcome(failed_shard(task, output.key_prefix, "worker", reason)))
+    with contextlib.closing(results), tqdm(total=len(tasks), unit="shard", desc="precompute",
+                                           file=sys.stderr) as progress:
+        for outcome in results:
+            records.append(outcome.record)
+            unanswered = [*unanswered, outcome.unanswered] if outcome.unanswered else []
             progress.set_postfix(written=sum(r.written for r in records), failed=sum(r.failed for r in records))
             progress.update()
-    return records
+            if len(unanswered) >= limit:
+                break
+        else:
+            return records, None
+    done = {record.name for record in records}
+    missing = [task for task in tasks if task.name not in done]
+    stopped = (f"the store {output.out_dir} is not answering: {len(unanswered)} shards in a row could not be stored "
+               f"in time (SVP_STORAGE_STALLED_SHARDS; the last: {unanswered[-1]}); the job stopped there, leaving "
+               f"{len(missing)} more of its {len(tasks)} shards undone")
+    reason = f"not stored: the job stopped, the store {output.out_dir} not answering"
+    return records + [failed_shard(task, output.key_prefix, "write", reason) for task in missing], stopped
 
 
 def main(argv: list[str] | None = None) -> int:

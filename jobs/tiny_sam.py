@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -21,12 +23,16 @@ import torch
 
 from jobs import entry, options
 from pipeline.errors import SvpError
-from pipeline.sam_model import TOY_SAM_MODEL_TYPES, build_sam, save_tiny_sam
+from pipeline.sam_model import TOY_SAM_MODEL_TYPES, build_sam, save_state_dict, save_tiny_sam
 from trainer.sam_pretraining import PretrainConfig, load_promptable_images, pretrain_sam
 
 
 class PretrainOnError(SvpError, ValueError):
     """A ``--pretrain-on`` REFER root that cannot be read or offers nothing to pretrain on."""
+
+
+class OutError(SvpError, ValueError):
+    """An ``--out`` the checkpoint cannot be written to (a missing or read-only directory, a directory's own path)."""
 
 
 @dataclass(frozen=True)
@@ -64,15 +70,20 @@ OPTIONS = (TinySamOptions,)
 
 def run(args: argparse.Namespace) -> int:
     given = options.build(TinySamOptions, args)
+    if given.out.is_dir():
+        raise OutError(f"--out {given.out} is a directory: give the path of the .pth file to write")
     if given.pretrain_on is None:
-        path = save_tiny_sam(given.out, seed=given.seed, model_type=given.sam_model)
+        with _writing(given.out):
+            path = save_tiny_sam(given.out, seed=given.seed, model_type=given.sam_model)
         print(f"random {given.sam_model} SAM written to {path} "
               f"(use: --sam-checkpoint {path} --sam-model {given.sam_model})")
         return 0
     # Written under a temporary name and renamed when trained: an interrupted run leaves no
-    # random checkpoint where a trained one is expected.
-    staging = save_tiny_sam(given.out.with_name(given.out.name + ".partial"), seed=given.seed,
-                            model_type=given.sam_model)
+    # random checkpoint where a trained one is expected. Written first, so that an --out that
+    # cannot be written is refused before the pretraining, not after it.
+    with _writing(given.out):
+        staging = save_tiny_sam(given.out.with_name(given.out.name + ".partial"), seed=given.seed,
+                                model_type=given.sam_model)
     sam = build_sam(given.sam_model, staging)
     try:
         images = load_promptable_images(given.pretrain_on, sam.image_encoder.img_size)
@@ -90,11 +101,20 @@ def run(args: argparse.Namespace) -> int:
     with torch.random.fork_rng():
         torch.manual_seed(given.seed)
         pretrain_sam(sam, images, given.pretraining(), progress)
-    torch.save(sam.state_dict(), staging)
-    path = staging.replace(given.out)
+    with _writing(given.out):
+        path = save_state_dict(sam.state_dict(), staging).replace(given.out)
     print(f"pretrained {given.sam_model} SAM written to {path} (use: --sam-checkpoint {path} "
           f"--sam-model {given.sam_model})")
     return 0
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Report a failure to write the checkpoint as the user's to fix, naming the path (exit 2)."""
+    try:
+        yield
+    except OSError as error:
+        raise OutError(f"--out {out}: cannot write {error.filename or out}: {error.strerror or error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from jobs import entry, options, ray_cluster
 from trainer.checkpoint import resume_point
+from trainer.config import TrainConfig
 from trainer.data import shard_urls
-from trainer.loop import TrainConfig, train
+from trainer.loop import train
 from trainer.optimizers import optimizer_class
 
 # The Ray options that mean nothing without --ray-workers; None unless given, so that a run

@@ -18,7 +18,8 @@ from pathlib import Path
 from jobs import precompute, synth, tiny_sam
 from jobs.train import resolve_shards
 from pipeline.plotting import pyplot, save_figure
-from trainer.loop import TrainConfig, train
+from trainer.config import TrainConfig
+from trainer.loop import train
 from trainer.model import ModelConfig, ProjectorConfig
 
 # The demo and the benchmarks leave their tiny SAM random by default: pretraining it on clicks

@@ -166,6 +166,14 @@ def save_tiny_sam(path: str | Path, seed: int = 0, model_type: str = "tiny") -> 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_sam(model_type)
+    return save_state_dict(model.state_dict(), path)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """``torch.save`` a SAM state dict to ``path``, opened here rather than by torch: a path that
+    cannot be written is then an ``OSError`` that names it (torch's own writer raises a bare
+    ``RuntimeError``), which a command can tell its user about."""
     path = Path(path)
-    torch.save(model.state_dict(), path)
+    with open(path, "wb") as stream:
+        torch.save(state, stream)
     return path

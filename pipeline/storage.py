@@ -13,7 +13,8 @@ must never see half of one:
 
 Every remote call has a deadline (:class:`StorageSettings`): a store that accepts a connection and
 then never answers (stalled, half-open, black-holed) must become a failed attempt, not a job that
-hangs forever. Whatever still fails raises :class:`StorageError`, which names the URL and the last
+hangs forever. So does a shard streamed to a reader (:func:`open_url`): the time its reads wait for
+the store is bounded as a whole. Whatever still fails raises :class:`StorageError`, which names the URL and the last
 error, so the job can record the shard as failed (and a rerun can redo it) instead of losing it silently.
 
 Credentials and endpoints come from where each fsspec backend looks for them: for s3:// the
@@ -25,7 +26,9 @@ fsspec's own configuration (``FSSPEC_S3_*`` variables, ``~/.config/fsspec/``).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import math
 import os
 import posixpath
 import secrets
@@ -54,6 +57,11 @@ UPLOAD_BACKOFF_S = 1.0  # waits 1 s, then 2 s, ... between attempts
 BOTOCORE_RETRIES = {"max_attempts": 3, "mode": "standard"}
 S3FS_TRIES = 2
 _S3_PROTOCOLS = ("s3", "s3a")
+_GCS_PROTOCOLS = ("gs", "gcs")
+_AZURE_PROTOCOLS = ("az", "abfs", "abfss")
+# How much of a streamed file one read asks the store for: large enough that a shard is a few
+# requests, small enough that a reader that stops early has not fetched much more than it read.
+STREAM_CHUNK_BYTES = 8 * 2**20
 # Refusals: the store answered, and asking again would get the same answer.
 _PERMANENT_ERRORS = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # What fsspec backends read their credentials and endpoints from, and svp's own storage settings;
@@ -65,7 +73,21 @@ T = TypeVar("T")
 
 
 class StorageError(SvpError, OSError):
-    """A file could not be stored (even after retries) or read; the message names its URL and why."""
+    """A file could not be stored (even after retries) or read; the message names its URL and why.
+
+    ``timed_out``: the last attempt got no answer in time, which is how a store that has stopped
+    answering altogether looks, as opposed to one that answered with a refusal or an error."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class StoreNotAnswering(StorageError):
+    """A store that several calls in a row got no answer from in time: a job stops sending it work."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, timed_out=True)
 
 
 class StorageSettingsError(SvpError, ValueError):
@@ -79,9 +101,12 @@ class StorageSettings:
     storage variables).
 
     Why each: the connect and read timeouts end a single request to a store that does not accept
-    or stops answering (s3 only: botocore's own); the attempt deadline ends a whole call whatever
-    the backend retries inside it, and grows with the bytes uploaded so that a large shard on a slow
-    link is not cut short. The defaults bound a black-holed store to about a minute per call.
+    or stops answering (each backend's own: botocore's for s3, aiohttp's for gs, the Azure SDK's for
+    az); the attempt deadline ends a whole call whatever the backend retries inside it, and grows
+    with the bytes moved so that a large shard on a slow link is not cut short. The defaults bound a
+    black-holed store to about a minute per call. ``stalled_shards``: after that many shards in a
+    row whose upload got no answer in time, a job takes the store for not answering and stops,
+    rather than spend its deadlines on every remaining shard.
     """
 
     connect_timeout_s: float = field(default=10.0, metadata={"env": "SVP_STORAGE_CONNECT_TIMEOUT"})
@@ -89,6 +114,7 @@ class StorageSettings:
     attempt_timeout_s: float = field(default=60.0, metadata={"env": "SVP_STORAGE_ATTEMPT_TIMEOUT"})
     min_throughput_mb_s: float = field(default=1.0, metadata={"env": "SVP_STORAGE_MIN_THROUGHPUT"})
     attempts: int = field(default=3, metadata={"env": "SVP_STORAGE_ATTEMPTS"})
+    stalled_shards: int = field(default=3, metadata={"env": "SVP_STORAGE_STALLED_SHARDS"})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StorageSettings:
@@ -116,11 +142,26 @@ class StorageSettings:
         return self.attempt_timeout_s + nbytes / (self.min_throughput_mb_s * 1e6)
 
     def backend_options(self, protocol: str) -> dict[str, Any]:
-        """fsspec options giving a ``protocol`` filesystem these timeouts (none known for other backends)."""
-        if protocol not in _S3_PROTOCOLS:
-            return {}
-        return {"config_kwargs": {"connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
-                                  "retries": BOTOCORE_RETRIES}}
+        """fsspec options giving a ``protocol`` filesystem the connect and read timeouts, in each
+        backend's own terms (none known for other backends):
+
+        - s3 (s3fs): botocore's ``connect_timeout`` and ``read_timeout``, and its bounded retries;
+        - gs (gcsfs): ``requests_timeout``, which it hands to aiohttp with every request, as an
+          ``aiohttp.ClientTimeout`` of the two (no total: a large upload may take longer than one read);
+        - az (adlfs): the Azure SDK's ``connection_timeout`` and ``read_timeout``, whole seconds.
+        """
+        if protocol in _S3_PROTOCOLS:
+            return {"config_kwargs": {"connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
+                                      "retries": BOTOCORE_RETRIES}}
+        if protocol in _GCS_PROTOCOLS:
+            import aiohttp  # gcsfs's HTTP client, installed wherever gcsfs is
+
+            return {"requests_timeout": aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s,
+                                                              sock_read=self.read_timeout_s)}
+        if protocol in _AZURE_PROTOCOLS:
+            return {"connection_timeout": math.ceil(self.connect_timeout_s),
+                    "read_timeout": math.ceil(self.read_timeout_s)}
+        return {}
 
 
 def filesystem(url: str | os.PathLike, settings: StorageSettings | None = None) -> tuple[AbstractFileSystem, str]:
@@ -147,14 +188,20 @@ def read_url(url: str | os.PathLike) -> bytes:
     return _read(fs, path, str(url), settings)
 
 
-def open_url(url: str | os.PathLike, mode: str = "rb") -> IO:
-    """A stream of the file at ``url`` (a local path or an fsspec URL), for readers that stop early.
+def open_url(url: str | os.PathLike) -> IO[bytes]:
+    """A binary stream of the file at ``url`` (a local path or an fsspec URL), read as it is consumed.
 
-    Each request it makes is bounded by the connect and read timeouts (and the backend's bounded
-    retries); the whole stream has no deadline, since how long it stays open is the reader's choice.
+    The time its reads wait for the store is bounded as a whole, by one deadline for the file's size
+    (:meth:`StorageSettings.deadline_s`): a store that stalls mid-file ends the read with a
+    :class:`StorageError` naming the URL, not a reader that waits forever. Only the waiting counts,
+    not the time between reads, which is the reader's (a training step between two samples).
+    FileNotFoundError if it is absent.
     """
-    fs, path = filesystem(url)
-    return fs.open(path, mode)
+    settings = StorageSettings.from_env()
+    fs, path = filesystem(url, settings)
+    if not isinstance(fs, AsyncFileSystem):  # a local or in-memory file: no store to wait for
+        return fs.open(path, "rb")
+    return io.BufferedReader(_DeadlineReader(fs, path, str(url), settings), buffer_size=STREAM_CHUNK_BYTES)
 
 
 def glob_urls(url: str) -> list[str]:
@@ -280,6 +327,48 @@ class OutputStore:
             raise OSError(f"the store holds {stored} bytes after uploading {expected}")
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A remote file read in ranges, whose waits for the store share one deadline.
+
+    Each range is one ``cat_file`` call, cancelled by fsspec when it outlives what is left of the
+    deadline (see :func:`_within`); the deadline is set from the file's size once that is known.
+    """
+
+    def __init__(self, fs: AbstractFileSystem, path: str, url: str, settings: StorageSettings) -> None:
+        super().__init__()
+        self.fs, self.path, self.url = fs, path, url
+        self.waited, self.position, self.size = 0.0, 0, 0
+        self.deadline = settings.deadline_s()
+        self.size = self._waiting(fs.size, path)
+        self.deadline = settings.deadline_s(self.size)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self.position + len(buffer), self.size)
+        if end <= self.position:
+            return 0
+        data = self._waiting(self.fs.cat_file, self.path, start=self.position, end=end)
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def _waiting(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call`` on the store within what is left of the deadline; the time it took counts against it."""
+        started = time.monotonic()
+        try:  # never a timeout of 0, which fsspec reads as none
+            return _within(self.fs, max(self.deadline - self.waited, 1e-3), call, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # backends raise their own types (botocore's are no OSError)
+            raise StorageError(f"cannot read {self.url} (at byte {self.position} of {self.size}, "
+                               f"{self.waited + time.monotonic() - started:.1f} s of {self.deadline:.1f} s waited): "
+                               f"{type(exc).__name__}: {exc}", timed_out=_is_timeout(exc)) from exc
+        finally:
+            self.waited += time.monotonic() - started
+
+
 def _read(fs: AbstractFileSystem, path: str, url: str, settings: StorageSettings) -> bytes:
     try:
         return _within(fs, settings.deadline_s(), fs.cat_file, path)
@@ -317,12 +406,19 @@ def with_retries(action: Callable[[], T], url: str, attempts: int, backoff_s: fl
         except Exception as exc:  # retried or reported, with its type
             if isinstance(exc, _PERMANENT_ERRORS) or attempt >= attempts:
                 raise StorageError(f"cannot store {url} (attempt {attempt} of {attempts}): "
-                                   f"{type(exc).__name__}: {exc}") from exc
+                                   f"{type(exc).__name__}: {exc}", timed_out=_is_timeout(exc)) from exc
             delay = backoff_s * 2 ** (attempt - 1)
             log.warning("storing %s failed (attempt %d of %d), retrying in %.1f s: %s: %s", url, attempt, attempts,
                         delay, type(exc).__name__, exc)
             time.sleep(delay)
             attempt += 1
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store gave no answer in time: svp's own deadline (a TimeoutError, as
+    aiohttp's are too), or a backend's request timeout, a type of each backend's own that is no
+    TimeoutError (botocore's ``ReadTimeoutError``, ``ConnectTimeoutError``), hence the name."""
+    return isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__
 
 
 def storage_env() -> dict[str, str]:

@@ -57,3 +57,20 @@ class StageTimer:
         """The seconds per stage so far; the timer starts again from zero."""
         seconds, self._seconds = self._seconds, {}
         return seconds
+
+
+def throughput(images: int, seconds: float) -> str:
+    """How fast ``images`` went through in ``seconds``, for a person to read: images per second to
+    three significant digits, or seconds per image when under one a second (a slow backend on a
+    CPU), so that a slow run never reads as "0.0 images/s"."""
+    if images <= 0 or seconds <= 0:
+        return "no images processed"
+    per_second = images / seconds
+    if per_second >= 1:
+        return f"{_three_digits(per_second)} images/s"
+    return f"{_three_digits(seconds / images)} s/image"
+
+
+def _three_digits(value: float) -> str:
+    """Three significant digits, without an exponent for the large values (``1234`` → ``1234``)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"

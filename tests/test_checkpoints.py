@@ -22,7 +22,8 @@ from trainer.checkpoint import (
     resume_point,
     unfinished_checkpoints,
 )
-from trainer.loop import TrainConfig, setup_training, train
+from trainer.config import TrainConfig
+from trainer.loop import setup_training, train
 
 
 def _leave_unfinished(directory: Path, *files: str) -> None:

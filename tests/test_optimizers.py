@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +37,30 @@ def test_adamw8bit_without_bitsandbytes_is_refused_before_the_run_starts(shards,
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(OptimizerError, match="unknown optimizer 'sgd': choose one of adamw, adamw8bit"):
         optimizer_class("sgd")
+
+
+# Run in an interpreter of its own (this one may have imported bitsandbytes for another test), with
+# the network off: name resolution and connections are refused, and recorded.
+_OFFLINE_IMPORT = """
+import socket, sys
+tried = []
+def refuse(*args, **kwargs):
+    tried.append(args[:2])
+    raise OSError("the network is off in this test")
+socket.getaddrinfo = refuse
+socket.socket.connect = refuse
+import trainer, jobs.train
+from trainer.model import ModelConfig, SegmentationMLLM
+SegmentationMLLM(ModelConfig())  # peft builds the LoRA layers: where it imports bitsandbytes if it can
+loaded = sorted(name for name, module in sys.modules.items() if name.split(".")[0] == "bitsandbytes" and module)
+print(f"bitsandbytes modules: {loaded}; network: {tried}")
+assert not loaded and not tried
+"""
+
+
+def test_the_trainer_imports_and_builds_its_model_offline_without_importing_bitsandbytes():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", _OFFLINE_IMPORT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]

@@ -148,6 +148,34 @@ def test_a_value_only_the_config_refuses_exits_2(tmp_path, capsys):
     assert "pool_tokens must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--resume-from", "{tmp}/run/checkpoints/step_000001"], "--resume-from needs --resume: without it"),
+    (["--resume", "--resume-from", "{tmp}/missing"], "--resume checkpoint {tmp}/missing does not exist: not a"),
+    (["--resume", "--resume-from", "{tmp}/file"], "--resume checkpoint {tmp}/file is not a directory: not a"),
+], ids=["without-resume", "missing", "a-file"])
+def test_svp_train_refuses_a_resume_from_it_cannot_use_with_exit_2(tmp_path, capsys, flags, message):
+    (tmp_path / "file").write_text("not a checkpoint")
+    argv = ["train", "--shards", "s.tar", "--run-dir", str(tmp_path / "run"), *(f.format(tmp=tmp_path) for f in flags)]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("svp train: error: " + message.format(tmp=tmp_path)) and error.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("pretrain", [False, True], ids=["random", "pretrained"])
+@pytest.mark.parametrize("out", ["missing/sam.pth", "file/sam.pth", "."], ids=["missing-dir", "under-a-file", "a-dir"])
+def test_svp_tiny_sam_reports_an_out_it_cannot_write_as_an_error_with_exit_2(synth_root, tmp_path, capsys, out,
+                                                                             pretrain):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / out
+    before = sorted(tmp_path.iterdir())
+    argv = ["tiny-sam", "--out", str(out), *(["--pretrain-on", str(synth_root)] if pretrain else [])]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"svp tiny-sam: error: --out {out}") and error.count("\n") == 1, error
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def test_svp_tiny_sam_reports_a_bad_refer_root_or_step_count_as_an_error_with_exit_2(tmp_path, capsys):
     out, missing = tmp_path / "sam.pth", tmp_path / "missing"
     assert cli.main(["tiny-sam", "--out", str(out), "--pretrain-on", str(missing)]) == 2

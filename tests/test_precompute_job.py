@@ -390,6 +390,7 @@ def test_limit_then_full_run_finishes_the_rest_and_redoes_only_the_cut_shard(syn
     assert precompute(_args(synth_root, out, *flags, "--limit", "5")) == 0
     captured = capsys.readouterr()
     assert f"{len(whole) + 1} of {len(whole) + 1} shards already complete" in captured.err
+    assert "no images processed" in captured.out, "nothing ran: no rate of 0.0 images/s"
     assert _sha256s(out) == before and _manifest(out)["images_pending"] == 0, "a dry run never undoes a full one"
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from pipeline.shards import ShardRecord, index_row, stage_timing
-from pipeline.timing import StageTimer
+from pipeline.timing import StageTimer, throughput
 
 
 def test_stage_adds_up_and_take_starts_again():
@@ -60,3 +60,15 @@ def test_manifest_timing_sums_per_worker_and_in_total():
     }
     assert timing["total"] == {"shards": 3, "images": 6, "segmented": 9,
                                "seconds": {"decode": 3.5, "embeddings": 1.25, "superpixels": 11.0, "write": 0.5}}
+
+
+@pytest.mark.parametrize(("images", "seconds", "said"), [
+    (12, 0.5, "24 images/s"),
+    (3, 1.5, "2 images/s"),
+    (1000, 0.8, "1250 images/s"),
+    (7, 100.0, "14.3 s/image"),  # 0.07 images/s: what "0.1f images/s" printed as 0.1, and 0.04 as 0.0
+    (1, 3000.0, "3000 s/image"),
+    (0, 2.0, "no images processed"),
+])
+def test_throughput_never_reads_zero(images, seconds, said):
+    assert throughput(images, seconds) == said

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trainer.loop import TrainConfig, setup_training
+from trainer.config import TrainConfig
+from trainer.loop import setup_training
 from trainer.model import ModelConfig
 
 

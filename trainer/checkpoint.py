@@ -35,7 +35,7 @@ from pipeline.errors import SvpError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from trainer.loop import TrainConfig
+    from trainer.config import TrainConfig
 
 RUN_CONFIG = "run_config.json"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "webdataset", "segment-anything", "ray")
@@ -241,7 +241,8 @@ def resume_point(config: TrainConfig) -> Path | None:
         raise CheckpointError(f"--resume: no complete checkpoint under {config.run_dir / CHECKPOINTS}"
                               + (f" ({ignored})" if ignored else ""))
     if not (checkpoint / CHECKPOINT_WEIGHTS).is_file():
-        what = "holds no " + CHECKPOINT_WEIGHTS if checkpoint.is_dir() else "does not exist"
+        what = ("holds no " + CHECKPOINT_WEIGHTS if checkpoint.is_dir() else "is not a directory" if checkpoint.exists()
+                else "does not exist")
         raise CheckpointError(f"--resume checkpoint {checkpoint} {what}: not a checkpoint written by `svp train` "
                               f"(a {CHECKPOINTS}/step_N directory of a run)")
     saved = read_run_config(config.run_dir)

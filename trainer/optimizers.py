@@ -10,17 +10,25 @@ costs about 6 bytes per parameter and the optimizer's memory a quarter. The upda
 float32; only the stored moments are quantised, and they are the optimizer's own state, so a
 resumed run continues exactly as the uninterrupted one.
 
-bitsandbytes is an optional dependency (``pip install 'svp[optim8bit]'``): svp imports it only
-when a run asks for it (peft imports it by itself wherever it is installed).
+bitsandbytes is an optional dependency (``pip install 'svp[optim8bit]'``), and one that is costly
+to import: it loads its native library and, on CPUs with AVX-512 bf16, asks the Hugging Face hub
+for a 4-bit CPU kernel, a network request at import. svp imports it only when a run asks for
+``adamw8bit``; until then :func:`keep_bitsandbytes_out` (run by ``import trainer``) keeps the
+libraries that would import it by themselves wherever it is installed (peft, as it loads and as
+it builds LoRA layers) from doing so.
 """
 
 from __future__ import annotations
+
+import logging
+import sys
 
 import torch
 
 from pipeline.errors import SvpError
 
 OPTIMIZERS = ("adamw", "adamw8bit")
+_BITSANDBYTES = "bitsandbytes"
 
 
 class OptimizerError(SvpError):
@@ -33,6 +41,7 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     if name == "adamw":
         return torch.optim.AdamW
     if name == "adamw8bit":
+        _let_bitsandbytes_in()
         try:
             from bitsandbytes.optim import AdamW8bit
         except ImportError as exc:
@@ -40,3 +49,33 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
                                  f"({exc})") from None
         return AdamW8bit
     raise OptimizerError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def keep_bitsandbytes_out() -> None:
+    """Make bitsandbytes look not installed to every library, until :func:`optimizer_class` is asked
+    for ``adamw8bit``.
+
+    peft imports bitsandbytes opportunistically: ``peft.helpers`` as peft loads, its LoRA dispatch
+    as each model is built, whenever ``importlib.util.find_spec`` finds it. A ``None`` entry in
+    ``sys.modules`` is Python's own mark of a module that is not available: ``import bitsandbytes``
+    then raises ImportError and ``find_spec`` returns None, which is what peft, transformers and
+    accelerate check before they use it, so they carry on without it as where it is not installed.
+    A process that has imported bitsandbytes already keeps it; code that imports ``trainer`` and
+    then wants bitsandbytes for itself builds the ``adamw8bit`` optimizer first or imports it before.
+    """
+    sys.modules.setdefault(_BITSANDBYTES, None)
+
+
+def _let_bitsandbytes_in() -> None:
+    """Undo :func:`keep_bitsandbytes_out`: a run asked for ``adamw8bit``.
+
+    Its import then warns, on CPUs with AVX-512 bf16, that it could not fetch a 4-bit CPU GEMM
+    kernel from the Hugging Face hub. svp runs no 4-bit GEMM, and a line about a missing kernel in
+    the run's output would read as a fault: that one message is dropped, every other one kept."""
+    if _BITSANDBYTES in sys.modules and sys.modules[_BITSANDBYTES] is None:
+        del sys.modules[_BITSANDBYTES]
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_about_gemm_4bit)
+
+
+def _not_about_gemm_4bit(record: logging.LogRecord) -> bool:
+    return "gemm_4bit" not in record.getMessage()
