@@ -67,7 +67,7 @@ PRESETS: dict[str, dict] = {
     "quick": {"precompute_images": 2, "workers_images": 2, "image_size": 64, "points_per_side": 2,
               "precompute_sam_pretrain_steps": 2},
     "gpu": {"precompute_images": 16, "workers_images": 32, "image_size": 1024, "points_per_side": 32,
-            "points_per_batch": 256, "realsize": True, "realsize_images": 8},
+            "realsize": True, "realsize_images": 8},
 }
 PRETRAINED_TINY_THRESHOLDS = {"pred_iou_thresh": 0.5, "stability_score_thresh": 0.8}
 # The real-size comparison's small SAM, pretrained on the synthetic train images: SAM's own thresholds.
@@ -89,7 +89,7 @@ class PrecomputeOptions:
     image_size: int = field(default=256, metadata={"help": (
         "long side of those images in px (above 1024 ours partitions at 1024)")})
     points_per_side: int = option_of(SamOptions, "points_per_side", 8)
-    points_per_batch: int = option_of(SamOptions, "points_per_batch", 64)
+    points_per_batch: int | None = option_of(SamOptions, "points_per_batch", None)
     images_per_batch: int = option_of(SamOptions, "images_per_batch", SamOptions.images_per_batch)
     precompute_sam_pretrain_steps: int = field(default=200, metadata={"help": (
         "without --sam-checkpoint and with --sam-model tiny: first pretrain the tiny SAM on the synthetic images "
@@ -127,7 +127,7 @@ def reference_backend(options: SamOptions, ours: SamSuperpixels) -> Callable[[Se
     generator = SamAutomaticMaskGenerator(
         ours.sam,
         points_per_side=options.points_per_side,
-        points_per_batch=options.points_per_batch,
+        points_per_batch=options.points_per_batch or 64,  # omitted: the generator's own default
         pred_iou_thresh=options.pred_iou_thresh,
         stability_score_thresh=options.stability_score_thresh,
         stability_score_offset=options.stability_score_offset,
