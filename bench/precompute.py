@@ -55,7 +55,7 @@ from jobs import tiny_sam
 from pipeline.images import decode_image
 from pipeline.partition import PartitionConfig, partition_agreement, partition_from_masks
 from pipeline.shards import read_timing
-from pipeline.superpixels.base import POINT_GRIDS, SamOptions
+from pipeline.superpixels.base import SamOptions
 from pipeline.superpixels.sam import SamSuperpixels
 from pipeline.synth import synthesize
 from trainer.checkpoint import git_commit
@@ -195,27 +195,55 @@ def against_reference(ours: SamSuperpixels, images: list[np.ndarray], device: st
     }
 
 
+# The real-size comparison's variants of ours: (name, SamOptions fields). The first is the default
+# settings' entry, the others nest under their names: the fewer-prompts mode, and float32 (the
+# reference's arithmetic: what bf16 costs in agreement).
+REALSIZE_MODES = (("full", {}), ("coarse-to-fine", {"point_grid": "coarse-to-fine"}),
+                  ("fp32", {"sam_precision": "fp32"}))
+
+
 def compare_at_real_size(args: argparse.Namespace, scratch: Path) -> dict:
-    """The generators at SAM's real sizes, the reference once and ours in each ``point_grid`` mode
-    (``full`` at the top, ``coarse-to-fine`` nested under its name); see the module doc."""
+    """The generators at SAM's real sizes, the reference once and ours in each of
+    :data:`REALSIZE_MODES` (``full`` at the top, the others nested under their names); see the module doc."""
     root = scratch / "refer1024"
     images = dataset_images(root, max(args.realsize_images, REALSIZE_PRETRAIN_IMAGES), 1024)[: args.realsize_images]
     checkpoint = pretrained_sam(root, "small", args.realsize_pretrain_steps, images_per_step=2)
     entries = {}
     reference = None
-    for mode in POINT_GRIDS:
+    for mode, settings in REALSIZE_MODES:
         options = SamOptions(str(checkpoint), "small", points_per_side=32, points_per_batch=args.points_per_batch,
-                             point_grid=mode, **REALSIZE_THRESHOLDS)
+                             **REALSIZE_THRESHOLDS, **settings)
         ours = SamSuperpixels(options, PartitionConfig(), device=args.device)
         if reference is None:
             reference = timed(reference_backend(options, ours), images, args.device, warm_up=False)
         compared = against_reference(ours, images, args.device, reference)
-        entries[mode] = {"sam_model": "small", "image_size": 1024, "points_per_side": 32, "point_grid": mode,
+        entries[mode] = {"sam_model": "small", "image_size": 1024, "points_per_side": 32, "images": len(images),
+                         "point_grid": options.point_grid, "dtype": str(ours.dtype).removeprefix("torch."),
                          "superpixels_per_image": compared["ours"]["superpixels_per_image"], **compared,
                          "sam": {k: v for k, v in asdict(options).items() if k != "sam_checkpoint"},
                          "sam_weights": f"pretrained here for {args.realsize_pretrain_steps} steps",
                          "reference": reference[0], "git_commit": git_commit()}
-    return {**entries.pop("full"), **entries}
+    default, _ = REALSIZE_MODES[0]
+    return {**entries.pop(default), **entries}
+
+
+def format_realsize(realsize: dict) -> list[str]:
+    """The real-size comparison's lines: the reference, then each mode of ours with its stages and counts."""
+    reference = realsize["reference"]
+    lines = [f"real size: SAM {realsize['sam_model']} ({realsize['sam_weights']}), {realsize['images']} images of "
+             f"{realsize['image_size']} px, {realsize['points_per_side']}² points, SAM's thresholds; reference "
+             f"{reference['seconds'] / realsize['images']:.1f} s/image, {reference['superpixels_per_image']:.1f} "
+             "superpixels/image"]
+    modes = {REALSIZE_MODES[0][0]: realsize, **{name: realsize[name] for name, _ in REALSIZE_MODES[1:]}}
+    for name, entry in modes.items():
+        agreement, counts = entry["agreement"], entry["masks_per_image"]
+        seconds = entry["ours"]["seconds"] / entry["images"]
+        lines.append(f"  {name} ({entry['point_grid']}, {entry['dtype']}): {seconds:.1f} s/image, speedup "
+                     f"{entry['speedup']:.2f}x, agreement mean {agreement['mean_iou']:.4f}, area-weighted "
+                     f"{agreement['area_weighted_iou']:.4f}, {entry['superpixels_per_image']:.1f} superpixels/image")
+        lines.append("    masks per image: " + " -> ".join(f"{count:g} {stage}" for stage, count in counts.items()))
+        lines.append("    s/image: " + ", ".join(f"{stage} {took:.2f}" for stage, took in entry["stages"].items()))
+    return lines
 
 
 # Where a generator's time goes: (label, (file, function) whose cumulative time it is; either side's).
@@ -363,6 +391,8 @@ def format_table(results: dict) -> str:
         f"partition agreement (IoU of each reference superpixel with its best match in ours): "
         f"mean {agreement['mean_iou']:.4f}, area-weighted {agreement['area_weighted_iou']:.4f}",
     ]
+    if "realsize" in results:
+        lines += format_realsize(results["realsize"])
     for name, profile in results.get("profile", {}).items():
         total = profile["total_s"]
         lines.append(f"profile, {name}: {total:.2f} s under cProfile; " + ", ".join(
