@@ -104,7 +104,7 @@ class SamOptions:
     point_grid: str = point_grid_field("full", recorded_unless_default=True)
     points_per_batch: int | None = field(default=None, metadata={"speed_only": True, "help": (
         "point prompts per pass of SAM's mask decoder (in fp32 the same masks); omitted: 8 on a CPU, where 8 "
-        "prompts' image tokens (2 MB each at 1024 px in bf16) stay in the cache (1.3x faster per prompt than 256), "
+        "prompts' image tokens (2 MB each at 1024 px in bf16) stay in the cache, "
         "256 on a GPU")})
     sam_precision: str = sam_precision_field(speed_only=True)
     pred_iou_thresh: float = field(default=0.88, metadata={"help": "SAM predicted-IoU filter"})

@@ -55,7 +55,7 @@ from pipeline.superpixels.sam_embeddings import SamImageEncoder, compute_dtype, 
 from pipeline.timing import StageTimer
 
 # Prompts per decoder call by default (``--points-per-batch``): on a CPU the per-prompt image tokens of
-# a call should stay in the cache (bf16, SAM's decoder at 1024 px: 28 ms a prompt at 8, 37 ms at 256).
+# a call should stay in the cache (2 MB a prompt at 1024 px in bf16; a few MB of L2/L3 per core).
 _CPU_PROMPTS_PER_CALL, _GPU_PROMPTS_PER_CALL = 8, 256
 _UPSAMPLE_CHUNK = 64  # masks upsampled at once: bounds the (n, 1024, 1024) float temporary
 # Counts of masks after each filter, summed over images (``SamSuperpixels.counts``).
