@@ -69,6 +69,9 @@ class DecodedPrompts:
         """The prompts ``index`` selects."""
         return DecodedPrompts(self.tokens[index], self.image_tokens[index])
 
+    def to(self, dtype: torch.dtype) -> DecodedPrompts:
+        return DecodedPrompts(self.tokens.to(dtype), self.image_tokens.to(dtype))
+
 
 def decode_tokens(decoder: MaskDecoder, image_embeddings: torch.Tensor, owner: torch.Tensor | None,
                   image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> DecodedPrompts:
@@ -135,7 +138,7 @@ def two_way_transformer(transformer: TwoWayTransformer, images: torch.Tensor, ow
     for index, layer in enumerate(transformer.layers):
         queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe, owner if index == 0 else None)
     q = queries + tokens
-    queries = queries + _attention(transformer.final_attn_token_to_image, q, keys + key_pe, keys)
+    queries = queries + attention(transformer.final_attn_token_to_image, q, keys + key_pe, keys)
     return transformer.norm_final_attn(queries), keys
 
 
@@ -144,10 +147,10 @@ def _two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: tor
     """``TwoWayAttentionBlock.forward``. With ``owner``, ``keys`` are per image and prompt ``i``
     reads ``keys[owner[i]]``: the projections of the image tokens run once per image."""
     if layer.skip_first_layer_pe:
-        queries = _attention(layer.self_attn, queries, queries, queries)
+        queries = attention(layer.self_attn, queries, queries, queries)
     else:
         q = queries + query_pe
-        queries = queries + _attention(layer.self_attn, q, q, queries)
+        queries = queries + attention(layer.self_attn, q, q, queries)
     queries = layer.norm1(queries)
 
     to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
@@ -163,7 +166,7 @@ def _two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: tor
     return queries, keys
 
 
-def _attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``Attention.forward`` of segment-anything."""
     return _attend(module, module.q_proj(q), module.k_proj(k), module.v_proj(v))
 

@@ -75,9 +75,10 @@ SAM_PRECISIONS = ("auto", "bf16", "fp32")
 def sam_precision_field(**metadata: Any) -> Any:
     """``--sam-precision``: what SAM computes in, for every command that runs SAM."""
     return field(default="auto", metadata={"choices": SAM_PRECISIONS, "help": (
-        "what SAM's encoder and mask decoder compute in. auto: bf16 where the device has it (a CUDA GPU; a CPU with "
-        "AVX-512 bf16 or AMX), else fp32. bf16 is about twice as fast on such CPUs; its masks agree with fp32's to "
-        "rounding (BENCHMARKS.md) but, unlike fp32's, can differ by a pixel with how images are batched"),
+        "what SAM's image encoder and the upscaling of the generator's masks compute in (the mask decoder's "
+        "transformer, whose predicted IoUs meet SAM's thresholds, stays fp32). auto: bf16 where the device has it (a "
+        "CUDA GPU; a CPU with AVX-512 bf16 or AMX), else fp32. bf16's masks agree with fp32's to rounding "
+        "(BENCHMARKS.md) but, unlike fp32's, can differ by a pixel with how images are batched"),
         **metadata})
 
 

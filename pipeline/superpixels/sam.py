@@ -4,13 +4,15 @@ The masks follow ``segment_anything.SamAutomaticMaskGenerator`` with ``crop_n_la
 grid, three multimask outputs per point, predicted-IoU filter, stability score, box NMS); the
 *mechanics* differ, because the reference spends most of its time on work whose result it drops:
 
-- the image encoder runs on a batch of images, not one at a time, and so does the mask decoder:
-  one call takes the point prompts of every image of the encoder batch, and runs its first layer's
-  image side once per image and its attention through fused kernels
-  (``pipeline.sam_decoder.decode_tokens``);
+- the image encoder runs on a batch of images, not one at a time;
+- the mask decoder keeps each point prompt's copy of the image tokens factored, as the image's
+  shared tokens plus a low-rank update (``pipeline.sam_factored``): the image's side of every layer
+  runs once per image, a prompt costs products with small factors, in float32, the reference's
+  arithmetic (to about 1e-7);
 - the predicted-IoU filter runs before any mask exists: the IoU head reads the transformer's
-  tokens, so only prompts with a passing output have their masks upscaled (the upscaling is about
-  half of the decoder's work per prompt), and only their multimask outputs;
+  tokens, so only prompts with a passing output have their image tokens materialised and their
+  masks upscaled (the upscaling is more work per prompt than the factored transformer), and only
+  their multimask outputs;
 - the stability score, boxes and NMS run on the decoder's 256×256 logits (cropped to the image),
   not on masks upsampled to the image: a mask NMS drops is never upsampled. Only the kept masks
   are brought to the *working resolution* (the image up to 1024 px on the long side, SAM's own
@@ -19,12 +21,12 @@ grid, three multimask outputs per point, predicted-IoU filter, stability score, 
 - masks stay tensors on the device from the decoder to the partition: no RLE round trip, no
   ``MaskData.cat`` copies, no Python loop over masks;
 - where the device computes in bfloat16 (a CUDA GPU, a CPU with AVX-512 bf16 or AMX) and
-  ``sam_precision`` is auto (or bf16), the encoder runs under bf16 autocast and the decoder with
-  bf16 weights (it is mostly memory-bound elementwise work on the per-prompt image tokens, which
-  bf16 halves).
+  ``sam_precision`` is auto (or bf16), the encoder runs under bf16 autocast and the masks are
+  upscaled in bf16 (memory-bound elementwise work, which bf16 halves); the decoder's transformer,
+  whose predicted IoUs meet SAM's thresholds, stays in float32.
 
-The stability score on low-res logits and bf16 are approximations of the reference; how close the
-partitions stay is measured (``python -m bench.precompute``: agreement with the reference's).
+The stability score on low-res logits and bf16 upscaling are approximations of the reference; how
+close the partitions stay is measured (``python -m bench.precompute``: agreement with the reference's).
 
 ``point_grid="coarse-to-fine"`` (opt-in, recorded with the shards) asks fewer prompts for about the
 same partition: every other point of every other row first, then only those of the grid's other
@@ -48,14 +50,15 @@ from segment_anything.utils.amg import batched_mask_to_box, build_all_layer_poin
 from torchvision.ops import batched_nms
 
 from pipeline.partition import PartitionConfig, paint_masks, partition_at_working_resolution, working_shape
-from pipeline.sam_decoder import decode_tokens, mask_logits, predicted_iou
+from pipeline.sam_decoder import mask_logits
+from pipeline.sam_factored import FactoredDecoder
 from pipeline.sam_model import SAM_MASK_STRIDE, build_sam
 from pipeline.superpixels.base import SamOptions, SuperpixelBackend, SuperpixelResult
 from pipeline.superpixels.sam_embeddings import SamImageEncoder, compute_dtype, stored_embedding
 from pipeline.timing import StageTimer
 
-# Prompts per decoder call by default (``--points-per-batch``): on a CPU the per-prompt image tokens of
-# a call should stay in the cache (2 MB a prompt at 1024 px in bf16; a few MB of L2/L3 per core).
+# Prompts per decoder call by default (``--points-per-batch``): on a CPU a call's factors should stay in
+# the cache (about 2 MB a prompt at 1024 px: the low-rank factor of 116 × 4096 floats).
 _CPU_PROMPTS_PER_CALL, _GPU_PROMPTS_PER_CALL = 8, 256
 _UPSAMPLE_CHUNK = 64  # masks upsampled at once: bounds the (n, 1024, 1024) float temporary
 # Counts of masks after each filter, summed over images (``SamSuperpixels.counts``).
@@ -102,9 +105,10 @@ class SamSuperpixels(SuperpixelBackend):
         self.sam = build_sam(options.sam_model, options.sam_checkpoint, self.device, image_encoder)
         self.encoder = SamImageEncoder(self.sam, options.images_per_batch, self.device, self.dtype)
         self.transform = self.encoder.transform
-        # A copy in the compute dtype: the decoder's weights cast once, not at every call as autocast does.
+        # The mask upscaling's copy of the decoder in the compute dtype: cast once, not at every call as
+        # autocast does (the transformer runs on ``self.sam.mask_decoder``, float32).
         self.decoder = copy.deepcopy(self.sam.mask_decoder).to(self.dtype)
-        self.dense_pe = self.sam.prompt_encoder.get_dense_pe().to(self.dtype)
+        self.dense_pe = self.sam.prompt_encoder.get_dense_pe()
         (self.point_grid,) = build_all_layer_point_grids(options.points_per_side, 0, 1)
         self.stages = StageTimer()
         self.counts = dict.fromkeys(COUNTED, 0)
@@ -163,12 +167,15 @@ class SamSuperpixels(SuperpixelBackend):
         """Points → decoder → IoU filter → upscale survivors → stability → boxes → NMS → upsample the kept."""
         frames = [self._frame(h, w) for h, w in sizes]
         found = [_Found() for _ in sizes]
-        embeddings = embeddings.to(self.dtype)
+        with self.stages.stage("decoder"):
+            decoders = [FactoredDecoder(self.sam.mask_decoder, embedding.float(), self.dense_pe, self._no_mask())
+                        for embedding in embeddings]
         step = self.options.points_per_batch or (
             _GPU_PROMPTS_PER_CALL if self.device.type == "cuda" else _CPU_PROMPTS_PER_CALL)
         for points, owner in self._prompt_rounds(sizes, frames, found):
-            for batch, batch_owner in zip(points.split(step), owner.split(step)):
-                self._decode(embeddings, batch, batch_owner, frames, found)
+            for image, decoder in enumerate(decoders):
+                for batch in points[owner == image].split(step):
+                    self._decode(decoder, batch, frames[image], found[image])
         return [self._kept(image_found, frame) for image_found, frame in zip(found, frames)]
 
     def _frame(self, height: int, width: int) -> _Frame:
@@ -213,37 +220,40 @@ class SamSuperpixels(SuperpixelBackend):
         return (torch.as_tensor(np.concatenate(points), dtype=torch.float32, device=self.device),
                 torch.as_tensor(owner, device=self.device))
 
-    def _decode(self, embeddings: torch.Tensor, points: torch.Tensor, owner: torch.Tensor,
-                frames: Sequence[_Frame], found: Sequence[_Found]) -> None:
+    def _no_mask(self) -> torch.Tensor:
+        """(1, C, h, w): the dense embedding of a prompt without a mask, as SAM's prompt encoder makes it."""
+        encoder = self.sam.prompt_encoder
+        return encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *encoder.image_embedding_size)
+
+    def _decode(self, decoder: FactoredDecoder, points: torch.Tensor, frame: _Frame, found: _Found) -> None:
         """One positive click per prompt → SAM's three multimask outputs (``multimask_output=True``);
-        those that pass the IoU and stability filters go to their image's ``found``."""
-        options, threshold = self.options, self.sam.mask_threshold
+        those that pass the IoU and stability filters go to ``found``."""
+        options = self.options
         with self.stages.stage("decoder"):
             labels = torch.ones((len(points), 1), dtype=torch.int, device=self.device)
-            sparse, dense = self.sam.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
-            decoded = decode_tokens(self.decoder, embeddings, owner, self.dense_pe, sparse.to(self.dtype),
-                                    dense[:1].to(self.dtype))
-            scores = predicted_iou(self.decoder, decoded)[:, _MULTIMASK].float()
+            sparse, _ = self.sam.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
+            factored = decoder(sparse)
+            scores = factored.iou[:, _MULTIMASK]
         self.counts["prompts"] += len(points)
         self.counts["candidates"] += scores.numel()
         with self.stages.stage("IoU filter"):
             passing = (scores > options.pred_iou_thresh) | (options.pred_iou_thresh <= 0.0)  # 0 disables, as in SAM
             prompts = passing.any(1).nonzero()[:, 0]
             passing = passing[prompts]
+        if not len(prompts):
+            return
         with self.stages.stage("mask upscaling"):
-            logits = mask_logits(self.decoder, decoded[prompts], _MULTIMASK)[passing]
-        scores, mask_owner = scores[prompts][passing], owner[prompts, None].expand(passing.shape)[passing]
+            logits = mask_logits(self.decoder, factored.decoded(prompts).to(self.dtype), _MULTIMASK)[passing]
+        scores = scores[prompts][passing]
         with self.stages.stage("stability"):
-            for image in mask_owner.unique().tolist():
-                mine = mask_owner == image
-                rows, cols = frames[image].low_res
-                stability = calculate_stability_score(logits[mine][:, :rows, :cols], threshold,
-                                                      options.stability_score_offset)
-                stable = (stability >= options.stability_score_thresh) | (options.stability_score_thresh <= 0.0)
-                found[image].logits.append(logits[mine][stable])
-                found[image].scores.append(scores[mine][stable])
-                self.counts["stable"] += int(stable.sum())
+            rows, cols = frame.low_res
+            stability = calculate_stability_score(logits[:, :rows, :cols], self.sam.mask_threshold,
+                                                  options.stability_score_offset)
+            stable = (stability >= options.stability_score_thresh) | (options.stability_score_thresh <= 0.0)
+            found.logits.append(logits[stable])
+            found.scores.append(scores[stable])
         self.counts["iou_passing"] += len(logits)
+        self.counts["stable"] += int(stable.sum())
 
     def _kept(self, found: _Found, frame: _Frame) -> torch.Tensor:
         """NMS on the low-res masks' boxes, then the kept masks at the working resolution (bool, NMS order)."""

@@ -1,0 +1,251 @@
+"""SAM's mask decoder for the many point prompts of one image, each prompt's image tokens kept factored.
+
+The automatic mask generator asks the decoder about 1,024 points per image and keeps the masks
+whose predicted IoU passes a threshold: a few percent of them, on the real-size stand-in. SAM's
+decoder (and :func:`pipeline.sam_decoder.decode_tokens`) carries a copy of the image tokens per
+prompt (4,096 × 256 at 1024 px) through every layer: memory-bound work, most of the generator's
+time. This one carries each prompt's copy in a factored form instead, computes every prompt's
+predicted IoU from it (:class:`FactoredDecoder`), and materialises the image tokens only of the
+prompts whose masks are wanted (:meth:`FactoredPrompts.decoded`), for ``mask_logits``.
+
+Without a mask prompt, every prompt of an image starts from the same image tokens ``P``. An
+image-to-token attention adds to each image token a mix of the prompt's few (``T``) token values,
+per head: a product ``A @ B`` whose ``A`` (n, heads·T) holds the attention weights and ``B``
+(heads·T, C) the values through ``out_proj``, a rank of heads·T. A layer norm scales each token
+and subtracts its mean, which keeps the form ``scale ⊙ (P' + Z @ C')`` with a shared ``P'`` (the
+centred ``P`` times the norm's weight), a per-token scale and a rank that grows by one per norm.
+So a prompt's image tokens are ``scale ⊙ (P + Z @ C)`` throughout, with ``Z`` (n, k) and ``C``
+(k, C) for k up to 2·(heads·T + 2) (116 for SAM): what the layers need of them (projections for
+the few query tokens, attention logits for the image tokens, a layer norm's mean and variance)
+comes from products with the shared ``P``, computed once per image, and the small ``Z`` and ``C``.
+
+Exact in exact arithmetic; it runs in float32, the reference's arithmetic, and rounds differently
+from SAM's decoder by about 1e-7 (tests compare the two to float64 rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from segment_anything.modeling import MaskDecoder
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
+from torch import nn
+
+from pipeline.sam_decoder import DecodedPrompts, attention
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """A linear map of one stage's shared image tokens ``P``, per head: ``linear(P + pe)``."""
+
+    shared: torch.Tensor  # (heads, n, d): P's part
+    constant: torch.Tensor | None  # (heads, n, d): pe's and the bias's; None: the bias alone
+    weight: torch.Tensor  # (D, C): what the small factor ``c`` goes through
+    bias: torch.Tensor  # (D,)
+
+    @staticmethod
+    def of(linear: nn.Linear, tokens: torch.Tensor, pe: torch.Tensor | None, heads: int) -> _Linear:
+        def per_head(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (heads, -1)).transpose(0, 1).contiguous()
+
+        constant = None if pe is None else per_head(pe @ linear.weight.T + linear.bias)
+        return _Linear(per_head(tokens @ linear.weight.T), constant, linear.weight, linear.bias)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """The image side of one stage of the transformer (a layer, or the final attention): what every
+    prompt of the image shares there: the tokens ``P``, centred, and their projections."""
+
+    tokens: torch.Tensor  # (n, C)
+    centred: torch.Tensor  # (n, C): the tokens less each one's mean, what a layer norm reads
+    squares: torch.Tensor  # (n,): each centred token's sum of squares
+    to_image_k: _Linear  # the token-to-image attention's keys (with pe) and values
+    to_image_v: _Linear
+    to_token_q: _Linear | None  # the image-to-token attention's queries (with pe); None for the final attention
+
+    @staticmethod
+    def of(tokens: torch.Tensor, pe: torch.Tensor, to_image: Attention, to_token: Attention | None) -> _Stage:
+        heads = to_image.num_heads
+        centred = tokens - tokens.mean(-1, keepdim=True)
+        return _Stage(tokens, centred, (centred**2).sum(-1), _Linear.of(to_image.k_proj, tokens, pe, heads),
+                      _Linear.of(to_image.v_proj, tokens, None, heads),
+                      None if to_token is None else _Linear.of(to_token.q_proj, tokens, pe, to_token.num_heads))
+
+
+class _Factored:
+    """Image tokens of ``p`` prompts of one image: ``scale ⊙ (P + zt.T @ c)``, ``P`` the stage's shared tokens.
+
+    ``zt`` only grows (each image-to-token attention and layer norm appends rows to it, nothing
+    rewrites it), so it lives in one buffer as tall as it will get; it is stored transposed, (k, n)
+    per prompt, because what is appended (attention weights) comes out that way.
+    """
+
+    def __init__(self, scale: torch.Tensor, zt: torch.Tensor, rank: int, c: torch.Tensor) -> None:
+        self.scale = scale  # (p, n)
+        self._zt = zt  # (p, k_max, n)
+        self.rank = rank
+        self.c = c  # (p, k, C)
+
+    @staticmethod
+    def shared(prompts: int, tokens: int, width: int, rank: int, like: torch.Tensor) -> _Factored:
+        """Every prompt's tokens the shared ones, room for a rank of ``rank``."""
+        return _Factored(like.new_ones(prompts, tokens), like.new_empty(prompts, rank, tokens), 0,
+                         like.new_zeros(prompts, 0, width))
+
+    def __getitem__(self, index: torch.Tensor) -> _Factored:
+        """The prompts ``index`` selects."""
+        return _Factored(self.scale[index], self._zt[index], self.rank, self.c[index])
+
+    def materialised(self, stage: _Stage) -> torch.Tensor:
+        """(p, n, C): the tokens themselves."""
+        return self.scale[..., None] * (stage.tokens + self.zt.transpose(1, 2) @ self.c)
+
+    @property
+    def zt(self) -> torch.Tensor:
+        """(p, k, n)."""
+        return self._zt[:, : self.rank]
+
+    def append(self, columns: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add ``scale ⊙ (columns.T @ rows)`` to the tokens (``columns`` (p, r, n), already divided by ``scale``)."""
+        self._zt[:, self.rank : self.rank + columns.shape[1]] = columns
+        self.rank += columns.shape[1]
+        self.c = torch.cat((self.c, rows), 1)
+
+    def dot(self, linear: _Linear, queries: torch.Tensor) -> torch.Tensor:
+        """Per head, ``linear`` of every token dotted with each of ``queries`` (p, T, D): (p, heads, T, n)."""
+        heads, (prompts, count) = len(linear.shared), queries.shape[:2]
+        per_head = queries.unflatten(-1, (heads, -1))  # (p, T, h, d)
+        flat = per_head.permute(2, 0, 1, 3).flatten(1, 2)  # (h, p·T, d)
+        logits = (flat @ linear.shared.transpose(1, 2)).unflatten(1, (prompts, count)).transpose(0, 1)  # (p, h, T, n)
+        if self.rank:  # nothing added to the shared tokens yet: the first layer's token-to-image attention
+            c = (self.c @ linear.weight.T).unflatten(-1, (heads, -1))  # (p, k, h, d)
+            small = torch.einsum("pkhd,pthd->phtk", c, per_head).flatten(1, 2)  # (p, h·T, k)
+            logits = logits + (small @ self.zt).unflatten(1, (heads, count))
+        logits = logits * self.scale[:, None, None]
+        assert linear.constant is not None, "dot products are taken with keys and queries, which have pe"
+        return logits.add_((flat @ linear.constant.transpose(1, 2)).unflatten(1, (prompts, count)).transpose(0, 1))
+
+    def mix(self, linear: _Linear, weights: torch.Tensor) -> torch.Tensor:
+        """Per head, ``linear`` (without ``pe``) of the tokens weighted by ``weights`` (p, heads, T, n),
+        each row summing to one, and summed: (p, T, D)."""
+        prompts, heads, count = weights.shape[:3]
+        weights = weights * self.scale[:, None, None]
+        c = (self.c @ linear.weight.T).unflatten(-1, (heads, -1)).transpose(1, 2)  # (p, h, k, d)
+        mixed = (weights.flatten(1, 2) @ self.zt.transpose(1, 2)).unflatten(1, (heads, count)) @ c  # (p, h, T, d)
+        flat = weights.transpose(0, 1).flatten(1, 2)  # (h, p·T, n)
+        mixed += (flat @ linear.shared).unflatten(1, (prompts, count)).transpose(0, 1)
+        return mixed.transpose(1, 2).flatten(2) + linear.bias
+
+    def layer_norm(self, norm: nn.LayerNorm, stage: _Stage) -> None:
+        """``norm`` of every token (the next stage's shared tokens are ``stage.centred * norm.weight``):
+        each token's mean and variance come from products with the small factors.
+
+        Centred first (the shared rows by their mean, the rows of ``c`` by theirs), so that the
+        variance is a sum of squares rather than a difference of two large ones.
+        """
+        c = self.c - self.c.mean(-1, keepdim=True)
+        prompts, rank, width = c.shape
+        zt = self.zt
+        cross = (c.flatten(0, 1) @ stage.centred.T).unflatten(0, (prompts, rank))  # (p, k, n)
+        squares = stage.squares + (zt * torch.baddbmm(cross, c @ c.transpose(1, 2), zt, beta=2.0)).sum(1)
+        self.scale = self.scale * torch.rsqrt(self.scale**2 * squares / width + norm.eps)
+        self.c = c * norm.weight
+        self.append((1 / self.scale)[:, None], norm.bias.expand(prompts, 1, -1))
+
+
+@dataclass(frozen=True)
+class FactoredPrompts:
+    """The two-way transformer's layers run for ``p`` prompts of one image: their tokens in full,
+    their image tokens factored; the IoU head's predictions; the rest on demand."""
+
+    decoder: FactoredDecoder
+    queries: torch.Tensor  # (p, T, C): after the last layer
+    tokens: torch.Tensor  # (p, T, C): the output and prompt tokens, the queries' positional encoding
+    keys: _Factored
+    iou: torch.Tensor  # (p, 1 + num_multimask_outputs): as ``predicted_iou(decoder, decode_tokens(...))``
+
+    def decoded(self, index: torch.Tensor) -> DecodedPrompts:
+        """What ``decode_tokens`` gives for the prompts ``index`` selects: what their masks are made of."""
+        transformer, stage = self.decoder.decoder.transformer, self.decoder.stages[-1]
+        keys, queries, tokens = self.keys[index], self.queries[index], self.tokens[index]
+        queries = queries + _token_to_image(transformer.final_attn_token_to_image, stage, queries + tokens, keys)
+        image_tokens = keys.materialised(stage).unflatten(1, self.decoder.size)
+        return DecodedPrompts(transformer.norm_final_attn(queries), image_tokens)
+
+
+class FactoredDecoder:
+    """SAM's mask decoder for point prompts on one image (:meth:`__call__`), the image's side of the
+    transformer computed once (a :class:`_Stage` per layer and one for the final attention)."""
+
+    def __init__(self, decoder: MaskDecoder, image_embedding: torch.Tensor, image_pe: torch.Tensor,
+                 dense: torch.Tensor) -> None:
+        """``image_embedding`` (C, h, w); ``dense`` (1, C, h, w), the same for every prompt (no mask prompt)."""
+        self.decoder = decoder
+        self.size = tuple(image_embedding.shape[1:])
+        transformer = decoder.transformer
+        key_pe = image_pe[0].flatten(1).T  # (n, C)
+        tokens = (image_embedding + dense[0]).flatten(1).T
+        self.stages: list[_Stage] = []
+        for layer in transformer.layers:
+            self.stages.append(_Stage.of(tokens, key_pe, layer.cross_attn_token_to_image,
+                                         layer.cross_attn_image_to_token))
+            tokens = self.stages[-1].centred * layer.norm4.weight
+        self.stages.append(_Stage.of(tokens, key_pe, transformer.final_attn_token_to_image, None))
+
+    def __call__(self, sparse: torch.Tensor) -> FactoredPrompts:
+        """The layers for ``p`` prompts (``sparse`` (p, T', C)), and the IoU head's predictions."""
+        decoder, transformer = self.decoder, self.decoder.transformer
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.expand(len(sparse), -1, -1), sparse), dim=1)
+        per_layer = max(layer.cross_attn_image_to_token.num_heads for layer in transformer.layers) * tokens.shape[1] + 2
+        keys = _Factored.shared(len(sparse), *self.stages[0].centred.shape, per_layer * len(transformer.layers), sparse)
+        queries = tokens
+        for layer, stage in zip(transformer.layers, self.stages):
+            queries = _block(layer, stage, queries, keys, tokens)
+        # Only the IoU token's row of the final attention: the IoU head reads nothing else.
+        iou_token = queries[:, :1] + _token_to_image(transformer.final_attn_token_to_image, self.stages[-1],
+                                                     queries[:, :1] + tokens[:, :1], keys)
+        iou = decoder.iou_prediction_head(transformer.norm_final_attn(iou_token[:, 0]))
+        return FactoredPrompts(self, queries, tokens, keys, iou)
+
+
+def _token_to_image(module: Attention, stage: _Stage, queries: torch.Tensor, keys: _Factored) -> torch.Tensor:
+    """``module(q=queries, k=keys + pe, v=keys)``: the few query tokens attend to the factored image tokens."""
+    q = module.q_proj(queries)
+    q = q / (q.shape[-1] // module.num_heads) ** 0.5
+    return module.out_proj(keys.mix(stage.to_image_v, keys.dot(stage.to_image_k, q).softmax(-1)))
+
+
+def _image_to_token(module: Attention, stage: _Stage, keys: _Factored, queries: torch.Tensor,
+                    query_pe: torch.Tensor) -> None:
+    """``keys += module(q=keys + pe, k=queries + query_pe, v=queries)``, factored: the attention's
+    weights (n, heads·T) times the values through ``out_proj`` (heads·T, C), and the bias."""
+    heads = module.num_heads
+    k = module.k_proj(queries + query_pe)
+    k = k / (k.shape[-1] // heads) ** 0.5
+    # The softmax over T along a middle dimension: much faster than over a last dimension of T (7).
+    weights = keys.dot(stage.to_token_q, k).softmax(-2).flatten(1, 2)  # (p, h·T, n)
+    values = module.v_proj(queries).unflatten(-1, (heads, -1)).transpose(1, 2)  # (p, h, T, d)
+    out_weight = module.out_proj.weight.T.unflatten(0, (heads, -1))  # (h, d, C)
+    inverse = (1 / keys.scale)[:, None]
+    keys.append(weights * inverse, (values @ out_weight).flatten(1, 2))
+    keys.append(inverse, module.out_proj.bias.expand(len(values), 1, -1))
+
+
+def _block(layer: TwoWayAttentionBlock, stage: _Stage, queries: torch.Tensor, keys: _Factored,
+           query_pe: torch.Tensor) -> torch.Tensor:
+    """``TwoWayAttentionBlock.forward`` (as ``pipeline.sam_decoder``'s) on factored image tokens
+    ``keys``, which it updates; returns the queries."""
+    if layer.skip_first_layer_pe:
+        queries = attention(layer.self_attn, queries, queries, queries)
+    else:
+        q = queries + query_pe
+        queries = queries + attention(layer.self_attn, q, q, queries)
+    queries = layer.norm1(queries)
+    queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image, stage, queries + query_pe, keys))
+    queries = layer.norm3(queries + layer.mlp(queries))
+    _image_to_token(layer.cross_attn_image_to_token, stage, keys, queries, query_pe)
+    keys.layer_norm(layer.norm4, stage)
+    return queries
