@@ -6,7 +6,12 @@
 - SAM's output upscaling: segment-anything's modules (two transposed convolutions, ``LayerNorm2d``,
   then the hypernetwork product) against ``pipeline.sam_decoder.upscaled_masks`` (matmuls on
   channel-last tokens), in a training step (batch 8, bf16 autocast, forward + backward) and in
-  inference (64 prompts, fp32 and bf16 autocast).
+  inference (64 prompts, fp32 and bf16 autocast);
+- the automatic mask generator's decoder: the IoU predictions of point prompts on one image,
+  ``pipeline.sam_decoder.decode_tokens`` (every prompt's image tokens in full, bf16 weights, as the
+  generator ran it before) against ``pipeline.sam_factored.FactoredDecoder`` (float32), at 8 and 64
+  prompts per call; and the factored one's milliseconds per prompt at 8 against 4 and 32 prompts per
+  call (the generator's default on a CPU is 8).
 
 Milliseconds per call, the median of ``--repeats`` after a warm-up, and the ratio of each pair;
 results go to ``RESULTS/kernels.json``.
@@ -14,6 +19,7 @@ results go to ``RESULTS/kernels.json``.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import time
@@ -27,7 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import OutputOptions, describe_device, machine_load, write_json
 from jobs.options import OptionsParser
-from pipeline.sam_decoder import upscaled_masks
+from pipeline.sam_decoder import decode_tokens, predicted_iou, upscaled_masks
+from pipeline.sam_factored import FactoredDecoder
 
 NAME = "kernels"
 
@@ -94,12 +101,17 @@ def attention(shape: tuple, backward: bool, repeats: int) -> dict[str, float]:
     return timed
 
 
+def vit_b_decoder() -> MaskDecoder:
+    """SAM ViT-B's mask decoder (every SAM's: 256 wide, 8 heads), random weights."""
+    torch.manual_seed(0)
+    return MaskDecoder(transformer_dim=256, transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048,
+                                                                         num_heads=8)).eval()
+
+
 def upscaling(prompts: int, train: bool, dtype: torch.dtype | None, repeats: int) -> dict[str, float]:
     """{modules, matmuls}: milliseconds of SAM ViT-B's output upscaling and hypernetwork product for
     ``prompts`` prompts (``train``: forward + backward), under ``dtype`` autocast (None: fp32)."""
-    torch.manual_seed(0)
-    decoder = MaskDecoder(transformer_dim=256, transformer=TwoWayTransformer(depth=2, embedding_dim=256,
-                                                                             mlp_dim=2048, num_heads=8))
+    decoder = vit_b_decoder()
     src = torch.randn(prompts, 64, 64, 256, requires_grad=train)
     hyper_in = torch.randn(prompts, decoder.num_mask_tokens, 32, requires_grad=train)
 
@@ -122,6 +134,43 @@ def upscaling(prompts: int, train: bool, dtype: torch.dtype | None, repeats: int
     return timed
 
 
+def one_image(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random image embedding of a 1024 px image (1, 256, 64, 64), its positional encoding and a
+    dense prompt embedding (no mask prompt), all the same shape."""
+    return tuple(torch.randn(1, 256, 64, 64, generator=generator) for _ in range(3))
+
+
+def point_decoders(prompts: int, repeats: int) -> dict[str, float]:
+    """{full, factored}: milliseconds of the IoU predictions of ``prompts`` point prompts on one image."""
+    decoder, generator = vit_b_decoder(), torch.Generator().manual_seed(0)
+    embedding, pe, dense = one_image(generator)
+    sparse = torch.randn(prompts, 2, 256, generator=generator)
+    full = copy.deepcopy(decoder).to(torch.bfloat16)
+    owner = torch.zeros(prompts, dtype=torch.long)
+    factored = FactoredDecoder(decoder, embedding[0], pe, dense)
+
+    def decode_in_full() -> None:
+        tokens = decode_tokens(full, embedding.bfloat16(), owner, pe.bfloat16(), sparse.bfloat16(), dense.bfloat16())
+        predicted_iou(full, tokens)
+
+    with torch.inference_mode():
+        return {"full": milliseconds(decode_in_full, repeats),
+                "factored": milliseconds(lambda: factored(sparse), repeats)}
+
+
+def factored_per_prompt(prompts: Sequence[int], repeats: int) -> dict[str, float]:
+    """{"N=…": milliseconds per prompt of the factored decoder at N prompts per call}."""
+    decoder, generator = vit_b_decoder(), torch.Generator().manual_seed(0)
+    embedding, pe, dense = one_image(generator)
+    factored = FactoredDecoder(decoder, embedding[0], pe, dense)
+    timed = {}
+    with torch.inference_mode():
+        for count in prompts:
+            sparse = torch.randn(count, 2, 256, generator=generator)
+            timed[f"N={count}"] = milliseconds(lambda sparse=sparse: factored(sparse), repeats) / count
+    return timed
+
+
 def run(repeats: int) -> dict:
     rows = []
     for shape in TRAIN_ATTENTION:
@@ -134,6 +183,12 @@ def run(repeats: int) -> dict:
                                          (64, False, None, "64 prompts, fp32, forward"),
                                          (64, False, torch.bfloat16, "64 prompts, bf16, forward")):
         rows.append({"kernel": "upscaling", "case": label, **upscaling(prompts, train, dtype, repeats)})
+    for prompts in (8, 64):
+        rows.append({"kernel": "point decoder", "case": f"IoU of {prompts} point prompts on one 1024 px image, "
+                     "ms per call", **point_decoders(prompts, repeats)})
+    for pair in ((8, 4), (8, 32)):
+        rows.append({"kernel": "point decoder", "case": "factored, ms per prompt at N prompts per call",
+                     **factored_per_prompt(pair, repeats)})
     return {"device": describe_device("cpu"), "repeats": repeats, "rows": rows}
 
 
