@@ -138,7 +138,7 @@ def two_way_transformer(transformer: TwoWayTransformer, images: torch.Tensor, ow
     for index, layer in enumerate(transformer.layers):
         queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe, owner if index == 0 else None)
     q = queries + tokens
-    queries = queries + attention(transformer.final_attn_token_to_image, q, keys + key_pe, keys)
+    queries = queries + _attention(transformer.final_attn_token_to_image, q, keys + key_pe, keys)
     return transformer.norm_final_attn(queries), keys
 
 
@@ -146,13 +146,7 @@ def _two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: tor
                    key_pe: torch.Tensor, owner: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``TwoWayAttentionBlock.forward``. With ``owner``, ``keys`` are per image and prompt ``i``
     reads ``keys[owner[i]]``: the projections of the image tokens run once per image."""
-    if layer.skip_first_layer_pe:
-        queries = attention(layer.self_attn, queries, queries, queries)
-    else:
-        q = queries + query_pe
-        queries = queries + attention(layer.self_attn, q, q, queries)
-    queries = layer.norm1(queries)
-
+    queries = self_attention(layer, queries, query_pe)
     to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     keys_with_pe = keys + key_pe
     image_k, image_v, image_q = to_image.k_proj(keys_with_pe), to_image.v_proj(keys), to_token.q_proj(keys_with_pe)
@@ -166,7 +160,16 @@ def _two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: tor
     return queries, keys
 
 
-def attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def self_attention(layer: TwoWayAttentionBlock, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+    """A two-way block's first step, the prompt tokens' self-attention and its norm (without the
+    positional encoding in the first layer, as SAM's block)."""
+    if layer.skip_first_layer_pe:
+        return layer.norm1(_attention(layer.self_attn, queries, queries, queries))
+    q = queries + query_pe
+    return layer.norm1(queries + _attention(layer.self_attn, q, q, queries))
+
+
+def _attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``Attention.forward`` of segment-anything."""
     return _attend(module, module.q_proj(q), module.k_proj(k), module.v_proj(v))
 

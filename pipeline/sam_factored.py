@@ -32,7 +32,7 @@ from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import nn
 
-from pipeline.sam_decoder import DecodedPrompts, attention
+from pipeline.sam_decoder import DecodedPrompts, self_attention
 
 
 @dataclass(frozen=True)
@@ -238,12 +238,7 @@ def _block(layer: TwoWayAttentionBlock, stage: _Stage, queries: torch.Tensor, ke
            query_pe: torch.Tensor) -> torch.Tensor:
     """``TwoWayAttentionBlock.forward`` (as ``pipeline.sam_decoder``'s) on factored image tokens
     ``keys``, which it updates; returns the queries."""
-    if layer.skip_first_layer_pe:
-        queries = attention(layer.self_attn, queries, queries, queries)
-    else:
-        q = queries + query_pe
-        queries = queries + attention(layer.self_attn, q, q, queries)
-    queries = layer.norm1(queries)
+    queries = self_attention(layer, queries, query_pe)
     queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image, stage, queries + query_pe, keys))
     queries = layer.norm3(queries + layer.mlp(queries))
     _image_to_token(layer.cross_attn_image_to_token, stage, keys, queries, query_pe)
