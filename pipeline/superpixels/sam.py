@@ -146,15 +146,15 @@ class SamSuperpixels(SuperpixelBackend):
 
     @torch.inference_mode()
     def _generate(self, images: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-        """(image, masks, embedding) per image; encoder and decoder see ``images_per_batch`` images at once."""
+        """(image, masks, embedding) per image; the encoder sees ``images_per_batch`` images at once."""
         for chunk, embeddings in self.stages.timed("encoder", self.encoder.batches(images)):
             yield from self._with_masks(chunk, embeddings)
 
     @torch.inference_mode()
     def _given(self, images: Sequence[np.ndarray],
                embeddings: torch.Tensor) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-        """As :meth:`_generate`, the encoder's work already done: the decoder still sees
-        ``images_per_batch`` images at once."""
+        """As :meth:`_generate`, the encoder's work already done (the images ``images_per_batch`` at a
+        time all the same, for the same grouping of the work)."""
         step = self.options.images_per_batch
         for start in range(0, len(images), step):
             yield from self._with_masks(images[start : start + step], embeddings[start : start + step])
