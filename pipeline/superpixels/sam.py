@@ -153,8 +153,7 @@ class SamSuperpixels(SuperpixelBackend):
     @torch.inference_mode()
     def _given(self, images: Sequence[np.ndarray],
                embeddings: torch.Tensor) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-        """As :meth:`_generate`, the encoder's work already done (the images ``images_per_batch`` at a
-        time all the same, for the same grouping of the work)."""
+        """As :meth:`_generate`, the encoder's work already done."""
         step = self.options.images_per_batch
         for start in range(0, len(images), step):
             yield from self._with_masks(images[start : start + step], embeddings[start : start + step])
