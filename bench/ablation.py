@@ -21,14 +21,16 @@ own probe, seed by seed, with a 95% t-interval over the seeds:
 - ``sspe``: svp+sspe minus svp-pool on the place probe;
 - ``ssa``: svp (both) minus svp+sspe on the inside probe.
 
-Trainings run ``--jobs`` at a time, side by side, with one torch thread each (on 2 cores, two
-1-thread runs get through more steps than one 2-thread run). Writes ``RESULTS/ablation.json`` and
-``RESULTS/ablation.png`` (cIoU per rung and dataset, with each seed's value).
+Trainings run ``--jobs`` at a time, side by side, with one torch thread each. A sweep started
+again with the same ``--work`` keeps every run that finished with the same settings
+(``train_and_evaluate``). Writes ``RESULTS/ablation.json`` and ``RESULTS/ablation.png`` (cIoU per
+rung and dataset, with each seed's value).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import shutil
@@ -36,7 +38,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench.accuracy import LADDER, projector
@@ -102,22 +104,41 @@ class Run:
     batch_size: int
     lr: float
     mixed_precision: str
+    images: int  # and data_seed: what the dataset was drawn with
+    data_seed: int
     threads: int | None  # torch threads of a worker process; None: leave torch's default
+
+    def identity(self) -> dict:
+        """Everything that decides the run's figures (not where it runs, nor with how many threads)."""
+        return {"rung": self.rung, "dataset": self.dataset, "seed": self.seed, "projector": asdict(self.projector),
+                "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+                "mixed_precision": self.mixed_precision, "images": self.images, "data_seed": self.data_seed}
 
 
 def train_and_evaluate(run: Run) -> dict[str, dict]:
-    """Train ``run`` as ``svp train`` would, then {split: metrics} by ``svp eval``'s code."""
+    """Train ``run`` as ``svp train`` would, then {split: metrics} by ``svp eval``'s code.
+
+    The metrics are kept in the run directory with the run's identity: a sweep stopped part way
+    (an hour is long on a shared machine) and started again in the same ``--work`` takes each
+    finished run of the same identity from there, and trains only the others."""
     import torch
 
     from jobs.eval import run_eval
 
+    record = run.run_dir / "ablation_run.json"
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved["run"] == run.identity():
+            return saved["splits"]
     if run.threads is not None:
         torch.set_num_threads(run.threads)
-    shutil.rmtree(run.run_dir, ignore_errors=True)  # a rerun in the same --work starts over
+    shutil.rmtree(run.run_dir, ignore_errors=True)  # anything else there is another run's, or unfinished
     model = tiny_model(run.data.sam_checkpoint, seed=run.seed, projector=run.projector)
     train_on_shards(train_config(run.data.shards, run.run_dir, model, steps=run.steps, batch_size=run.batch_size,
                                  lr=run.lr, seed=run.seed, mixed_precision=run.mixed_precision))
-    return run_eval(run.run_dir, str(run.data.shards), list(SPLITS))[0]["splits"]
+    splits = run_eval(run.run_dir, str(run.data.shards), list(SPLITS))[0]["splits"]
+    record.write_text(json.dumps({"run": run.identity(), "splits": splits}, indent=2) + "\n")
+    return splits
 
 
 def datasets(args: argparse.Namespace, workspace: Workspace, names: Sequence[str]) -> dict[str, SyntheticData]:
@@ -143,7 +164,8 @@ def runs(args: argparse.Namespace, workspace: Workspace, rungs: Sequence[str],
                 if config.kind == "svp":
                     config = replace(config, shuffle_tokens=args.shuffle_tokens)
                 listed.append(Run(rung, dataset, seed, paths, workspace.root / NAME / dataset / rung / f"seed{seed}",
-                                  config, args.steps, args.batch_size, args.lr, mixed_precision, threads))
+                                  config, args.steps, args.batch_size, args.lr, mixed_precision, args.images,
+                                  args.seed, threads))
     return listed
 
 

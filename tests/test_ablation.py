@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,7 +15,9 @@ import pytest
 from PIL import Image
 
 from bench import ablation
+from bench.common import Workspace, parse_args
 from jobs.eval import run_eval
+from jobs.workflow import SyntheticData
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,21 @@ def test_the_figures_are_those_of_evaluating_the_trained_runs(quick) -> None:
         assert written["probes"][probe][rung]["samples"] == sum(len(ref["sentences"]) for ref in held_out)
         index = pq.read_table(work / f"data-{probe}" / "shards" / "index.parquet").to_pylist()
         assert max(row["num_superpixels"] or 0 for row in index) >= written["probes"][probe][rung]["tokens_mean"] > 1
+
+
+def test_a_rerun_keeps_the_finished_runs_of_the_same_settings_and_only_those(quick) -> None:
+    results, _ = quick
+    work = results / "work"
+    args = parse_args([ablation], ["--quick", "--sam-pretrain-steps", "0"], "bench", "")
+    data = {"place": SyntheticData.under(work / "data-place")}
+    (run,) = [r for r in ablation.runs(args, Workspace(work, 16, 0, 0), ["svp-pool"], data) if r.seed == 0]
+    record = run.run_dir / "ablation_run.json"
+    saved = json.loads(record.read_text())
+    saved["splits"]["val"]["ciou"] = 0.5  # no run of 2 steps reaches this: only the record can hold it
+    record.write_text(json.dumps(saved))
+    assert ablation.train_and_evaluate(run)["val"]["ciou"] == 0.5
+    assert ablation.train_and_evaluate(replace(run, steps=3))["val"]["ciou"] != 0.5  # other settings: trained anew
+    assert json.loads(record.read_text())["run"]["steps"] == 3
 
 
 def test_paired_interval_is_the_t_interval_and_a_single_pair_has_none() -> None:
