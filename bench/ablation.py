@@ -56,7 +56,9 @@ DATASETS = ("plain", *PROBES)
 SPLITS = ("val", "testA", "testB")  # the held-out splits; a run's figure is their mean
 # Each part: (the rung with it, the rung below without it, the probe it is for).
 PARTS = {"sspe": ("svp+sspe", "svp-pool", "place"), "ssa": ("svp", "svp+sspe", "inside")}
-STEPS = 600  # with 3 seeds, 6 rungs and 3 datasets: under an hour on a quiet 2-core CPU (BENCHMARKS.md)
+# 1000, as bench.accuracy's full preset: at 600 the probes' first seeds ranked the rungs by noise. A run of
+# 1000 steps took ~9 min beside another on the 2-core CPU shared with a third job (BENCHMARKS.md).
+STEPS = 1000
 PRESETS: dict[str, dict] = {
     "cpu": {},
     "full": {"steps": 2500, "seeds": 3},  # the demo's recipe: several hours on 2 cores
@@ -71,8 +73,8 @@ class AblationOptions:
     """ablation: the ladder on the plain data and on the probes, paired seeds, each part's difference."""
 
     steps: int = field(default=STEPS, metadata={"help": (
-        "training steps of every run (the demo's recipe: 2500, the full preset; the default fits 54 runs in an "
-        "hour on 2 cores)")})
+        "training steps of every run (the demo's recipe: 2500, the full preset); every rung on every dataset is "
+        "54 runs at 3 seeds: hours on 2 cores, where --rungs and --datasets pick the part that is needed")})
     seeds: int = field(default=3, metadata={"help": (
         "runs of every (rung, dataset), seeds 0..N-1; the paired differences' t-intervals need at least 2")})
     batch_size: int = option_of(TrainConfig, "batch_size", 8)
