@@ -56,8 +56,8 @@ DATASETS = ("plain", *PROBES)
 SPLITS = ("val", "testA", "testB")  # the held-out splits; a run's figure is their mean
 # Each part: (the rung with it, the rung below without it, the probe it is for).
 PARTS = {"sspe": ("svp+sspe", "svp-pool", "place"), "ssa": ("svp", "svp+sspe", "inside")}
-# 1000, as bench.accuracy's full preset: at 600 the probes' first seeds ranked the rungs by noise. A run of
-# 1000 steps took ~9 min beside another on the 2-core CPU shared with a third job (BENCHMARKS.md).
+# 1000, as bench.accuracy's full preset: the demo's head starts selecting the referred object after ~500, and at
+# 600 the place probe's first seed still had svp+sspe 2 points below svp-pool.
 STEPS = 1000
 PRESETS: dict[str, dict] = {
     "cpu": {},
