@@ -86,6 +86,10 @@ class AblationOptions:
     jobs: int = field(default=2, metadata={"help": (
         "trainings side by side, each in a process of its own with one torch thread; 1: one after another, in "
         "this process, with torch's threads")})
+    only_parts: bool = field(default=False, metadata={"help": (
+        "train only each part's two rungs on its own probe (sspe: svp-pool and svp+sspe on place; ssa: svp+sspe "
+        "and svp on inside), within --rungs and --datasets: the paired differences without the rest of the "
+        "table, 12 runs at 3 seeds")})
     shuffle_tokens: bool = option_of(ProjectorConfig, "shuffle_tokens", True)
 
 
@@ -154,14 +158,16 @@ def datasets(args: argparse.Namespace, workspace: Workspace, names: Sequence[str
 
 def runs(args: argparse.Namespace, workspace: Workspace, rungs: Sequence[str],
          data: dict[str, SyntheticData]) -> list[Run]:
-    """Every (dataset, rung, seed), seeds interleaved so that a partial sweep still pairs them."""
+    """Every (dataset, rung, seed) (with ``--only-parts``, those of the parts' pairs), seeds
+    interleaved so that a partial sweep still pairs them."""
     mixed_precision = "bf16" if args.dtype == "bf16" else "no"
     threads = 1 if args.jobs > 1 else None
+    pairs = {(probe, rung) for upper, lower, probe in PARTS.values() for rung in (upper, lower)}
     listed = []
     for dataset, paths in data.items():
         budget = pool_budget(paths.shards)  # pool at svp's mean token count on this dataset
         for seed in range(args.seeds):
-            for rung in rungs:
+            for rung in (r for r in rungs if not args.only_parts or (dataset, r) in pairs):
                 config = projector(rung, budget)
                 if config.kind == "svp":
                     config = replace(config, shuffle_tokens=args.shuffle_tokens)
@@ -241,12 +247,15 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
     if args.seeds < 1 or args.steps < 1 or args.jobs < 1:
         print(f"python -m bench.{NAME}: error: --seeds, --steps and --jobs must be >= 1", file=sys.stderr)
         raise SystemExit(2)
+    if args.only_parts:  # no data for a dataset none of whose rungs would train
+        names = [name for name in names if name in {probe for _, _, probe in PARTS.values()}]
     listed = runs(args, workspace, rungs, datasets(args, workspace, names))
     probes = summarise(listed, execute(listed, args.jobs))
     paired = paired_differences(probes)
     results = {
         "steps": args.steps, "seeds": args.seeds, "batch_size": args.batch_size, "lr": args.lr, "dtype": args.dtype,
-        "images": args.images, "jobs": args.jobs, "shuffle_tokens": args.shuffle_tokens, "rungs": rungs,
+        "images": args.images, "jobs": args.jobs, "shuffle_tokens": args.shuffle_tokens, "only_parts": args.only_parts,
+        "rungs": rungs,
         "datasets": names, "probes": probes, "paired_difference": paired,
         "headline": {f"ablation_{part}_ciou_gain": value["mean"] for part, value in paired.items()},
         "notes": notes(args),
@@ -272,13 +281,14 @@ def notes(args: argparse.Namespace) -> list[str]:
 def plot(results: dict, path: Path) -> Path:
     """cIoU per rung, a group of bars per dataset, each seed's value as a dot on its bar."""
     figure, axis = pyplot().subplots(figsize=(8, 4))
-    rungs, names = results["rungs"], results["datasets"]
+    rungs, names = results["rungs"], list(results["probes"])
     width = 0.8 / len(rungs)
     for i, rung in enumerate(rungs):
         xs = [j + (i - (len(rungs) - 1) / 2) * width for j in range(len(names))]
-        figures = [results["probes"][name][rung]["ciou"] for name in names]
-        axis.bar(xs, [f["mean"] for f in figures], width, label=rung)
-        for x, f in zip(xs, figures, strict=True):
+        trained = [(x, results["probes"][name][rung]["ciou"]) for x, name in zip(xs, names, strict=True)
+                   if rung in results["probes"][name]]
+        axis.bar([x for x, _ in trained], [f["mean"] for _, f in trained], width, label=rung)
+        for x, f in trained:
             axis.plot([x] * len(f["seeds"]), f["seeds"], "k.", markersize=3)
     axis.set_xticks(range(len(names)), names)
     axis.set_ylabel("cIoU (val, testA, testB: mean)")
@@ -294,7 +304,8 @@ def format_table(results: dict) -> str:
              f"{results['batch_size']}, lr {results['lr']:g})",
              f"{'dataset':<8}" + "".join(f"{rung:>10}" for rung in rungs) + f"{'floor':>8}"]
     for name, by_rung in results["probes"].items():
-        lines.append(f"{name:<8}" + "".join(f"{by_rung[rung]['ciou']['mean']:>10.3f}" for rung in rungs)
+        lines.append(f"{name:<8}" + "".join(f"{by_rung[rung]['ciou']['mean']:>10.3f}" if rung in by_rung
+                                            else f"{'-':>10}" for rung in rungs)
                      + f"{next(iter(by_rung.values()))['all_foreground_ciou']:>8.3f}")
     for part, value in results["paired_difference"].items():
         upper, lower = value["rungs"]

@@ -22,10 +22,10 @@ from jobs.workflow import SyntheticData
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, ray_local) -> tuple[Path, dict]:
-    """The quick preset on both probes (its rungs: svp-pool, svp+sspe, svp; 2 seeds of 2 steps)."""
+    """The quick preset (2 seeds of 2 steps) with --only-parts: each part's two rungs on its probe."""
     results = tmp_path_factory.mktemp("ablation")
-    return results, ablation.main(["--quick", "--allow-busy", "--sam-pretrain-steps", "0", "--results", str(results),
-                                   "--work", str(results / "work")])
+    return results, ablation.main(["--quick", "--only-parts", "--allow-busy", "--sam-pretrain-steps", "0",
+                                   "--results", str(results), "--work", str(results / "work")])
 
 
 def test_quick_ablation_writes_every_rung_of_every_probe_and_each_parts_difference(quick) -> None:
@@ -34,9 +34,11 @@ def test_quick_ablation_writes_every_rung_of_every_probe_and_each_parts_differen
     assert written == json.loads(json.dumps(returned))
     assert len(written["git_commit"].removesuffix("-dirty")) == 40
     assert written["rungs"] == ["svp-pool", "svp+sspe", "svp"]
-    assert list(written["probes"]) == ["place", "inside"] and written["shuffle_tokens"] is True
+    assert written["shuffle_tokens"] is True and written["only_parts"] is True
+    assert {name: list(rungs) for name, rungs in written["probes"].items()} == {
+        "place": ["svp-pool", "svp+sspe"], "inside": ["svp+sspe", "svp"]}  # the parts' pairs, nothing else
+    assert not (results / "work" / "data").exists()  # no plain dataset for --only-parts
     for probe in written["probes"].values():
-        assert list(probe) == written["rungs"]
         for rung in probe.values():
             seeds = rung["ciou"]["seeds"]
             assert len(seeds) == 2 and all(0 <= c <= 1 for c in seeds)
@@ -58,7 +60,7 @@ def test_the_figures_are_those_of_evaluating_the_trained_runs(quick) -> None:
     """Each seed's cIoU is what ``svp eval`` gives for that run directory, on the probe's own held-out splits."""
     results, written = quick
     work = results / "work"
-    for probe, rung, seed in (("place", "svp+sspe", 1), ("inside", "svp-pool", 0)):
+    for probe, rung, seed in (("place", "svp+sspe", 1), ("inside", "svp", 0)):
         splits = run_eval(work / "ablation" / probe / rung / f"seed{seed}", str(work / f"data-{probe}" / "shards"),
                           list(ablation.SPLITS))[0]["splits"]
         assert written["probes"][probe][rung]["ciou"]["seeds"][seed] == statistics.fmean(
