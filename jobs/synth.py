@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from jobs import entry, options
-from pipeline.synth import synthesize
+from pipeline.synth import PROBES, synthesize
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,10 @@ class SynthOptions:
     out: Path = field(metadata={"help": "REFER root to write (refcoco/, refcoco+/, refcocog/ and images/ go under it)"})
     images: int = field(default=40, metadata={"help": "number of images to generate"})
     seed: int = field(default=0, metadata={"help": "random seed; the same seed writes byte-identical files"})
+    probe: str | None = field(default=None, metadata={"choices": PROBES, "help": (
+        "probe data, on which colour and shape never single out the referred object: place (twins told apart "
+        "only by place or size words) or inside (twins told apart only by what is inside them, striped vs plain "
+        "of the same mean colour, or around them, next to another object vs alone); omitted: the plain dataset")})
 
 
 OPTIONS = (SynthOptions,)

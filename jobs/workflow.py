@@ -49,17 +49,19 @@ class SyntheticData:
 
 
 def synthetic_data(out: Path, *, images: int, seed: int, sam_pretrain_steps: int, workers: int = 2,
-                   shard_size: int = 8) -> SyntheticData:
-    """``OUT/refer`` (a synthetic REFER root) → ``OUT/sam_tiny.pth`` (a tiny SAM, pretrained on the
-    train images for ``sam_pretrain_steps`` steps, random when 0) → ``OUT/shards`` (felzenszwalb
-    superpixels and that SAM's image embeddings), through the precompute job on a local Ray.
+                   shard_size: int = 8, probe: str | None = None) -> SyntheticData:
+    """``OUT/refer`` (a synthetic REFER root, or ``svp synth --probe``'s probe data) → ``OUT/sam_tiny.pth``
+    (a tiny SAM, pretrained on the train images for ``sam_pretrain_steps`` steps, random when 0) →
+    ``OUT/shards`` (felzenszwalb superpixels and that SAM's image embeddings), through the precompute
+    job on a local Ray.
 
     The workers run on CPUs even where there is a GPU: the work is classical superpixels and a tiny
     encoder, and ``workers`` one-GPU actors would not fit on a one-GPU machine.
     """
     data = SyntheticData.under(out)
     refer, sam, shards = data.refer, data.sam_checkpoint, data.shards
-    _check("synth", synth.main(["--out", str(refer), "--images", str(images), "--seed", str(seed)]))
+    _check("synth", synth.main(["--out", str(refer), "--images", str(images), "--seed", str(seed),
+                                *(["--probe", probe] if probe else [])]))
     pretraining = ["--pretrain-on", str(refer), "--steps", str(sam_pretrain_steps)] if sam_pretrain_steps else []
     _check("tiny-sam", tiny_sam.main(["--out", str(sam), "--seed", str(seed), *pretraining]))
     _check("precompute", precompute.main([

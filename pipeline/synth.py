@@ -10,6 +10,18 @@ The same images and instances serve refcoco (unc: short sentences), refcoco+ (un
 words, as in the real refcoco+) and refcocog (umd: longer sentences). Output is a pure function of
 the arguments: each image draws from its own generator seeded by (seed, image_id), files carry no
 timestamps, JSON keys are sorted, and refs are pickled at protocol 2 like the originals.
+
+``probe`` makes data on which colour and shape never single out the referred object, so that a
+model must use what one part of the projector adds (``bench.ablation``):
+
+- ``place``: every object has a twin of its colour and shape, clearly larger or smaller, somewhere
+  else; only place or size words tell them apart (what SSPE encodes: each token's box, centre and area);
+- ``inside``: twins of one colour, shape and size that differ only inside, striped vs plain with
+  the same mean colour (what mean pooling erases and SSA's inside attention can read back), or only
+  around, next to another object vs standing alone (what SSA's outside attention sees). The
+  sentences name no place or size: those would tell the twins apart without the inside or outside.
+
+Without ``probe`` not one byte changes from the plain dataset's.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +59,16 @@ TWIN_PROBABILITY = 0.35  # an object repeats an earlier (colour, shape): needs p
 SIZE_RATIO = 1.5  # "largest"/"smallest" only when the area differs by at least this factor
 LOCATIONS = ("left", "right", "top", "bottom")
 RELATIONS = LOCATIONS + ("largest", "smallest")
+PROBES = ("place", "inside")
+TEXTURES = ("striped", "plain")  # the inside probe's relations of detail; "next to ..." and ALONE are of context
+ALONE = "alone"
+GROUP_ATTEMPTS = 4  # a probe's group of objects that does not fit is tried again this many times in all
+NEXT_TO = "next to the"  # + the colour and shape of the object next to it
+NEAR_GAP = 0.25  # boxes at most this far apart, in sides of the smaller object: it is next to the other
+ALONE_GAP = 0.5  # ... at least this far from every other, in sides of the larger of each two: it is alone
+STRIPE_WIDTH = 0.03  # of the object's size (2 pixels at least): thin enough that felzenszwalb keeps an object whole
+STRIPE_CONTRAST = 48  # how far the two stripe colours lie from the object's colour, per channel, at most
+STRIPE_MARGIN = 16  # ... and how far from 0 and 255 they stay
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,7 @@ class _Object:
     rle: dict  # the polygon as pycocotools rasterises it; compact, unlike a decoded mask
     area: int
     bbox: list[float]  # [x, y, w, h], tight around the mask
+    texture: str = "plain"  # "striped": the inside probe's twin whose stripes average to its colour
 
     def mask(self) -> np.ndarray:
         return coco_mask.decode(self.rle).astype(bool)
@@ -77,20 +100,22 @@ class _Object:
 class _Description:
     colour: str | None  # None: the shape alone
     shape: str
-    relation: str | None  # one of RELATIONS, or None
+    relation: str | None  # one of RELATIONS, TEXTURES, ALONE, "next to the <colour> <shape>", or None
 
 
 def synthesize(
-    out: Path, images: int = 40, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None
+    out: Path, images: int = 40, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None,
+    probe: str | None = None,
 ) -> SynthSummary:
     """Write the synthetic REFER root under ``out`` and return what was written.
 
     ``sizes[i]`` is the (width, height) of image ``i + 1``; later images get random sizes in
     ``DEFAULT_SIDE``. Objects scale with the image, so a 17×11 image holds shapes of a few pixels
-    and a 3000×2000 one shapes of hundreds.
+    and a 3000×2000 one shapes of hundreds. ``probe``: one of ``PROBES`` (see the module's doc), or
+    None for the plain dataset.
     """
     sizes = list(sizes or [])
-    _validate(images, seed, sizes)
+    _validate(images, seed, sizes, probe)
     out = Path(out)
     image_dir = out / IMAGE_SUBDIR
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +132,8 @@ def synthesize(
             width, height = (int(v) for v in sizes[image_id - 1])
         else:
             width, height = (int(v) for v in rng.integers(*DEFAULT_SIDE, endpoint=True, size=2))
-        objects = _describable(_place_objects(rng, width, height))
+        placed = _place_objects(rng, width, height) if probe is None else _probe_objects(probe, rng, width, height)
+        objects = _describable(placed, probe)
         file_name = f"COCO_train2014_{image_id:012d}.jpg"
         _paint(rng, width, height, objects).save(image_dir / file_name, format="JPEG", quality=95)
         instances["images"].append({"id": image_id, "file_name": file_name, "height": height, "width": width})
@@ -129,7 +155,7 @@ def synthesize(
     refs_files: dict[str, Path] = {}
     for stream, (dataset, split_by, style) in enumerate(OUTPUTS, start=1):
         split_of = _assign_splits(split_order, SPLITS[split_by])
-        refs = _refs(layouts, split_of, style, np.random.default_rng([seed, 0, stream]))
+        refs = _refs(layouts, split_of, style, np.random.default_rng([seed, 0, stream]), probe)
         (out / dataset).mkdir(parents=True, exist_ok=True)
         (out / dataset / "instances.json").write_bytes(instances_bytes)
         refs_files[dataset] = out / dataset / f"refs({split_by}).p"
@@ -138,7 +164,9 @@ def synthesize(
     return SynthSummary(out, image_dir, images, len(instances["annotations"]), images_per_split, refs_files)
 
 
-def _validate(images: int, seed: int, sizes: list[tuple[int, int]]) -> None:
+def _validate(images: int, seed: int, sizes: list[tuple[int, int]], probe: str | None) -> None:
+    if probe is not None and probe not in PROBES:
+        raise ValueError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
     if not _is_int(images) or images < 1:
         raise ValueError(f"images must be an integer >= 1, got {images!r}")
     if not _is_int(seed) or seed < 0:
@@ -168,34 +196,129 @@ def _assign_splits(order: np.ndarray, splits: tuple[str, ...]) -> dict[int, str]
     return {int(image_id): split for image_id, split in zip(order, names, strict=True)}
 
 
+class _Canvas:
+    """The objects of one image so far, the space they (and a gap around each) take, and the size range
+    of new ones: the gap keeps JPEG bleed of one shape off the next."""
+
+    def __init__(self, rng: np.random.Generator, width: int, height: int) -> None:
+        self.rng, self.width, self.height = rng, width, height
+        side = min(width, height)
+        self.low, self.high = max(4.0, 0.15 * side), max(4.0, 0.4 * side)
+        self.gap = max(1, round(0.02 * side))
+        self.occupied = np.zeros((height, width), dtype=bool)
+        self.objects: list[_Object] = []
+
+    def place(self, shape: str, colour: str, size: float | None, texture: str = "plain",
+              near: _Object | None = None, accept: Callable[[_Object], bool] | None = None) -> _Object | None:
+        """Add an object at a random free place (30 tries; ``size`` None: random in the range, drawn
+        at each try), next to ``near`` if given, where ``accept`` holds if given; None if none fits."""
+        for _attempt in range(100 if near is not None else 30):
+            side = self.rng.uniform(self.low, self.high) if size is None else size
+            origin = None if near is None else _around(near, side, self.width, self.height)
+            obj = _shape(shape, colour, side, self.rng, self.width, self.height, origin, texture)
+            if (obj.area >= MIN_OBJECT_PIXELS and not (obj.mask() & self.occupied).any()
+                    and (near is None or _is_near(obj, near)) and (accept is None or accept(obj))):
+                x, y, w, h = (int(v) for v in obj.bbox)
+                gap = self.gap
+                self.occupied[max(0, y - gap): y + h + gap, max(0, x - gap): x + w + gap] = True
+                self.objects.append(obj)
+                return obj
+        return None
+
+    def kinds(self, count: int) -> list[tuple[str, str]]:
+        """``count`` different (shape, colour) pairs, at random."""
+        pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
+        return [pairs[i] for i in self.rng.choice(len(pairs), size=count, replace=False)]
+
+
 def _place_objects(rng: np.random.Generator, width: int, height: int) -> list[_Object]:
-    """2-5 shapes at random places (fewer when there is no room), none touching another: a gap
-    keeps JPEG bleed of one shape off the next."""
-    side = min(width, height)
-    low, high = max(4.0, 0.15 * side), max(4.0, 0.4 * side)
-    gap = max(1, round(0.02 * side))
-    occupied = np.zeros((height, width), dtype=bool)
-    objects: list[_Object] = []
+    """2-5 shapes at random places (fewer when there is no room), none touching another."""
+    canvas = _Canvas(rng, width, height)
     for _ in range(rng.integers(2, 6)):
+        objects = canvas.objects
         twin = objects[rng.integers(len(objects))] if objects and rng.random() < TWIN_PROBABILITY else None
         if twin is None:
             shape, colour, size = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))], None
         else:  # clearly bigger or smaller than its twin, so size words can tell them apart
             shape, colour = twin.shape, twin.colour
-            bigger = twin.size < (low + high) / 2
-            size = min(high, twin.size * SIZE_RATIO) if bigger else max(low, twin.size / SIZE_RATIO)
-        for _attempt in range(30):
-            obj = _shape(shape, colour, rng.uniform(low, high) if size is None else size, rng, width, height)
-            if obj.area >= MIN_OBJECT_PIXELS and not (obj.mask() & occupied).any():
-                x, y, w, h = (int(v) for v in obj.bbox)
-                occupied[max(0, y - gap): y + h + gap, max(0, x - gap): x + w + gap] = True
-                objects.append(obj)
-                break
-    return objects
+            bigger = twin.size < (canvas.low + canvas.high) / 2
+            size = min(canvas.high, twin.size * SIZE_RATIO) if bigger else max(canvas.low, twin.size / SIZE_RATIO)
+        canvas.place(shape, colour, size)
+    return canvas.objects
 
 
-def _shape(shape: str, colour: str, size: float, rng: np.random.Generator, width: int, height: int) -> _Object:
-    x, y = rng.uniform(0, width - size), rng.uniform(0, height - size)
+def _probe_objects(probe: str, rng: np.random.Generator, width: int, height: int) -> list[_Object]:
+    """The objects of one probe image (see the module's doc). A group (twins, and the twin's
+    neighbour) that does not fit whole is taken out whole and tried again, a few times: no twin is
+    ever left without its twin (an image may end up with fewer groups, even none)."""
+    canvas = _Canvas(rng, width, height)
+    if probe == "place":  # one or two pairs of twins, one 1.5 times the other's side (2.25 times its area)
+        for shape, colour in canvas.kinds(int(rng.integers(1, 3))):
+            for _attempt in range(GROUP_ATTEMPTS):
+                small = rng.uniform(canvas.low, canvas.high / SIZE_RATIO)
+                before = len(canvas.objects)
+                if (canvas.place(shape, colour, small * SIZE_RATIO) is not None
+                        and canvas.place(shape, colour, small) is not None):
+                    break
+                del canvas.objects[before:]
+        return canvas.objects
+    texture, context = {0: (True, False), 1: (False, True), 2: (True, True)}[int(rng.integers(3))]
+    (shape, colour), (twin_shape, twin_colour), (other_shape, other_colour) = canvas.kinds(3)
+    for _attempt in range(GROUP_ATTEMPTS if context else 0):  # twin A next to another object, twin B alone
+        size = rng.uniform(canvas.low, canvas.high)
+        first = canvas.place(twin_shape, twin_colour, size)
+        if (first is not None and canvas.place(other_shape, other_colour, None, near=first) is not None
+                and canvas.place(twin_shape, twin_colour, size,
+                                 accept=lambda obj: all(_is_alone(obj, other) for other in canvas.objects))):
+            break
+        canvas.objects.clear()
+    loners = canvas.objects[-1:]  # twin B, placed last: nothing placed after it may come near
+
+    def apart(obj: _Object) -> bool:
+        return all(_is_alone(loner, obj) for loner in loners)
+
+    for _attempt in range(GROUP_ATTEMPTS if texture else 0):  # striped and plain twins of the same size
+        size = rng.uniform(canvas.low, canvas.high)
+        before = len(canvas.objects)
+        if (canvas.place(shape, colour, size, "striped", accept=apart) is not None
+                and canvas.place(shape, colour, size, accept=apart) is not None):
+            break
+        del canvas.objects[before:]
+    return canvas.objects
+
+
+def _box_gap(a: _Object, b: _Object) -> float:
+    """Distance between the two objects' boxes (0 when they overlap), in pixels."""
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a.bbox, b.bbox
+    return math.hypot(max(0.0, bx - (ax + aw), ax - (bx + bw)), max(0.0, by - (ay + ah), ay - (by + bh)))
+
+
+def _is_near(a: _Object, b: _Object) -> bool:
+    """``a`` and ``b`` are next to each other (in scale with the smaller: see ``NEAR_GAP``)."""
+    return _box_gap(a, b) <= NEAR_GAP * min(a.size, b.size)
+
+
+def _is_alone(a: _Object, b: _Object) -> bool:
+    """``a`` and ``b`` are far apart (in scale with the larger: see ``ALONE_GAP``)."""
+    return _box_gap(a, b) >= ALONE_GAP * max(a.size, b.size)
+
+
+def _around(near: _Object, size: float, width: int, height: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Where the top-left corner of a ``size`` object may go for it to lie close to ``near``:
+    within ``NEAR_GAP`` of ``size`` of its box on every side (and inside the image)."""
+    x, y, w, h = near.bbox
+    reach = NEAR_GAP * size
+    xs = (max(0.0, x - size - reach), min(width - size, x + w + reach))
+    ys = (max(0.0, y - size - reach), min(height - size, y + h + reach))
+    return (xs[0], max(xs)), (ys[0], max(ys))
+
+
+def _shape(shape: str, colour: str, size: float, rng: np.random.Generator, width: int, height: int,
+           origin: tuple[tuple[float, float], tuple[float, float]] | None = None, texture: str = "plain") -> _Object:
+    """A ``shape`` of side (diameter, base) ``size`` whose box's top-left corner is drawn uniformly from
+    ``origin`` (x range, y range), by default from anywhere the shape fits in the image."""
+    (x_low, x_high), (y_low, y_high) = origin or ((0, width - size), (0, height - size))
+    x, y = rng.uniform(x_low, x_high), rng.uniform(y_low, y_high)
     if shape == "square":
         points = [(x, y), (x + size, y), (x + size, y + size), (x, y + size)]
     elif shape == "triangle":
@@ -207,7 +330,7 @@ def _shape(shape: str, colour: str, size: float, rng: np.random.Generator, width
     polygon = [round(float(v), 2) for point in points for v in point]
     rle = coco_mask.merge(coco_mask.frPyObjects([polygon], height, width))
     bbox = [float(v) for v in coco_mask.toBbox(rle)]
-    return _Object(shape, colour, size, polygon, rle, int(coco_mask.area(rle)), bbox)
+    return _Object(shape, colour, size, polygon, rle, int(coco_mask.area(rle)), bbox, texture)
 
 
 def _paint(rng: np.random.Generator, width: int, height: int, objects: list[_Object]) -> Image.Image:
@@ -221,19 +344,46 @@ def _paint(rng: np.random.Generator, width: int, height: int, objects: list[_Obj
         pixels += ramp + rng.normal(0.0, 3.0, size=(height, width, 1)).astype(np.float32)
     image = np.clip(pixels, 0, 255).astype(np.uint8)
     for obj in objects:
-        image[obj.mask()] = COLOURS[obj.colour]
+        mask = obj.mask()
+        image[mask] = COLOURS[obj.colour] if obj.texture == "plain" else _stripes(obj, mask)
     return Image.fromarray(image)
 
 
+def _stripes(obj: _Object, mask: np.ndarray) -> np.ndarray:
+    """The pixels of a striped object, ``(mask.sum(), 3)`` uint8: diagonal stripes of two colours
+    either side of the object's colour, whose mean over the mask is that colour (to half a level
+    per channel, the rounding): the more numerous stripe pixels lie nearer the colour, and both stay
+    ``STRIPE_MARGIN`` inside 0..255, where JPEG's ringing would be clipped and shift the mean."""
+    colour = np.array(COLOURS[obj.colour], dtype=np.float64)
+    contrast = np.clip(np.minimum(colour, 255 - colour) - STRIPE_MARGIN, 0, STRIPE_CONTRAST)
+    rows, cols = np.nonzero(mask)
+    width = max(2, round(STRIPE_WIDTH * obj.size))
+    first = ((rows + cols) // width) % 2 == 0
+    many, few = (first, ~first) if first.sum() >= (~first).sum() else (~first, first)
+    pixels = np.empty((len(rows), 3))
+    pixels[few] = colour + contrast
+    pixels[many] = colour - contrast * few.sum() / max(1, many.sum())
+    return np.rint(pixels).astype(np.uint8)
+
+
 def _selects(description: _Description, objects: list[_Object]) -> list[int]:
-    """Indices of the objects a description refers to; a relation needs at least two candidates
-    and picks only an object that *clearly* beats every other candidate."""
+    """Indices of the objects a description refers to. A texture, "alone" or "next to" says what the
+    object itself is or has around it; a place or size relation needs at least two candidates and
+    picks only an object that *clearly* beats every other candidate."""
     candidates = [
         i for i, obj in enumerate(objects)
         if obj.shape == description.shape and description.colour in (None, obj.colour)
     ]
-    if description.relation is None:
+    relation = description.relation
+    if relation is None:
         return candidates
+    if relation in TEXTURES:
+        return [i for i in candidates if objects[i].texture == relation]
+    if relation == ALONE:
+        return [i for i in candidates if all(_is_alone(objects[i], obj) for obj in objects if obj is not objects[i])]
+    if relation.startswith(NEXT_TO):
+        return [i for i in candidates if any(_is_near(objects[i], obj) for obj in objects
+                                             if obj is not objects[i] and relation == _next_to(obj))]
     if len(candidates) < 2:
         return []
     return [
@@ -254,20 +404,32 @@ def _beats(a: _Object, b: _Object, relation: str) -> bool:
     }[relation]
 
 
-def _descriptions(index: int, objects: list[_Object], location_words: bool) -> list[_Description]:
+def _next_to(obj: _Object) -> str:
+    return f"{NEXT_TO} {obj.colour} {obj.shape}"
+
+
+def _relations(objects: list[_Object], location_words: bool, probe: str | None) -> tuple[str | None, ...]:
+    """What a description may add to colour and shape: in the inside probe only what lies inside
+    or around the object (place or size would tell its twins apart without either)."""
+    if probe == "inside":
+        return (None, *TEXTURES, ALONE, *dict.fromkeys(_next_to(obj) for obj in objects))
+    return (None,) + (RELATIONS if location_words else tuple(r for r in RELATIONS if r not in LOCATIONS))
+
+
+def _descriptions(index: int, objects: list[_Object], location_words: bool, probe: str | None) -> list[_Description]:
     """Every description that singles out ``objects[index]``, plainest first."""
     obj = objects[index]
-    relations = (None,) + (RELATIONS if location_words else tuple(r for r in RELATIONS if r not in LOCATIONS))
+    relations = _relations(objects, location_words, probe)
     candidates = [_Description(colour, obj.shape, relation) for relation in relations for colour in (obj.colour, None)]
     return [d for d in candidates if _selects(d, objects) == [index]]
 
 
-def _describable(objects: list[_Object]) -> list[_Object]:
+def _describable(objects: list[_Object], probe: str | None) -> list[_Object]:
     """Drop objects that cannot be described without location words (refcoco+ has none), one
     at a time, since each removal can make the others describable."""
     while True:
         for index in range(len(objects)):
-            if not _descriptions(index, objects, location_words=False):
+            if not _descriptions(index, objects, location_words=False, probe=probe):
                 objects = objects[:index] + objects[index + 1:]
                 break
         else:
@@ -277,6 +439,8 @@ def _describable(objects: list[_Object]) -> list[_Object]:
 def _sentence(description: _Description, style: str) -> str:
     noun = f"{description.colour} {description.shape}" if description.colour else description.shape
     relation = description.relation
+    if relation is not None and relation.startswith(NEXT_TO):  # the same words in every style
+        return f"the {noun} that is {relation}" if style == "long" else f"the {noun} {relation}"
     if style == "long":
         return {
             None: f"the {noun} that can be seen in the picture",
@@ -286,6 +450,9 @@ def _sentence(description: _Description, style: str) -> str:
             "bottom": f"the {noun} that is near the bottom of the picture",
             "largest": f"the largest of the {noun}s in the picture",
             "smallest": f"the smallest of the {noun}s in the picture",
+            "striped": f"the {noun} that is striped",
+            "plain": f"the {noun} that is plain",
+            ALONE: f"the {noun} that is alone in the picture",
         }[relation]
     return {
         None: f"the {noun}",
@@ -295,11 +462,15 @@ def _sentence(description: _Description, style: str) -> str:
         "bottom": f"the {noun} at the bottom",
         "largest": f"the largest {noun}",
         "smallest": f"the smallest {noun}",
+        "striped": f"the striped {noun}",
+        "plain": f"the plain {noun}",
+        ALONE: f"the {noun} alone",
     }[relation]
 
 
 def _refs(
-    layouts: list[tuple[int, list[_Object]]], split_of: dict[int, str], style: str, rng: np.random.Generator
+    layouts: list[tuple[int, list[_Object]]], split_of: dict[int, str], style: str, rng: np.random.Generator,
+    probe: str | None,
 ) -> list[dict]:
     """One REFER ref per object, with 1-3 sentences and REFER's field names and id conventions."""
     refs: list[dict] = []
@@ -308,7 +479,7 @@ def _refs(
     for image_id, objects in layouts:
         for index, obj in enumerate(objects):
             ann_id += 1
-            descriptions = _descriptions(index, objects, location_words=style != "no_location")
+            descriptions = _descriptions(index, objects, location_words=style != "no_location", probe=probe)
             sentences = []
             for description in descriptions[: rng.integers(1, 4)]:
                 sent = _sentence(description, style)

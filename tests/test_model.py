@@ -392,15 +392,16 @@ def test_losses() -> None:
 
 
 def test_tiny_vocabulary_covers_the_template_and_every_synthetic_sentence() -> None:
-    from pipeline.synth import COLOURS, RELATIONS, SHAPES, _Description, _sentence
+    from pipeline.synth import ALONE, COLOURS, NEXT_TO, RELATIONS, SHAPES, TEXTURES, _Description, _sentence
 
     tokenizer = tiny_tokenizer()
+    next_to = [f"{NEXT_TO} {colour} {shape}" for colour in COLOURS for shape in SHAPES]  # the inside probe's
     sentences = [
         _sentence(_Description(colour, shape, relation), style)
         for colour in (None, *COLOURS)
         for shape in SHAPES
-        for relation in (None, *RELATIONS)
-        for style in ("short", "long")
+        for relation in (None, *RELATIONS, *TEXTURES, ALONE, *next_to)
+        for style in ("short", "long", "no_location")
     ]
     for text in [PROMPT.replace("<image>", "").format(sentence=s) + ANSWER.replace("[SEG]", "") for s in sentences]:
         assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text

@@ -13,6 +13,7 @@ from trainer.model.projectors import (
     ProjectorConfig,
     build_projector,
     coverage_matrix,
+    shuffled_labels,
     superpixel_geometry,
 )
 
@@ -136,6 +137,34 @@ def test_label_permutation_permutes_tokens():
         tokens, _ = projector(features, grid, superpixels, num)
         permuted, _ = projector(features, grid, permutation[superpixels], num)
     torch.testing.assert_close(permuted[0, permutation], tokens[0])
+
+
+def test_shuffled_labels_are_a_fixed_permutation_of_each_image_that_does_not_follow_the_raster():
+    stripes = torch.arange(40).repeat_interleave(3).expand(120, 120)  # 40 labels in raster (column) order
+    batch = torch.stack([stripes, stripes.flip(1), torch.zeros_like(stripes)])
+    shuffled = shuffled_labels(batch)
+    assert torch.equal(shuffled, shuffled_labels(batch.clone()))  # the same image, the same order, every time
+    for image, new in zip(batch, shuffled, strict=True):
+        pairs = torch.unique(torch.stack([image.flatten(), new.flatten()]), dim=1)
+        assert torch.equal(pairs[0], image.unique()) and torch.equal(pairs[1].sort().values, image.unique())
+    order = shuffled[0, 0, ::3]  # the new label of each column stripe, left to right
+    assert not torch.equal(order, order.sort().values) and not torch.equal(order, shuffled[1, 0, ::3].flip(0))
+    assert abs(torch.corrcoef(torch.stack([order.float(), torch.arange(40.0)]))[0, 1]) < 0.5  # no raster trend
+
+
+def test_shuffled_tokens_are_the_same_tokens_in_another_order_with_regions_to_match():
+    grid, counts = (4, 4), [7, 5]
+    features, superpixels, num = random_batch(counts, 20, grid, seed=2)
+    plain, shuffled = svp(), svp(shuffle_tokens=True)
+    with torch.no_grad():
+        tokens, valid = plain(features, grid, superpixels, num)
+        mixed, mixed_valid = shuffled(features, grid, superpixels, num)
+    assert torch.equal(valid, mixed_valid)
+    regions, mixed_regions = plain.regions(grid, superpixels), shuffled.regions(grid, superpixels)
+    assert not torch.equal(regions, mixed_regions)
+    for b, k in enumerate(counts):  # the token a pixel belongs to is the same token, wherever it now stands
+        new = torch.zeros(k, dtype=torch.long).scatter_(0, regions[b].flatten(), mixed_regions[b].flatten())
+        torch.testing.assert_close(mixed[b, new], tokens[b, :k])
 
 
 # ----------------------------------------------------------------------------------- token counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -13,7 +14,7 @@ from pycocotools import mask as coco_mask
 
 from jobs.synth import main as synth_main
 from pipeline.refer import load_refer, ref_mask
-from pipeline.synth import COLOURS, SHAPES, SPLITS, synthesize
+from pipeline.synth import COLOURS, PROBES, SHAPES, SPLITS, _shape, _stripes, synthesize
 
 OUTPUTS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 IMAGE_DIR = Path("images/mscoco/images/train2014")
@@ -252,3 +253,139 @@ def test_cli_writes_the_dataset_and_reports_bad_arguments(tmp_path, capsys):
     assert load_refer(tmp_path / "d", "refcoco", "unc").problems == []
     assert synth_main(["--out", str(tmp_path / "e"), "--images", "0"]) == 2
     assert "images must be an integer >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ probes
+
+# sha256 over every file of synthesize(images=6, seed=3) (a JPEG by its decoded pixels, which do not depend on
+# the encoder's build) as the generator wrote it before the probes existed (commit b22097e).
+PLAIN_DATASET_SHA256 = "97ed473f50ffd614f04bcd9d5e46a30573aff424a8d9c3afab1b7ca850e77d70"
+PLACE_WORDS = {"largest", "smallest", "left", "right", "top", "bottom"}
+
+
+def test_without_a_probe_the_dataset_is_what_it_was_before_probes(tmp_path):
+    synthesize(tmp_path, images=6, seed=3)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(tmp_path)).encode())
+        digest.update(np.asarray(Image.open(path)).tobytes() if path.suffix == ".jpg" else path.read_bytes())
+    assert digest.hexdigest() == PLAIN_DATASET_SHA256
+
+
+@pytest.fixture(scope="module")
+def probe_roots(tmp_path_factory) -> dict[str, Path]:
+    """Each probe's dataset: 30 images, seed 7."""
+    roots = {probe: tmp_path_factory.mktemp(f"probe_{probe}") for probe in PROBES}
+    for probe, root in roots.items():
+        synthesize(root, images=30, seed=7, probe=probe)
+    return roots
+
+
+def _twins(objects: dict[int, dict], key: int) -> list[int]:
+    """The other objects of the same colour and shape, as the pixels show them."""
+    return [k for k, o in objects.items() if k != key and (o["shape"], o["colour"]) ==
+            (objects[key]["shape"], objects[key]["colour"])]
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_a_probe_keeps_the_refer_layout_and_is_deterministic(probe_roots, probe, tmp_path):
+    root = probe_roots[probe]
+    synthesize(tmp_path, images=30, seed=7, probe=probe)
+    assert _files(tmp_path) == _files(root)
+    assert _files(synthesize(tmp_path / "plain", images=30, seed=7).root) != _files(root)
+    for dataset, split_by in OUTPUTS.items():
+        assert load_refer(root, dataset, split_by).problems == []
+        upstream = UpstreamRefer(root, dataset, split_by)
+        for ref in upstream.refs:
+            mask, area = upstream.mask(ref)
+            assert mask.max() == 1 and area == upstream.ref_to_ann[ref["ref_id"]]["area"]
+        assert len(upstream.refs) >= 45  # 30 images, 2-5 objects each, few images left short
+
+
+def test_place_probe_twins_differ_only_in_place_and_size_and_the_sentences_say_which(probe_roots):
+    root = probe_roots["place"]
+    refs = _refs(root, "refcoco") + _refs(root, "refcoco+")
+    for image_id in sorted({r["image_id"] for r in refs}):
+        objects = _objects(root, image_id)
+        for ref in (r for r in refs if r["image_id"] == image_id):
+            (twin,) = _twins(objects, ref["ann_id"])  # one twin: colour and shape never single it out
+            ratio = objects[ref["ann_id"]]["area"] / objects[twin]["area"]
+            assert max(ratio, 1 / ratio) >= 1.5
+            for sentence in ref["sentences"]:
+                assert set(sentence["tokens"]) & PLACE_WORDS, sentence["sent"]
+                assert _referents(sentence["tokens"], objects) == [ref["ann_id"]], sentence["sent"]
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(mask)
+    return cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
+
+
+def _gap(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    return float(np.hypot(max(0, b[0] - a[2], a[0] - b[2]), max(0, b[1] - a[3], a[1] - b[3])))
+
+
+def test_inside_probe_twins_differ_only_inside_or_around_and_the_sentences_say_which(probe_roots):
+    root = probe_roots["inside"]
+    instances = _instances(root)
+    refs = _refs(root, "refcoco")
+    claims = {"striped": 0, "plain": 0, "next": 0, "alone": 0}
+    for image in instances["images"]:
+        pixels = np.asarray(Image.open(root / IMAGE_DIR / image["file_name"]).convert("RGB"), dtype=np.float64)
+        objects = _objects(root, image["id"])
+        masks = {a["id"]: ref_mask(a["segmentation"], image["height"], image["width"]).astype(bool)
+                 for a in instances["annotations"] if a["image_id"] == image["id"]}
+        boxes = {k: _box(m) for k, m in masks.items()}
+        size = {k: max(b[2] - b[0], b[3] - b[1]) for k, b in boxes.items()}
+        for ref in (r for r in refs if r["image_id"] == image["id"]):
+            key = ref["ann_id"]
+            for sentence in ref["sentences"]:
+                words = sentence["tokens"]
+                assert not set(words) & PLACE_WORDS, sentence["sent"]
+                if words[1] in ("striped", "plain"):  # of a twin; or a neighbour's name, which is plain too
+                    inner = {k: masks[k] & ~np.pad(~masks[k], 3, constant_values=True)[3:-3, 3:-3]
+                             for k in masks}  # away from the edge, where JPEG mixes in the background
+                    # Stripes vary by tens of levels; a plain object by JPEG's chroma noise alone.
+                    spread = {k: pixels[inner[k]].std(0).mean() for k in masks}
+                    assert spread[key] > 15 if words[1] == "striped" else spread[key] < 10, sentence["sent"]
+                    twins = _twins(objects, key)
+                    if words[1] == "striped" or twins:
+                        (twin,) = twins
+                        assert spread[twin] < 10 if words[1] == "striped" else spread[twin] > 15
+                        # The same mean colour: a few levels apart after JPEG, against stripes up to ±48 levels apart.
+                        assert np.abs(pixels[inner[key]].mean(0) - pixels[inner[twin]].mean(0)).max() < 6
+                        assert abs(objects[key]["area"] / objects[twin]["area"] - 1) < 0.1
+                        claims[words[1]] += 1
+                elif "next" in words:  # "the red circle next to the blue triangle"
+                    colour, shape = words[-2], words[-1]
+                    neighbours = [k for k, o in objects.items() if (o["colour"], o["shape"]) == (colour, shape)
+                                  and k != key and _gap(boxes[key], boxes[k]) <= 0.3 * min(size[key], size[k])]
+                    assert neighbours, sentence["sent"]
+                    claims["next"] += 1
+                elif words[-1] == "alone":
+                    (twin,) = _twins(objects, key)
+                    assert abs(objects[key]["area"] / objects[twin]["area"] - 1) < 0.1
+                    assert all(_gap(boxes[key], boxes[k]) >= 0.45 * max(size[key], size[k]) for k in boxes if k != key)
+                    claims["alone"] += 1
+                else:  # a plain name: an object with no twin (the neighbour)
+                    assert words[-1] in SHAPES and not _twins(objects, key), sentence["sent"]
+    assert min(claims.values()) >= 5, claims  # every kind of claim is made, and checked, several times
+
+
+def test_stripes_average_to_the_objects_colour():
+    rng = np.random.default_rng(0)
+    for colour in COLOURS:
+        for shape in SHAPES:
+            obj = _shape(shape, colour, float(rng.uniform(10, 90)), rng, 100, 100, texture="striped")
+            stripes = _stripes(obj, obj.mask()).astype(np.float64)
+            assert np.abs(stripes.mean(0) - COLOURS[colour]).max() <= 0.5  # the rounding, no more
+            assert stripes.std(0).max() > 30
+
+
+def test_cli_writes_a_probe_and_refuses_an_unknown_one(tmp_path, capsys):
+    assert synth_main(["--out", str(tmp_path / "d"), "--images", "4", "--probe", "inside"]) == 0
+    sentences = [s["sent"] for r in _refs(tmp_path / "d", "refcoco") for s in r["sentences"]]
+    assert sentences and all(not set(s.split()) & PLACE_WORDS for s in sentences)
+    with pytest.raises(SystemExit) as exit:
+        synth_main(["--out", str(tmp_path / "e"), "--probe", "colour"])
+    assert exit.value.code == 2 and "--probe" in capsys.readouterr().err

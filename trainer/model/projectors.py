@@ -41,6 +41,11 @@ class ProjectorConfig:
         "svp: semantic superpixel aggregator (detail inside, context outside each superpixel)")})
     ssa_layers: int = field(default=1, metadata={"help": "svp: aggregator blocks"})
     ssa_heads: int = field(default=4, metadata={"help": "svp: attention heads of each aggregator block"})
+    shuffle_tokens: bool = field(default=False, metadata={"help": (
+        "svp: give the LLM each image's superpixel tokens in a random order (drawn from the image's label map, "
+        "so an image always gets the same one) rather than in label order, which follows the raster and so "
+        "tells the LLM roughly where each token lies: what python -m bench.ablation sets, so that a place "
+        "probe measures SSPE and not that code")})
 
     def __post_init__(self) -> None:
         if self.kind not in PROJECTORS:
@@ -117,6 +122,30 @@ def coverage_matrix(superpixels: Tensor, num_superpixels: Tensor, grid: tuple[in
     coverage = torch.zeros(batch, kmax * rows * cols, device=superpixels.device)
     coverage.scatter_add_(1, target.reshape(batch, -1), weight.expand_as(target).reshape(batch, -1))
     return coverage.view(batch, kmax, rows * cols)
+
+
+_HASH_MASK = (1 << 31) - 1  # the label hash works in 31 bits, so that no product leaves int64
+
+
+def shuffled_labels(superpixels: Tensor) -> Tensor:
+    """``superpixels`` ``(B, H, W)`` with each image's labels ``0..K_b-1`` renumbered by a permutation
+    of its own, drawn from its label map: the token order no longer follows the raster.
+
+    A hash of the map seeds the draw rather than an RNG, so that training, evaluation and prediction
+    give an image the same order and the global random state is left alone. Vectorised: a hashed
+    key per (image, label), sorted; labels past ``K_b`` (padding) sort last and stay unused.
+    """
+    batch = superpixels.shape[0]
+    flat = superpixels.reshape(batch, -1)
+    count = int(flat.max()) + 1
+    place = torch.arange(1, flat.shape[1] + 1, device=flat.device)
+    seed = (flat * ((place * 0x9E3779B1) & _HASH_MASK)).sum(1) & _HASH_MASK  # (B,): the map's own hash
+    key = (seed[:, None] + torch.arange(1, count + 1, device=flat.device) * 0x85EBCA6B) & _HASH_MASK
+    for _round in range(3):  # xorshift-multiply rounds: nearby labels get unrelated keys
+        key = ((key ^ (key >> 15)) * 0x2C1B3C6D) & _HASH_MASK
+    key = key.masked_fill(torch.arange(count, device=flat.device) > flat.amax(1, keepdim=True), _HASH_MASK + 1)
+    rank = key.argsort(dim=1, stable=True).argsort(dim=1)  # rank[b, k]: the new label of label k
+    return rank.gather(1, flat).view_as(superpixels)
 
 
 def pooling_weights(coverage: Tensor) -> Tensor:
@@ -389,10 +418,16 @@ class SemanticProjector(Projector):
         self.aggregator = (
             SuperpixelAggregator(vision_dim, config.ssa_heads, config.ssa_layers) if config.ssa else None
         )
+        self.shuffle_tokens = config.shuffle_tokens
+
+    def _labels(self, superpixels: Tensor) -> Tensor:
+        """The label map in token order: as it is, or shuffled (``ProjectorConfig.shuffle_tokens``)."""
+        return shuffled_labels(superpixels) if self.shuffle_tokens else superpixels
 
     def compress(
         self, features: Tensor, grid: tuple[int, int], superpixels: Tensor, num_superpixels: Tensor
     ) -> tuple[Tensor, Tensor]:
+        superpixels = self._labels(superpixels)
         num_superpixels = num_superpixels.to(superpixels.device)
         coverage = coverage_matrix(superpixels, num_superpixels, grid)
         valid = torch.arange(coverage.shape[1], device=coverage.device) < num_superpixels[:, None]
@@ -405,7 +440,7 @@ class SemanticProjector(Projector):
         return tokens, valid
 
     def regions(self, grid: tuple[int, int], superpixels: Tensor) -> Tensor:
-        return superpixels  # token k is superpixel k
+        return self._labels(superpixels)  # token k is superpixel k (of the order compress used)
 
 
 def build_projector(config: ProjectorConfig, vision_dim: int, llm_dim: int) -> Projector:

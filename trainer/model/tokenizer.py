@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.synth import COLOURS, RELATIONS, SHAPES
+from pipeline.synth import ALONE, COLOURS, RELATIONS, SHAPES, TEXTURES
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "<s>", "</s>"
 # Words of the prompt template (mllm.PROMPT / ANSWER) and of synthetic referring expressions, plus
@@ -29,7 +29,7 @@ _WORDS = (
 def tiny_vocabulary() -> list[str]:
     """Special tokens first (stable ids 0-3), then every word once, in a fixed order."""
     shapes = [*SHAPES, *(f"{shape}s" for shape in SHAPES)]  # "the largest of the red circles"
-    words = [*_WORDS.split(), *COLOURS, *shapes, *RELATIONS]
+    words = [*_WORDS.split(), *COLOURS, *shapes, *RELATIONS, *TEXTURES, ALONE]  # the probes' words last
     return [PAD, UNK, BOS, EOS, *dict.fromkeys(words)]
 
 
