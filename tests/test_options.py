@@ -32,14 +32,15 @@ def _parsers() -> dict[str, OptionsParser]:
 
 def _bench_parsers() -> dict[str, OptionsParser]:
     """The parser of every ``python -m bench...`` entry point, by its command: each module of the
-    package with a ``main`` (a part's flags with the shared ones, as it runs alone; any other
-    module's ``build_parser()``), and all the parts together (``python -m bench``)."""
+    package with a ``main`` (a part's flags with the shared ones, as it runs alone: every module with
+    ``PRESETS``, ``bench.ablation`` too, which ``python -m bench`` leaves out; any other module's
+    ``build_parser()``), and all the parts together (``python -m bench``)."""
     parsers = {"python -m bench": bench_parser(PARTS, "python -m bench", "")}
     for info in pkgutil.iter_modules(bench.__path__):
         module = importlib.import_module(f"bench.{info.name}")
         if info.name != "__main__" and hasattr(module, "main"):
             name = f"python -m bench.{info.name}"
-            parsers[name] = bench_parser([module], name, "") if module in PARTS else module.build_parser()
+            parsers[name] = bench_parser([module], name, "") if hasattr(module, "PRESETS") else module.build_parser()
     return parsers
 
 
