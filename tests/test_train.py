@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_a_run_records_its_full_config_and_exports_only_trained_parts(trained_run, shards):
     config = json.loads((trained_run / "run_config.json").read_text())
     assert config["model"]["projector"] == {"kind": "svp", "pool_tokens": 16, "sspe": True, "ssa": True,
-                                            "ssa_layers": 1, "ssa_heads": 4}
+                                            "ssa_layers": 1, "ssa_heads": 4, "shuffle_tokens": False}
     manifest = shards / "manifest.json"
     import hashlib
 
