@@ -64,14 +64,47 @@ class _Stage:
     to_image_k: _Linear  # the token-to-image attention's keys (with pe) and values
     to_image_v: _Linear
     to_token_q: _Linear | None  # the image-to-token attention's queries (with pe); None for the final attention
+    # Per block of rows of ``c`` so far (``_Blocks``), its map ``W`` (heads, d, C) times the centred tokens:
+    # (heads, d, n), what the stage's layer norm reads. Empty for the final attention, which has no layer norm.
+    crossed: tuple[torch.Tensor, ...]
 
     @staticmethod
-    def of(tokens: torch.Tensor, pe: torch.Tensor, to_image: Attention, to_token: Attention | None) -> _Stage:
+    def of(tokens: torch.Tensor, pe: torch.Tensor, to_image: Attention, to_token: Attention | None,
+           blocks: _Blocks | None) -> _Stage:
         heads = to_image.num_heads
         centred = tokens - tokens.mean(-1, keepdim=True)
         return _Stage(tokens, centred, (centred**2).sum(-1), _Linear.of(to_image.k_proj, tokens, pe, heads),
                       _Linear.of(to_image.v_proj, tokens, None, heads),
-                      None if to_token is None else _Linear.of(to_token.q_proj, tokens, pe, to_token.num_heads))
+                      None if to_token is None else _Linear.of(to_token.q_proj, tokens, pe, to_token.num_heads),
+                      () if blocks is None else tuple(weight @ centred.T for weight in blocks.weights))
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """The rows of ``c``, block by block, as each prompt's small factor ``v`` (heads, T, d) times a map
+    ``W`` (heads, d, C) that every prompt shares: the attention's values (d = 16 for SAM) through
+    ``out_proj``, and each bias (one row: v = 1). A layer norm maps every row by the same linear map
+    (less the row's mean, times the weight), so each block keeps its form with ``W`` mapped.
+
+    What the form is for: a layer norm needs ``c @ P.T`` (k, n) per prompt, k·C·n multiply-adds;
+    per block it is ``v @ (W @ P.T)``, whose ``W @ P.T`` is the image's (:attr:`_Stage.crossed`),
+    and per prompt only heads·T·d·n are left, 16 times fewer for the attentions' rows.
+    """
+
+    weights: tuple[torch.Tensor, ...] = ()  # W of each block, the prompts' shared part
+
+    def then(self, *weights: torch.Tensor) -> _Blocks:
+        return _Blocks((*self.weights, *weights))
+
+    def normed(self, norm: nn.LayerNorm) -> _Blocks:
+        """The blocks after ``norm``, which appends its bias as a block of its own."""
+        return _Blocks(tuple((w - w.mean(-1, keepdim=True)) * norm.weight for w in self.weights)
+                       + (norm.bias.view(1, 1, -1),))
+
+    @staticmethod
+    def attention(module: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image-to-token attention's two blocks: its values through ``out_proj`` and its bias."""
+        return module.out_proj.weight.T.unflatten(0, (module.num_heads, -1)), module.out_proj.bias.view(1, 1, -1)
 
 
 class _Factored:
@@ -79,24 +112,27 @@ class _Factored:
 
     ``zt`` only grows (each image-to-token attention and layer norm appends rows to it, nothing
     rewrites it), so it lives in one buffer as tall as it will get; it is stored transposed, (k, n)
-    per prompt, because what is appended (attention weights) comes out that way.
+    per prompt, the rows in which it is appended (an attention's weights, heads·T rows).
     """
 
-    def __init__(self, scale: torch.Tensor, zt: torch.Tensor, rank: int, c: torch.Tensor) -> None:
+    def __init__(self, scale: torch.Tensor, zt: torch.Tensor, rank: int, c: torch.Tensor,
+                 factors: tuple[torch.Tensor, ...]) -> None:
         self.scale = scale  # (p, n)
         self._zt = zt  # (p, k_max, n)
         self.rank = rank
         self.c = c  # (p, k, C)
+        self.factors = factors  # per block of c's rows, the prompts' v (p, heads, T, d): c's block is v @ W
 
     @staticmethod
     def shared(prompts: int, tokens: int, width: int, rank: int, like: torch.Tensor) -> _Factored:
         """Every prompt's tokens the shared ones, room for a rank of ``rank``."""
         return _Factored(like.new_ones(prompts, tokens), like.new_empty(prompts, rank, tokens), 0,
-                         like.new_zeros(prompts, 0, width))
+                         like.new_zeros(prompts, 0, width), ())
 
     def __getitem__(self, index: torch.Tensor) -> _Factored:
         """The prompts ``index`` selects."""
-        return _Factored(self.scale[index], self._zt[index], self.rank, self.c[index])
+        return _Factored(self.scale[index], self._zt[index], self.rank, self.c[index],
+                         tuple(factor[index] for factor in self.factors))
 
     def materialised(self, stage: _Stage) -> torch.Tensor:
         """(p, n, C): the tokens themselves."""
@@ -107,36 +143,44 @@ class _Factored:
         """(p, k, n)."""
         return self._zt[:, : self.rank]
 
-    def append(self, columns: torch.Tensor, rows: torch.Tensor) -> None:
-        """Add ``scale ⊙ (columns.T @ rows)`` to the tokens (``columns`` (p, r, n), already divided by ``scale``)."""
-        self._zt[:, self.rank : self.rank + columns.shape[1]] = columns
-        self.rank += columns.shape[1]
-        self.c = torch.cat((self.c, rows), 1)
+    def append(self, columns: torch.Tensor, factor: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add ``scale ⊙ (columns.T @ rows)`` to the tokens: rows ``factor @ weight`` ((p, heads, T, d) @
+        (heads, d, C)) and ``columns`` (p, heads, T, n), or what broadcasts to it, stored divided by ``scale``."""
+        prompts, heads, count = factor.shape[:3]
+        added = self._zt[:, self.rank : self.rank + heads * count].unflatten(1, (heads, count))
+        torch.div(columns, self.scale[:, None, None], out=added)
+        self.rank += heads * count
+        self.c = torch.cat((self.c, (factor @ weight).flatten(1, 2)), 1)
+        self.factors = (*self.factors, factor)
 
     def dot(self, linear: _Linear, queries: torch.Tensor) -> torch.Tensor:
-        """Per head, ``linear`` of every token dotted with each of ``queries`` (p, T, D): (p, heads, T, n)."""
+        """Per head, ``linear`` of every token dotted with each of ``queries`` (p, T, D): (heads, p, T, n).
+
+        Head-major, the layout in which the products with the shared tokens come out of one batched
+        product; every other term is accumulated into it in place."""
         heads, (prompts, count) = len(linear.shared), queries.shape[:2]
         per_head = queries.unflatten(-1, (heads, -1))  # (p, T, h, d)
         flat = per_head.permute(2, 0, 1, 3).flatten(1, 2)  # (h, p·T, d)
-        logits = (flat @ linear.shared.transpose(1, 2)).unflatten(1, (prompts, count)).transpose(0, 1)  # (p, h, T, n)
+        logits = torch.bmm(flat, linear.shared.transpose(1, 2))  # (h, p·T, n)
+        by_head = logits.unflatten(1, (prompts, count))
         if self.rank:  # nothing added to the shared tokens yet: the first layer's token-to-image attention
             c = (self.c @ linear.weight.T).unflatten(-1, (heads, -1))  # (p, k, h, d)
             small = torch.einsum("pkhd,pthd->phtk", c, per_head).flatten(1, 2)  # (p, h·T, k)
-            logits = logits + (small @ self.zt).unflatten(1, (heads, count))
-        logits = logits * self.scale[:, None, None]
+            by_head += (small @ self.zt).unflatten(1, (heads, count)).transpose(0, 1)
+        by_head.mul_(self.scale[:, None])
         assert linear.constant is not None, "dot products are taken with keys and queries, which have pe"
-        return logits.add_((flat @ linear.constant.transpose(1, 2)).unflatten(1, (prompts, count)).transpose(0, 1))
+        return logits.baddbmm_(flat, linear.constant.transpose(1, 2)).unflatten(1, (prompts, count))
 
     def mix(self, linear: _Linear, weights: torch.Tensor) -> torch.Tensor:
-        """Per head, ``linear`` (without ``pe``) of the tokens weighted by ``weights`` (p, heads, T, n),
-        each row summing to one, and summed: (p, T, D)."""
-        prompts, heads, count = weights.shape[:3]
-        weights = weights * self.scale[:, None, None]
+        """Per head, ``linear`` (without ``pe``) of the tokens weighted by ``weights`` (heads, p, T, n),
+        each row summing to one (and overwritten), and summed: (p, T, D)."""
+        heads, prompts, count = weights.shape[:3]
+        weights.mul_(self.scale[:, None])
+        mixed = torch.bmm(weights.flatten(1, 2), linear.shared).unflatten(1, (prompts, count))  # (h, p, T, d)
         c = (self.c @ linear.weight.T).unflatten(-1, (heads, -1)).transpose(1, 2)  # (p, h, k, d)
-        mixed = (weights.flatten(1, 2) @ self.zt.transpose(1, 2)).unflatten(1, (heads, count)) @ c  # (p, h, T, d)
-        flat = weights.transpose(0, 1).flatten(1, 2)  # (h, p·T, n)
-        mixed += (flat @ linear.shared).unflatten(1, (prompts, count)).transpose(0, 1)
-        return mixed.transpose(1, 2).flatten(2) + linear.bias
+        by_prompt = weights.transpose(0, 1).flatten(1, 2)  # (p, h·T, n): a copy, read by one batched product
+        mixed += ((by_prompt @ self.zt.transpose(1, 2)).unflatten(1, (heads, count)) @ c).transpose(0, 1)
+        return mixed.permute(1, 2, 0, 3).flatten(2) + linear.bias
 
     def layer_norm(self, norm: nn.LayerNorm, stage: _Stage) -> None:
         """``norm`` of every token (the next stage's shared tokens are ``stage.centred * norm.weight``):
@@ -148,11 +192,20 @@ class _Factored:
         c = self.c - self.c.mean(-1, keepdim=True)
         prompts, rank, width = c.shape
         zt = self.zt
-        cross = (c.flatten(0, 1) @ stage.centred.T).unflatten(0, (prompts, rank))  # (p, k, n)
-        squares = stage.squares + (zt * torch.baddbmm(cross, c @ c.transpose(1, 2), zt, beta=2.0)).sum(1)
+        # Each token's squared norm: the shared row's, plus zt's column times (2 c @ P.T + c @ c.T @ zt).
+        twice_cross = zt.new_empty(zt.shape)  # (p, k, n): 2 c @ P.T, block by block
+        start = 0
+        for factor, crossed in zip(self.factors, stage.crossed, strict=True):
+            heads, count, depth = factor.shape[1:]
+            products = torch.bmm(2 * factor.transpose(0, 1).reshape(heads, prompts * count, depth), crossed)
+            twice_cross[:, start : start + heads * count].unflatten(1, (heads, count)).copy_(
+                products.unflatten(1, (prompts, count)).transpose(0, 1))
+            start += heads * count
+        squares = twice_cross.baddbmm_(c @ c.transpose(1, 2), zt).mul_(zt).sum(1) + stage.squares
         self.scale = self.scale * torch.rsqrt(self.scale**2 * squares / width + norm.eps)
         self.c = c * norm.weight
-        self.append((1 / self.scale)[:, None], norm.bias.expand(prompts, 1, -1))
+        ones = self.scale.new_ones(1, 1, 1, 1)
+        self.append(ones, ones.expand(prompts, -1, -1, -1), norm.bias.view(1, 1, -1))
 
 
 @dataclass(frozen=True)
@@ -188,11 +241,14 @@ class FactoredDecoder:
         key_pe = image_pe[0].flatten(1).T  # (n, C)
         tokens = (image_embedding + dense[0]).flatten(1).T
         self.stages: list[_Stage] = []
+        blocks = _Blocks()
         for layer in transformer.layers:
+            blocks = blocks.then(*_Blocks.attention(layer.cross_attn_image_to_token))
             self.stages.append(_Stage.of(tokens, key_pe, layer.cross_attn_token_to_image,
-                                         layer.cross_attn_image_to_token))
+                                         layer.cross_attn_image_to_token, blocks))
             tokens = self.stages[-1].centred * layer.norm4.weight
-        self.stages.append(_Stage.of(tokens, key_pe, transformer.final_attn_token_to_image, None))
+            blocks = blocks.normed(layer.norm4)
+        self.stages.append(_Stage.of(tokens, key_pe, transformer.final_attn_token_to_image, None, None))
 
     def __call__(self, sparse: torch.Tensor) -> FactoredPrompts:
         """The layers for ``p`` prompts (``sparse`` (p, T', C)), and the IoU head's predictions."""
@@ -226,12 +282,12 @@ def _image_to_token(module: Attention, stage: _Stage, keys: _Factored, queries: 
     k = module.k_proj(queries + query_pe)
     k = k / (k.shape[-1] // heads) ** 0.5
     # The softmax over T along a middle dimension: much faster than over a last dimension of T (7).
-    weights = keys.dot(stage.to_token_q, k).softmax(-2).flatten(1, 2)  # (p, h·T, n)
+    weights = keys.dot(stage.to_token_q, k).softmax(-2)  # (h, p, T, n)
     values = module.v_proj(queries).unflatten(-1, (heads, -1)).transpose(1, 2)  # (p, h, T, d)
-    out_weight = module.out_proj.weight.T.unflatten(0, (heads, -1))  # (h, d, C)
-    inverse = (1 / keys.scale)[:, None]
-    keys.append(weights * inverse, (values @ out_weight).flatten(1, 2))
-    keys.append(inverse, module.out_proj.bias.expand(len(values), 1, -1))
+    out_weight, bias = _Blocks.attention(module)
+    keys.append(weights.transpose(0, 1), values, out_weight)
+    ones = values.new_ones(1, 1, 1, 1)
+    keys.append(ones, ones.expand(len(values), -1, -1, -1), bias)
 
 
 def _block(layer: TwoWayAttentionBlock, stage: _Stage, queries: torch.Tensor, keys: _Factored,
