@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from ports import free_port
 
 from pipeline.refer import load_refer
 from pipeline.shards import sample_key
@@ -42,12 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the project's environment: `ray`, and the `python` jobs run with
 START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -79,7 +73,7 @@ class LocalCluster:
 def _start_node(temp_dir: Path, env: dict[str, str], *options: str) -> subprocess.Popen:
     """``ray start --block`` for one node, returned once the node is up (it then writes its address file)."""
     command = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir),
-               "--num-cpus", "1", "--num-gpus", "0", "--dashboard-agent-listen-port", str(_free_port()), *options]
+               "--num-cpus", "1", "--num-gpus", "0", "--dashboard-agent-listen-port", str(free_port()), *options]
     log = temp_dir.with_suffix(".log")
     with open(log, "w") as stream:
         node = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
@@ -124,11 +118,11 @@ def cluster() -> Iterator[LocalCluster]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     nodes: list[subprocess.Popen] = []
     try:
         nodes.append(_start_node(base / "head", env, "--head", "--port", str(port), "--dashboard-port", str(dashboard),
-                                 "--include-dashboard=true", "--ray-client-server-port", str(_free_port())))
+                                 "--include-dashboard=true", "--ray-client-server-port", str(free_port())))
         nodes.append(_start_node(base / "node2", env, "--address", f"127.0.0.1:{port}"))
         running = LocalCluster(gcs=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard}", env=env, token=token)
         _wait_for(lambda: len(running.alive_nodes()) == 2, "two alive nodes")

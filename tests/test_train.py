@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from ports import free_port
 from safetensors.torch import load_file, save_file
 from train_helpers import (
     assert_checkpoints,
@@ -323,32 +325,43 @@ def test_predict_refuses_a_sam_model_the_run_was_not_made_with(trained_run, refe
     assert svp_predict([*common, "--sam-model", "tiny", "--out", str(tmp_path / "overlay.png")]) == 0
 
 
-def _launch(command: list[str], run_dir: Path, shards: Path, sam: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*command, *train_flags(shards, run_dir, sam, "--max-steps", "2", "--record-keys")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def readme_launches() -> dict[str, list[str]]:
+    """README's ``torchrun`` and ``accelerate launch`` command lines, by launcher, split as a shell would."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith(("torchrun ", "accelerate launch "))]
+    return {shlex.split(line)[0]: shlex.split(line) for line in lines}
 
 
-def test_torchrun_two_processes_train_on_disjoint_samples(shards, tiny_sam_checkpoint, tmp_path):
-    result = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "jobs.train"],
-                     tmp_path / "run", shards, tiny_sam_checkpoint)
+# README's lines are for two machines of 8 GPUs, HEAD the first one's address; on one machine, with two CPU
+# processes, the same line gets one machine, two processes and a free port, and nothing else changes.
+ONE_MACHINE = {"--nnodes": "1", "--nproc_per_node": "2", "--num_machines": "1", "--num_processes": "2"}
+
+
+def on_one_machine(words: list[str], port: int) -> list[str]:
+    after = ["", *words]  # each word's predecessor: the option it is the value of
+    return [ONE_MACHINE.get(option, word.replace("HEAD", "127.0.0.1").replace("29500", str(port)))
+            for option, word in zip(after, words, strict=False)]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_readme_launch_lines_run_two_processes_on_disjoint_samples(launcher, shards, tiny_sam_checkpoint, tmp_path):
+    words = readme_launches()[launcher]
+    assert words.count("...") == 2 and "jobs.train" in words, "README's line: launcher options, -m jobs.train, ..."
+    command = on_one_machine(words, free_port())
+    script = command.index("jobs.train") + 1  # what follows is svp's: the tiny run's flags for README's "..."
+    launched = [str(Path(sys.executable).with_name(command[0])), *command[1:script]]
+    run_dir = tmp_path / "run"
+    named = {word for word in command[script:] if word.startswith("--")}
+    assert named <= set(train_flags(shards, run_dir, tiny_sam_checkpoint)), "README names flags svp train has"
+    result = subprocess.run([*launched, *train_flags(shards, run_dir, tiny_sam_checkpoint, "--max-steps", "2",
+                                                     "--record-keys")],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_disjoint_keys(tmp_path / "run", ranks=2)
-    assert_checkpoints(tmp_path / "run", [2], ranks=2)
-    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["world_size"] == 2
-
-
-def test_accelerate_launch_two_cpu_processes(shards, tiny_sam_checkpoint, tmp_path):
-    # `--multi_gpu` is Accelerate's torch.distributed launcher; without a GPU the loop runs gloo on CPU
-    # (`--cpu` would make Accelerate's simple single-process launcher, or MPI).
-    accelerate = Path(sys.executable).with_name("accelerate")
-    result = _launch([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                      "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "jobs.train"],
-                     tmp_path / "run", shards, tiny_sam_checkpoint)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_disjoint_keys(tmp_path / "run", ranks=2)
-    assert_checkpoints(tmp_path / "run", [2], ranks=2)
-    assert (tmp_path / "run" / "export" / "svp.safetensors").is_file()
+    assert_disjoint_keys(run_dir, ranks=2)
+    assert_checkpoints(run_dir, [2], ranks=2)
+    assert json.loads((run_dir / "run_config.json").read_text())["world_size"] == 2
+    assert (run_dir / "export" / "svp.safetensors").is_file()
 
 
 def test_demo_runs_end_to_end_and_reports(tmp_path, ray_local):
