@@ -112,7 +112,9 @@ def measure(stack: str, kind: str, args: argparse.Namespace, images: list[bytes]
     """Per-image stage seconds of one projector on one stack: new images alone and batched, and
     with superpixels, SAM embeddings and vision features precomputed."""
     fields, sam = stack_config(stack, args.work)
-    # a random SAM's masks all fall below SAM's own thresholds: these keep some, as real weights do
+    # A random SAM's masks all fall below SAM's own thresholds. These keep some of the tiny SAM's; of the random
+    # ViT-B's, none: that stack's figure is the decoder's IoUs for every prompt, without the upscaling a prompt
+    # whose mask passes costs (bench.kernels' upscaling rows), which real weights add per passing prompt.
     sam = replace(sam, points_per_side=args.points_per_side, point_grid=args.point_grid, **RANDOM_WEIGHT_THRESHOLDS)
     model = SegmentationMLLM(ModelConfig(**fields, projector=ProjectorConfig(kind=kind))).eval()
     clock = PartClock(model_parts(model))  # also the generator's timer: its stages are charged to it
