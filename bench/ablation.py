@@ -281,7 +281,8 @@ def notes(args: argparse.Namespace) -> list[str]:
 def plot(results: dict, path: Path) -> Path:
     """cIoU per rung, a group of bars per dataset, each seed's value as a dot on its bar."""
     figure, axis = pyplot().subplots(figsize=(8, 4))
-    rungs, names = results["rungs"], list(results["probes"])
+    names = list(results["probes"])  # the rungs trained somewhere (--only-parts trains a few): no empty bars
+    rungs = [rung for rung in results["rungs"] if any(rung in results["probes"][name] for name in names)]
     width = 0.8 / len(rungs)
     for i, rung in enumerate(rungs):
         xs = [j + (i - (len(rungs) - 1) / 2) * width for j in range(len(names))]
