@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import pstats
 import shutil
 import sys
@@ -227,7 +228,21 @@ def compare_at_real_size(args: argparse.Namespace, scratch: Path) -> dict:
     return {**entries.pop(default), **entries}
 
 
+def earlier_realsize(path: Path) -> dict | None:
+    """The ``realsize`` entry of an earlier run's results, which a run without ``--realsize`` (``make
+    bench``'s cpu preset) would otherwise overwrite: kept as it was, its ``git_commit`` saying when."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    earlier = results.get("realsize") if isinstance(results, dict) else None
+    return {**earlier, "kept_from_an_earlier_run": True} if isinstance(earlier, dict) else None
+
+
 def format_realsize(realsize: dict) -> list[str]:
+    if realsize.get("kept_from_an_earlier_run"):
+        return [f"real size: not measured in this run; kept from the one at {realsize.get('git_commit')} "
+                f"(--realsize measures it)"]
     """The real-size comparison's lines: the reference, then each mode of ours with its stages and counts."""
     reference = realsize["reference"]
     lines = [f"real size: SAM {realsize['sam_model']} ({realsize['sam_weights']}), {realsize['images']} images of "
@@ -361,6 +376,8 @@ def run(args: argparse.Namespace, workspace: Workspace) -> dict:
         results["profile"] = profile_generators(options, images, args.device)
     if args.realsize:
         results["realsize"] = compare_at_real_size(args, scratch)
+    elif (earlier := earlier_realsize(args.results / f"{NAME}.json")) is not None:
+        results["realsize"] = earlier
     if not args.skip_workers:
         workers = compare_workers(scratch / "refer", options, scratch, args.device)
         results["workers"] = {"images": dataset_size, **workers}

@@ -262,3 +262,19 @@ def test_inference_benchmark_times_each_stage_of_a_new_image_for_svp_and_mlp(tmp
             assert (seconds["superpixels"] > 0) == (kind == "svp" and mode.startswith("new"))
             assert seconds["llm_body"] > 0 and seconds["mask_head"] > 0
     assert rows["svp"]["visual_tokens"] < rows["mlp"]["visual_tokens"]
+
+
+def test_a_run_without_realsize_keeps_the_earlier_realsize_entry(tmp_path: Path) -> None:
+    """``make bench`` (no --realsize) rewrites precompute.json: the real-size comparison measured
+    before, with its own commit, stays in it, marked as kept; an unreadable file keeps nothing."""
+    path = tmp_path / "precompute.json"
+    assert precompute.earlier_realsize(path) is None
+    entry = {"speedup": 10.2, "git_commit": "abc123", "agreement": {"mean_iou": 0.999}}
+    path.write_text(json.dumps({"generators": {}, "realsize": entry}))
+    kept = precompute.earlier_realsize(path)
+    assert kept == {**entry, "kept_from_an_earlier_run": True}
+    assert precompute.format_realsize(kept) == [
+        "real size: not measured in this run; kept from the one at abc123 (--realsize measures it)"]
+    for text in ("{not json", json.dumps({"generators": {}}), json.dumps([1])):
+        path.write_text(text)
+        assert precompute.earlier_realsize(path) is None
