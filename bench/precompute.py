@@ -210,7 +210,7 @@ def compare_at_real_size(args: argparse.Namespace, scratch: Path) -> dict:
     images = dataset_images(root, max(args.realsize_images, REALSIZE_PRETRAIN_IMAGES), 1024)[: args.realsize_images]
     checkpoint = pretrained_sam(root, "small", args.realsize_pretrain_steps, images_per_step=2)
     entries = {}
-    reference = None
+    reference, commit = None, git_commit()  # the code that runs: what HEAD is now, not after minutes of timing
     for mode, settings in REALSIZE_MODES:
         options = SamOptions(str(checkpoint), "small", points_per_side=32, points_per_batch=args.points_per_batch,
                              **REALSIZE_THRESHOLDS, **settings)
@@ -223,7 +223,7 @@ def compare_at_real_size(args: argparse.Namespace, scratch: Path) -> dict:
                          "superpixels_per_image": compared["ours"]["superpixels_per_image"], **compared,
                          "sam": {k: v for k, v in asdict(options).items() if k != "sam_checkpoint"},
                          "sam_weights": f"pretrained here for {args.realsize_pretrain_steps} steps",
-                         "reference": reference[0], "git_commit": git_commit()}
+                         "reference": reference[0], "git_commit": commit}
     default, _ = REALSIZE_MODES[0]
     return {**entries.pop(default), **entries}
 
