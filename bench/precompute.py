@@ -240,10 +240,10 @@ def earlier_realsize(path: Path) -> dict | None:
 
 
 def format_realsize(realsize: dict) -> list[str]:
+    """The real-size comparison's lines: the reference, then each mode of ours with its stages and counts."""
     if realsize.get("kept_from_an_earlier_run"):
         return [f"real size: not measured in this run; kept from the one at {realsize.get('git_commit')} "
                 f"(--realsize measures it)"]
-    """The real-size comparison's lines: the reference, then each mode of ours with its stages and counts."""
     reference = realsize["reference"]
     lines = [f"real size: SAM {realsize['sam_model']} ({realsize['sam_weights']}), {realsize['images']} images of "
              f"{realsize['image_size']} px, {realsize['points_per_side']}² points, SAM's thresholds; reference "
