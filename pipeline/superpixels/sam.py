@@ -105,9 +105,10 @@ class SamSuperpixels(SuperpixelBackend):
         self.sam = build_sam(options.sam_model, options.sam_checkpoint, self.device, image_encoder)
         self.encoder = SamImageEncoder(self.sam, options.images_per_batch, self.device, self.dtype)
         self.transform = self.encoder.transform
-        # The mask upscaling's copy of the decoder in the compute dtype: cast once, not at every call as
-        # autocast does (the transformer runs on ``self.sam.mask_decoder``, float32).
-        self.decoder = copy.deepcopy(self.sam.mask_decoder).to(self.dtype)
+        # The mask upscaling's decoder in the compute dtype: a copy cast once, not at every call as autocast
+        # does; in float32 the decoder itself (the transformer always runs on ``self.sam.mask_decoder``).
+        self.decoder = (self.sam.mask_decoder if self.dtype == torch.float32
+                        else copy.deepcopy(self.sam.mask_decoder).to(self.dtype))
         self.dense_pe = self.sam.prompt_encoder.get_dense_pe()
         (self.point_grid,) = build_all_layer_point_grids(options.points_per_side, 0, 1)
         self.stages = StageTimer()
