@@ -41,7 +41,7 @@ from bench.common import (
     save_random_sam,
 )
 from bench.tokens import pool_budget
-from bench.train_step import Timer, first_batch
+from bench.train_step import Timer, first_batch, format_prefix_sharing, prefix_sharing
 from jobs.options import OptionsParser
 from pipeline.shards import read_manifest
 from trainer.data import DataConfig
@@ -141,7 +141,7 @@ def measure(kind: str, args: argparse.Namespace, paths: dict[str, Path]) -> dict
     frozen = sum(p.numel() for p in model.parameters()) - trained
     tokens = float(model.predict_masks(one)[1].float().mean())
     clock = PartClock(model_parts(model))
-    steps, latency = {}, {}
+    steps, latency, prefix = {}, {}, {}
     for dtype in args.dtypes:
         timer = Timer(torch.device("cpu"), DTYPES[dtype], args.repeats)
         for (features, size), batch in batches.items():
@@ -149,11 +149,14 @@ def measure(kind: str, args: argparse.Namespace, paths: dict[str, Path]) -> dict
             steps[f"batch{size}_{dtype}_{features}"] = {part: measured.get(part, 0.0)
                                                         for part in (*STEP_PARTS, "total")}
         latency[dtype] = timer.latency(model, one)
+        if kind == "svp":  # the rule of SegmentationMLLM.min_shared_positions, at this size: the largest batch
+            prefix[dtype] = prefix_sharing(model, batches[(args.vision_features[0], max(args.batch_sizes))], timer)
     clock.close()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the checkpoint's own memory
     return {"projector": kind, "visual_tokens_mean": tokens, "parameters_trained": trained,
             "parameters_frozen": frozen, "build_s": built_s, "steps": steps, "latency_s": latency,
-            "peak_rss_gib": peak_rss, "checkpoint_bytes": checkpoint_bytes(model, one, args.work)}
+            "peak_rss_gib": peak_rss, "checkpoint_bytes": checkpoint_bytes(model, one, args.work),
+            **({"prefix_sharing": prefix} if prefix else {})}
 
 
 def train_step(model: SegmentationMLLM, batch: dict, timer: Timer, clock: PartClock) -> Callable[[], None]:
@@ -236,6 +239,9 @@ def format_table(results: dict) -> str:
             lines.append(f"{kind:<10}{key:<22}{step['total']:>8.2f}"
                          f"{row.get('step_ratio_to_mlp', {}).get(key, float('nan')):>7.2f}"
                          + "".join(f"{step[part]:>10.3f}" for part in STEP_PARTS))
+    for kind, row in results["projectors"].items():
+        for dtype, sharing in row.get("prefix_sharing", {}).items():
+            lines.append(f"{kind} batch {max(results['batch_sizes'])} {dtype}: {format_prefix_sharing(sharing)}")
     lines += ["", "latency of one sample, seconds: " + ", ".join(
         f"{kind} " + " / ".join(f"{dtype} {value:.2f}" for dtype, value in row["latency_s"].items())
         for kind, row in results["projectors"].items())]

@@ -187,6 +187,41 @@ class Timer:
         return median_seconds(predict, self.repeats, self.device)
 
 
+def prefix_sharing(model: SegmentationMLLM, batch: dict, timer: Timer) -> dict:
+    """The step with the prompt's opening run once per batch against the batch run whole, and which
+    of the two the model's rule (``SegmentationMLLM.min_shared_positions``) picks for this batch."""
+    default = model.min_shared_positions
+    calls: list[tuple[int, ...]] = []
+    hook = model.causal_lm().get_decoder().register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(tuple(kwargs["inputs_embeds"].shape)), with_kwargs=True)
+    try:
+        model.train()
+        picked_shared = len(decoder_calls(model, batch, timer, calls)) == 2  # the prefix's and the rest's
+        model.min_shared_positions = 1
+        forced = decoder_calls(model, batch, timer, calls)
+        positions = forced[0][1] if len(forced) == 2 else 0  # the prefix call's length
+        shared_s = timer.step(model, batch)
+        model.min_shared_positions = sys.maxsize
+        whole_s = timer.step(model, batch)
+    finally:
+        model.min_shared_positions = default
+        hook.remove()
+    samples = len(batch["sentences"])
+    return {"shared_positions": positions, "positions_saved": (samples - 1) * positions,
+            "step_shared_s": shared_s, "step_whole_s": whole_s, "shared_to_whole": shared_s / whole_s,
+            "default": "shared" if picked_shared else "whole"}
+
+
+def decoder_calls(model: SegmentationMLLM, batch: dict, timer: Timer,
+                  calls: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The input shapes of the LLM decoder's calls in one training forward (``calls``: where a hook
+    appends them)."""
+    calls.clear()
+    with timer.autocast():
+        model(batch)
+    return list(calls)
+
+
 def measure_passes(model: SegmentationMLLM, args: argparse.Namespace, shards: Path, timer: Timer) -> dict:
     """One svp training pass batched in arrival order vs length-grouped, and the loader's samples/s."""
     data_config = DataConfig(**model.data_config_fields())
@@ -219,6 +254,8 @@ def measure_size(size: LlmSize, args: argparse.Namespace, workspace: Workspace, 
         if kind == "svp" and with_sam_encoder:
             result["svp_step_with_sam_encoder_s"] = timer.step(model, with_pixels)
             result["svp_step_with_sam_embeddings_s"] = rows[kind]["step_s"]
+        if kind == "svp":
+            result["svp_prefix_sharing"] = prefix_sharing(model, with_embeddings, timer)
         if kind == "svp" and with_passes:
             result["svp_training"] = measure_passes(model, args, shards, timer)
             result["svp_training"]["step_samples_per_s"] = args.step_batch_size / rows[kind]["step_s"]
@@ -298,6 +335,8 @@ def format_table(results: dict) -> str:
             lines.append(f"svp step with precomputed sam.npy {size['svp_step_with_sam_embeddings_s']:.3f} s vs running "
                          f"the SAM encoder {size['svp_step_with_sam_encoder_s']:.3f} s: "
                          f"ratio {embedding_step_ratio(size):.3f}")
+        if "svp_prefix_sharing" in size:
+            lines.append(format_prefix_sharing(size["svp_prefix_sharing"]))
         if "svp_training" in size:
             training = size["svp_training"]
             for name, row in training["passes"].items():
@@ -315,6 +354,12 @@ def format_table(results: dict) -> str:
     lines.append(f"headline sam_embedding_step_ratio: SAM {results['sam_embedding_step_ratio_sam']}'s "
                  f"({results['headline']['sam_embedding_step_ratio']:.3f}; a real SAM's where one was timed)")
     return "\n".join(lines)
+
+
+def format_prefix_sharing(row: dict) -> str:
+    return (f"svp step, the prompt's opening ({row['shared_positions']} positions, {row['positions_saved']} saved) "
+            f"run once {row['step_shared_s']:.3f} s vs the batch whole {row['step_whole_s']:.3f} s: ratio "
+            f"{row['shared_to_whole']:.3f}; the default runs it {row['default']}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -21,6 +21,7 @@ from bench.__main__ import PARTS, shared_cpu_note
 from bench.__main__ import main as bench
 from bench.common import LlmSize, differences_from_full, parse_args
 from pipeline.superpixels.base import SamOptions
+from trainer.model import SegmentationMLLM
 
 HEADLINE = ("tokens_ratio_svp_to_mlp", "ciou_svp", "ciou_mlp", "ciou_pool", "train_step_ratio_svp_to_mlp",
             "infer_latency_ratio_svp_to_mlp", "precompute_speedup_vs_reference", "partition_agreement",
@@ -57,6 +58,12 @@ def test_quick_bench_writes_every_figure_with_a_sane_value(quick) -> None:
     assert tokens["svp"]["median"] <= tokens["svp"]["max"] and tokens["svp"]["p95"] <= tokens["svp"]["max"]
     assert Image.open(parts["tokens"]["histogram"]).size[0] > 0
     assert list(parts["train_step"]["sizes"]) == ["tiny", "64x2"]
+    for size in parts["train_step"]["sizes"].values():  # the step timed with the prompt's opening shared and not
+        sharing = size["svp_prefix_sharing"]
+        assert sharing["shared_positions"] > 1 and sharing["step_shared_s"] > 0 and sharing["step_whole_s"] > 0
+        assert sharing["positions_saved"] == (parts["train_step"]["batch_size"] - 1) * sharing["shared_positions"]
+        pays = sharing["positions_saved"] >= SegmentationMLLM.min_shared_positions
+        assert sharing["default"] == ("shared" if pays else "whole")
     passes = parts["train_step"]["sizes"]["64x2"]["svp_training"]["passes"]
     assert passes["arrival_order"]["batches"] == passes["length_grouped"]["batches"] > 0
     # The same items either way, and sorted neighbours give the least padding.

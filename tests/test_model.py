@@ -131,6 +131,7 @@ def test_the_shared_prefix_runs_once_with_the_states_and_gradients_of_the_full_b
     """Both sentences start with "the": the prompt's opening and that word run once, as one sequence,
     and the rest of each sample attends to their cached keys and values."""
     model = build(lora_dropout=0.0, llm_training=training).train()
+    model.min_shared_positions = 1  # two samples share too few positions for the default to share them
     decoder = model.causal_lm().get_decoder()
     calls = []
     decoder.register_forward_hook(lambda module, args, kwargs, out: calls.append(tuple(kwargs["inputs_embeds"].shape)),
@@ -173,13 +174,18 @@ def test_what_is_shared_and_when_the_batch_runs_whole(checkpointing: bool, calls
     model.causal_lm().get_decoder().register_forward_hook(lambda *args: calls.append(1))
     sequences = capture_sequences(model)
     batch = make_batch(sentences=("red circle", "the blue square"))
+    model(batch)  # the default threshold: one sample's opening saved is too little to share
+    shared = len(model.tokenizer(PROMPT.split("{sentence}")[0])["input_ids"])
+    assert sequences[0].shared == shared < model.min_shared_positions
+    assert len(calls) == 1
+    model.min_shared_positions = shared  # (2 - 1) samples × shared positions saved: just enough
     model(batch)
-    assert sequences[0].shared == len(model.tokenizer(PROMPT.split("{sentence}")[0])["input_ids"])
-    assert len(calls) == calls_per_batch
+    assert len(calls) == 1 + calls_per_batch
+    calls.clear()
     model(take(batch, [0]))
-    assert len(calls) == calls_per_batch + 1
+    assert len(calls) == 1
     model.predict_masks(batch)  # inference: the batch runs whole, so its outputs are each sample's own
-    assert len(calls) == calls_per_batch + 2
+    assert len(calls) == 2
 
 
 def test_splice_layout_visual_tokens_in_place_labels_on_the_answer_only() -> None:

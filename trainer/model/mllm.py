@@ -261,6 +261,12 @@ def _add_lora(model: PreTrainedModel, config: ModelConfig, token_ids: list[int])
 class SegmentationMLLM(nn.Module):
     """Batch → (losses, SAM low-res mask logits); see the module docstring for what trains."""
 
+    # The fewest positions that sharing the prompt's opening must save for a training step to run it
+    # once (``_decode``). On the 2-core CPU, batch 8: 7 × 5 positions saved made the 85M LLM's fp32
+    # step 3% slower, 7 × 17 made Qwen2.5-0.5B's bf16 step 6% faster. Any batch with a chat template's
+    # system turn clears it. An attribute, so that a benchmark can time a step both ways.
+    min_shared_positions: int = 64
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         _check_sources(config)
@@ -363,6 +369,11 @@ class SegmentationMLLM(nn.Module):
         whole batch run in full (to float rounding), for 1/B of the prefix's compute. LoRA dropout then draws one mask
         for the prefix's positions instead of one per sample.
 
+        Only where it pays: the prefix is a second call of the LLM, which reads every weight once more
+        and pays each layer's call overhead again, for ``(B - 1) · shared`` positions not computed.
+        :attr:`min_shared_positions` is where that turns (``bench.train_step`` and ``bench.realsize``
+        time the svp step both ways at each size).
+
         Only where autograd is on (training). Without it (eval, predict) the batch runs whole, and an
         eval gives the same table on one process as on several (``tests/test_multi_dataset.py``): how
         many positions are shared depends on the batch's sentences, so sharing would move a sample's
@@ -378,7 +389,8 @@ class SegmentationMLLM(nn.Module):
         positions, shared = self._positions(mask), sequences.shared
         checkpointed = self.config.gradient_checkpointing
         with contextlib.nullcontext() if checkpointed else sdpa_backend(length, length, embeds.device):
-            if checkpointed or shared == 0 or samples == 1 or not torch.is_grad_enabled():
+            saved = (samples - 1) * shared
+            if checkpointed or saved == 0 or saved < self.min_shared_positions or not torch.is_grad_enabled():
                 return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                use_cache=False).last_hidden_state
             keys_values = DynamicCache(config=decoder.config)
