@@ -10,8 +10,10 @@
 - the automatic mask generator's decoder: the IoU predictions of point prompts on one image,
   ``pipeline.sam_decoder.decode_tokens`` (every prompt's image tokens in full, bf16 weights, as the
   generator ran it before) against ``pipeline.sam_factored.FactoredDecoder`` (float32), at 8 and 64
-  prompts per call; and the factored one's milliseconds per prompt at 8 against 4 and 32 prompts per
-  call (the generator's default on a CPU is 8).
+  prompts per call; the bf16 masks of 8 prompts that pass the IoU filter, from their image tokens
+  materialised against from the factored ones (``FactoredPrompts.mask_logits``); and the factored
+  decoder's milliseconds per prompt at 8 against 4 and 32 prompts per call (the generator's default
+  on a CPU is 8).
 
 Milliseconds per call, the median of ``--repeats`` after a warm-up, and the ratio of each pair;
 results go to ``RESULTS/kernels.json``.
@@ -33,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import OutputOptions, describe_device, machine_load, write_json
 from jobs.options import OptionsParser
-from pipeline.sam_decoder import decode_tokens, predicted_iou, upscaled_masks
+from pipeline.sam_decoder import DecodedPrompts, decode_tokens, mask_logits, predicted_iou, upscaled_masks
 from pipeline.sam_factored import FactoredDecoder
 
 NAME = "kernels"
@@ -158,6 +160,29 @@ def point_decoders(prompts: int, repeats: int) -> dict[str, float]:
                 "factored": milliseconds(lambda: factored(sparse), repeats)}
 
 
+def generator_masks(prompts: int, repeats: int) -> dict[str, float]:
+    """{materialised, factored}: milliseconds of the bf16 multimask logits of ``prompts`` point
+    prompts on one image from the factored decoder's outputs: their image tokens materialised, then
+    ``mask_logits`` (what the generator ran before), against ``FactoredPrompts.mask_logits``."""
+    decoder, generator = vit_b_decoder(), torch.Generator().manual_seed(0)
+    embedding, pe, dense = one_image(generator)
+    sparse = torch.randn(prompts, 2, 256, generator=generator)
+    full, upscaling = copy.deepcopy(decoder).to(torch.bfloat16), copy.deepcopy(decoder.output_upscaling).bfloat16()
+    every = torch.arange(prompts)
+    factored_decoder = FactoredDecoder(decoder, embedding[0], pe, dense)
+
+    def materialised() -> torch.Tensor:
+        keys = factored.keys[every]  # scale ⊙ (P + zt.T @ c), as (p, n, C)
+        tokens = keys.scale[..., None] * (factored_decoder.stages[-1].tokens + keys.zt.transpose(1, 2) @ keys.c)
+        decoded = DecodedPrompts(factored.decoded_tokens(every), tokens.unflatten(1, factored_decoder.size))
+        return mask_logits(full, decoded.to(torch.bfloat16), slice(1, None))
+
+    with torch.inference_mode():
+        factored = factored_decoder(sparse)
+        return {"materialised": milliseconds(materialised, repeats),
+                "factored": milliseconds(lambda: factored.mask_logits(every, slice(1, None), upscaling), repeats)}
+
+
 def factored_per_prompt(prompts: Sequence[int], repeats: int) -> dict[str, float]:
     """{"N=…": milliseconds per prompt of the factored decoder at N prompts per call}."""
     decoder, generator = vit_b_decoder(), torch.Generator().manual_seed(0)
@@ -186,6 +211,8 @@ def run(repeats: int) -> dict:
     for prompts in (8, 64):
         rows.append({"kernel": "point decoder", "case": f"IoU of {prompts} point prompts on one 1024 px image, "
                      "ms per call", **point_decoders(prompts, repeats)})
+    rows.append({"kernel": "generator masks", "case": "bf16 multimask logits of 8 point prompts from the factored "
+                 "decoder's outputs", **generator_masks(8, repeats)})
     for pair in ((8, 4), (8, 32)):
         rows.append({"kernel": "point decoder", "case": "factored, ms per prompt at N prompts per call",
                      **factored_per_prompt(pair, repeats)})

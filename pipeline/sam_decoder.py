@@ -98,9 +98,15 @@ def predicted_iou(decoder: MaskDecoder, decoded: DecodedPrompts) -> torch.Tensor
 def mask_logits(decoder: MaskDecoder, decoded: DecodedPrompts, outputs: slice = slice(None)) -> torch.Tensor:
     """(P, M, 4h, 4w): the low-res mask logits of the outputs ``outputs`` selects (all by default;
     ``slice(1, None)``: the multimask ones), so that no hypernetwork runs for a mask nobody reads."""
-    indices = range(decoder.num_mask_tokens)[outputs]
-    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](decoded.tokens[:, 1 + i, :]) for i in indices], 1)
+    hyper_in = hypernetwork_inputs(decoder, decoded.tokens, outputs)
     return upscaled_masks(decoder.output_upscaling, decoded.image_tokens, hyper_in)
+
+
+def hypernetwork_inputs(decoder: MaskDecoder, tokens: torch.Tensor, outputs: slice = slice(None)) -> torch.Tensor:
+    """(P, M, C/8): what each output's mask token (of ``tokens`` (P, T, C)) gives its hypernetwork MLP,
+    the weights of the upscaled features' channels in its mask."""
+    indices = range(decoder.num_mask_tokens)[outputs]
+    return torch.stack([decoder.output_hypernetworks_mlps[i](tokens[:, 1 + i, :]) for i in indices], 1)
 
 
 def upscaled_masks(upscaling: nn.Sequential, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
@@ -112,20 +118,30 @@ def upscaled_masks(upscaling: nn.Sequential, src: torch.Tensor, hyper_in: torch.
     pixel. Two of them give a (2, 2, 2, 2) block per pixel, (a, b) from the first and (c, d) from
     the second: output pixel (4y + 2a + c, 4x + 2b + d).
     """
-    first, norm, first_act, second, second_act = upscaling
-    y = _pixel_blocks(first, src)  # (P, h, w, 2, 2, C/4)
-    y = first_act(F.layer_norm(y, y.shape[-1:], norm.weight, norm.bias, norm.eps))
+    return masks_of_blocks(upscaling, _pixel_blocks(upscaling[0], src), hyper_in)
+
+
+def masks_of_blocks(upscaling: nn.Sequential, blocks: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+    """:func:`upscaled_masks` from the first convolution's output ``blocks`` (P, h, w, 2, 2, C/4), bias
+    included: the rest of the upscaling and the hypernetwork product."""
+    _, norm, first_act, second, second_act = upscaling
+    y = first_act(F.layer_norm(blocks, blocks.shape[-1:], norm.weight, norm.bias, norm.eps))
     y = second_act(_pixel_blocks(second, y))  # (P, h, w, 2, 2, 2, 2, C/8)
-    prompts, height, width = src.shape[:3]
+    prompts, height, width = blocks.shape[:3]
     masks = (y.flatten(1, -2) @ hyper_in.transpose(1, 2)).unflatten(1, y.shape[1:-1])  # (P, h, w, a, b, c, d, M)
     masks = masks.permute(0, 7, 1, 3, 5, 2, 4, 6)  # (P, M, h, a, c, w, b, d)
     return masks.reshape(prompts, hyper_in.shape[1], 4 * height, 4 * width)
 
 
+def pixel_block_weight(convolution: nn.ConvTranspose2d) -> torch.Tensor:
+    """A 2×2, stride-2 ``ConvTranspose2d``'s weight as (C_in, 2·2·C_out), its outputs (a, b, C_out):
+    channel-last ``x @`` it, unflattened to (..., 2, 2, C_out), plus the bias, is the convolution."""
+    return convolution.weight.permute(0, 2, 3, 1).flatten(1)
+
+
 def _pixel_blocks(convolution: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
     """A 2×2, stride-2 ``ConvTranspose2d`` on channel-last ``x`` (..., C_in): (..., 2, 2, C_out)."""
-    weight = convolution.weight.permute(0, 2, 3, 1).flatten(1)  # (C_in, 2·2·C_out): (a, b, C_out)
-    return (x @ weight).unflatten(-1, (2, 2, -1)) + convolution.bias
+    return (x @ pixel_block_weight(convolution)).unflatten(-1, (2, 2, -1)) + convolution.bias
 
 
 def two_way_transformer(transformer: TwoWayTransformer, images: torch.Tensor, owner: torch.Tensor | None,

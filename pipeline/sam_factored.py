@@ -5,8 +5,8 @@ whose predicted IoU passes a threshold: a few percent of them, on the real-size 
 decoder (and :func:`pipeline.sam_decoder.decode_tokens`) carries a copy of the image tokens per
 prompt (4,096 × 256 at 1024 px) through every layer: memory-bound work, most of the generator's
 time. This one carries each prompt's copy in a factored form instead, computes every prompt's
-predicted IoU from it (:class:`FactoredDecoder`), and materialises the image tokens only of the
-prompts whose masks are wanted (:meth:`FactoredPrompts.decoded`), for ``mask_logits``.
+predicted IoU from it (:class:`FactoredDecoder`), and computes masks only for the prompts whose
+masks are wanted (:meth:`FactoredPrompts.mask_logits`), still without materialising their tokens.
 
 Without a mask prompt, every prompt of an image starts from the same image tokens ``P``. An
 image-to-token attention adds to each image token a mix of the prompt's few (``T``) token values,
@@ -32,7 +32,7 @@ from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import nn
 
-from pipeline.sam_decoder import DecodedPrompts, self_attention
+from pipeline.sam_decoder import hypernetwork_inputs, masks_of_blocks, pixel_block_weight, self_attention
 
 
 @dataclass(frozen=True)
@@ -134,10 +134,6 @@ class _Factored:
         return _Factored(self.scale[index], self._zt[index], self.rank, self.c[index],
                          tuple(factor[index] for factor in self.factors))
 
-    def materialised(self, stage: _Stage) -> torch.Tensor:
-        """(p, n, C): the tokens themselves."""
-        return self.scale[..., None] * (stage.tokens + self.zt.transpose(1, 2) @ self.c)
-
     @property
     def zt(self) -> torch.Tensor:
         """(p, k, n)."""
@@ -219,13 +215,31 @@ class FactoredPrompts:
     keys: _Factored
     iou: torch.Tensor  # (p, 1 + num_multimask_outputs): as ``predicted_iou(decoder, decode_tokens(...))``
 
-    def decoded(self, index: torch.Tensor) -> DecodedPrompts:
-        """What ``decode_tokens`` gives for the prompts ``index`` selects: what their masks are made of."""
-        transformer, stage = self.decoder.decoder.transformer, self.decoder.stages[-1]
+    def decoded_tokens(self, index: torch.Tensor) -> torch.Tensor:
+        """``decode_tokens(...).tokens`` of the prompts ``index`` selects: the final attention's outputs."""
+        transformer = self.decoder.decoder.transformer
         keys, queries, tokens = self.keys[index], self.queries[index], self.tokens[index]
-        queries = queries + _token_to_image(transformer.final_attn_token_to_image, stage, queries + tokens, keys)
-        image_tokens = keys.materialised(stage).unflatten(1, self.decoder.size)
-        return DecodedPrompts(transformer.norm_final_attn(queries), image_tokens)
+        queries = queries + _token_to_image(transformer.final_attn_token_to_image, self.decoder.stages[-1],
+                                            queries + tokens, keys)
+        return transformer.norm_final_attn(queries)
+
+    def mask_logits(self, index: torch.Tensor, outputs: slice, upscaling: nn.Sequential) -> torch.Tensor:
+        """``mask_logits(decoder, decode_tokens(...)[index], outputs)`` with ``upscaling`` (the decoder's
+        ``output_upscaling`` in the dtype the masks are computed in), the image tokens never materialised.
+
+        The upscaling's first convolution is one linear map per token (``pixel_block_weight``), so it
+        maps the factored form term by term: ``scale ⊙ (P W + zt.T @ (c W)) + bias``, with ``P W`` the
+        image's (:attr:`FactoredDecoder.upscaled`) and, per prompt, a product of rank k (116 for SAM)
+        where the materialised tokens cost one of rank C (256) and their own k-rank product to make.
+        """
+        dtype, first = upscaling[0].weight.dtype, self.decoder.decoder.output_upscaling[0]
+        keys = self.keys[index]
+        hyper_in = hypernetwork_inputs(self.decoder.decoder, self.decoded_tokens(index), outputs)
+        small = (keys.c @ pixel_block_weight(first)).to(dtype)  # (p, k, 4·C/4)
+        blocks = torch.baddbmm(self.decoder.upscaled.to(dtype), keys.zt.transpose(1, 2).to(dtype), small)
+        blocks.mul_(keys.scale[..., None].to(dtype)).add_(first.bias.repeat(4).to(dtype))
+        blocks = blocks.unflatten(1, self.decoder.size).unflatten(-1, (2, 2, -1))  # (p, h, w, 2, 2, C/4)
+        return masks_of_blocks(upscaling, blocks, hyper_in.to(dtype))
 
 
 class FactoredDecoder:
@@ -249,6 +263,8 @@ class FactoredDecoder:
             tokens = self.stages[-1].centred * layer.norm4.weight
             blocks = blocks.normed(layer.norm4)
         self.stages.append(_Stage.of(tokens, key_pe, transformer.final_attn_token_to_image, None, None))
+        # The output upscaling's first convolution of the shared tokens (n, 4·C/4), its bias left out.
+        self.upscaled = tokens @ pixel_block_weight(decoder.output_upscaling[0])
 
     def __call__(self, sparse: torch.Tensor) -> FactoredPrompts:
         """The layers for ``p`` prompts (``sparse`` (p, T', C)), and the IoU head's predictions."""

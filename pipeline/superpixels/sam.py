@@ -10,9 +10,9 @@ grid, three multimask outputs per point, predicted-IoU filter, stability score, 
   runs once per image, a prompt costs products with small factors, in float32, the reference's
   arithmetic (to about 1e-7);
 - the predicted-IoU filter runs before any mask exists: the IoU head reads the transformer's
-  tokens, so only prompts with a passing output have their image tokens materialised and their
-  masks upscaled (the upscaling is more work per prompt than the factored transformer), and only
-  their multimask outputs;
+  tokens, so only prompts with a passing output have their masks upscaled (the upscaling is more
+  work per prompt than the factored transformer), and only their multimask outputs; the upscaling's
+  first convolution reads the factored tokens, so a prompt's image tokens are never materialised;
 - the stability score, boxes and NMS run on the decoder's 256×256 logits (cropped to the image),
   not on masks upsampled to the image: a mask NMS drops is never upsampled. Only the kept masks
   are brought to the *working resolution* (the image up to 1024 px on the long side, SAM's own
@@ -50,7 +50,6 @@ from segment_anything.utils.amg import batched_mask_to_box, build_all_layer_poin
 from torchvision.ops import batched_nms
 
 from pipeline.partition import PartitionConfig, paint_masks, partition_at_working_resolution, working_shape
-from pipeline.sam_decoder import mask_logits
 from pipeline.sam_factored import FactoredDecoder
 from pipeline.sam_model import SAM_MASK_STRIDE, build_sam
 from pipeline.superpixels.base import SamOptions, SuperpixelBackend, SuperpixelResult
@@ -105,10 +104,10 @@ class SamSuperpixels(SuperpixelBackend):
         self.sam = build_sam(options.sam_model, options.sam_checkpoint, self.device, image_encoder)
         self.encoder = SamImageEncoder(self.sam, options.images_per_batch, self.device, self.dtype)
         self.transform = self.encoder.transform
-        # The mask upscaling's decoder in the compute dtype: a copy cast once, not at every call as autocast
-        # does; in float32 the decoder itself (the transformer always runs on ``self.sam.mask_decoder``).
-        self.decoder = (self.sam.mask_decoder if self.dtype == torch.float32
-                        else copy.deepcopy(self.sam.mask_decoder).to(self.dtype))
+        # The mask upscaling in the compute dtype: a copy cast once, not at every call as autocast does; in
+        # float32 the decoder's own (the transformer always runs on ``self.sam.mask_decoder``).
+        upscaling = self.sam.mask_decoder.output_upscaling
+        self.upscaling = upscaling if self.dtype == torch.float32 else copy.deepcopy(upscaling).to(self.dtype)
         self.dense_pe = self.sam.prompt_encoder.get_dense_pe()
         (self.point_grid,) = build_all_layer_point_grids(options.points_per_side, 0, 1)
         self.stages = StageTimer()
@@ -243,7 +242,7 @@ class SamSuperpixels(SuperpixelBackend):
         if not len(prompts):
             return
         with self.stages.stage("mask upscaling"):
-            logits = mask_logits(self.decoder, factored.decoded(prompts).to(self.dtype), _MULTIMASK)[passing]
+            logits = factored.mask_logits(prompts, _MULTIMASK, self.upscaling)[passing]
         scores = scores[prompts][passing]
         with self.stages.stage("stability"):
             rows, cols = frame.low_res
