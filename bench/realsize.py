@@ -241,7 +241,7 @@ def format_table(results: dict) -> str:
                          + "".join(f"{step[part]:>10.3f}" for part in STEP_PARTS))
     for kind, row in results["projectors"].items():
         for dtype, sharing in row.get("prefix_sharing", {}).items():
-            lines.append(f"{kind} batch {max(results['batch_sizes'])} {dtype}: {format_prefix_sharing(sharing)}")
+            lines.append(f"{kind} step, batch {max(results['batch_sizes'])}, {dtype}: {format_prefix_sharing(sharing)}")
     lines += ["", "latency of one sample, seconds: " + ", ".join(
         f"{kind} " + " / ".join(f"{dtype} {value:.2f}" for dtype, value in row["latency_s"].items())
         for kind, row in results["projectors"].items())]

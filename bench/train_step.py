@@ -336,7 +336,7 @@ def format_table(results: dict) -> str:
                          f"the SAM encoder {size['svp_step_with_sam_encoder_s']:.3f} s: "
                          f"ratio {embedding_step_ratio(size):.3f}")
         if "svp_prefix_sharing" in size:
-            lines.append(format_prefix_sharing(size["svp_prefix_sharing"]))
+            lines.append(f"svp step: {format_prefix_sharing(size['svp_prefix_sharing'])}")
         if "svp_training" in size:
             training = size["svp_training"]
             for name, row in training["passes"].items():
@@ -357,8 +357,8 @@ def format_table(results: dict) -> str:
 
 
 def format_prefix_sharing(row: dict) -> str:
-    return (f"svp step, the prompt's opening ({row['shared_positions']} positions, {row['positions_saved']} saved) "
-            f"run once {row['step_shared_s']:.3f} s vs the batch whole {row['step_whole_s']:.3f} s: ratio "
+    return (f"the prompt's opening ({row['shared_positions']} positions, {row['positions_saved']} saved) run once "
+            f"{row['step_shared_s']:.3f} s vs the batch whole {row['step_whole_s']:.3f} s: ratio "
             f"{row['shared_to_whole']:.3f}; the default runs it {row['default']}")
 
 
