@@ -262,9 +262,10 @@ class SegmentationMLLM(nn.Module):
     """Batch → (losses, SAM low-res mask logits); see the module docstring for what trains."""
 
     # The fewest positions that sharing the prompt's opening must save for a training step to run it
-    # once (``_decode``). On the 2-core CPU, batch 8: 7 × 5 positions saved made the 85M LLM's fp32
-    # step 3% slower, 7 × 17 made Qwen2.5-0.5B's bf16 step 6% faster. Any batch with a chat template's
-    # system turn clears it. An attribute, so that a benchmark can time a step both ways.
+    # once (``_decode``). On the 2-core CPU at batch 8: 7 × 5 saved (the bench tokenizer's opening)
+    # made the 85M LLM's fp32 step 1.01× the batch run whole (``bench.train_step``), 7 × 18 (Qwen2.5's
+    # chat template) made Qwen2.5-0.5B's bf16 step 0.875× (``bench.realsize``). An attribute, so that
+    # a benchmark can time a step both ways.
     min_shared_positions: int = 64
 
     def __init__(self, config: ModelConfig) -> None:
