@@ -217,8 +217,12 @@ class FactoredPrompts:
 
     def decoded_tokens(self, index: torch.Tensor) -> torch.Tensor:
         """``decode_tokens(...).tokens`` of the prompts ``index`` selects: the final attention's outputs."""
+        return self._decoded_tokens(index, self.keys[index])
+
+    def _decoded_tokens(self, index: torch.Tensor, keys: _Factored) -> torch.Tensor:
+        """:meth:`decoded_tokens` with ``keys``, ``self.keys[index]``, already taken."""
         transformer = self.decoder.decoder.transformer
-        keys, queries, tokens = self.keys[index], self.queries[index], self.tokens[index]
+        queries, tokens = self.queries[index], self.tokens[index]
         queries = queries + _token_to_image(transformer.final_attn_token_to_image, self.decoder.stages[-1],
                                             queries + tokens, keys)
         return transformer.norm_final_attn(queries)
@@ -229,12 +233,12 @@ class FactoredPrompts:
 
         The upscaling's first convolution is one linear map per token (``pixel_block_weight``), so it
         maps the factored form term by term: ``scale ⊙ (P W + zt.T @ (c W)) + bias``, with ``P W`` the
-        image's (:attr:`FactoredDecoder.upscaled`) and, per prompt, a product of rank k (116 for SAM)
-        where the materialised tokens cost one of rank C (256) and their own k-rank product to make.
+        image's (:attr:`FactoredDecoder.upscaled`). A prompt pays one product of rank k (116 for SAM);
+        materialising its tokens first cost that product and then one of rank C (256), the convolution.
         """
         dtype, first = upscaling[0].weight.dtype, self.decoder.decoder.output_upscaling[0]
         keys = self.keys[index]
-        hyper_in = hypernetwork_inputs(self.decoder.decoder, self.decoded_tokens(index), outputs)
+        hyper_in = hypernetwork_inputs(self.decoder.decoder, self._decoded_tokens(index, keys), outputs)
         small = (keys.c @ pixel_block_weight(first)).to(dtype)  # (p, k, 4·C/4)
         blocks = torch.baddbmm(self.decoder.upscaled.to(dtype), keys.zt.transpose(1, 2).to(dtype), small)
         blocks.mul_(keys.scale[..., None].to(dtype)).add_(first.bias.repeat(4).to(dtype))
