@@ -32,12 +32,12 @@ def test_the_factored_decoder_predicts_what_the_decoder_does(model_type: str) ->
         first, rest = factored(sparse[:4]), factored(sparse[4:])  # one per image serves calls of any size
         chosen = torch.tensor([3, 1])
         tokens = first.decoded_tokens(chosen)
-        masks = first.mask_logits(chosen, slice(1, None), decoder.output_upscaling)
-        expected_masks = mask_logits(decoder, expected[chosen], slice(1, None))
+        masks = first.mask_logits(chosen, slice(None), decoder.output_upscaling)  # every output, as mask_logits
+        expected_masks = mask_logits(decoder, expected[chosen])
         iou = predicted_iou(decoder, expected)
     assert iou.std() > 1e-3, "the prompts must predict different IoUs for the comparison to mean anything"
     torch.testing.assert_close(torch.cat([first.iou, rest.iou]), iou, rtol=0, atol=1e-10)
     torch.testing.assert_close(tokens, expected.tokens[chosen], rtol=0, atol=1e-10)
-    assert masks.shape == (2, decoder.num_multimask_outputs, 4 * frame // 16, 4 * frame // 16)
+    assert masks.shape == (2, decoder.num_mask_tokens, 4 * frame // 16, 4 * frame // 16)
     assert masks.std() > 1e-2, "masks that vary, or the comparison means nothing"
     torch.testing.assert_close(masks, expected_masks, rtol=0, atol=1e-9)
