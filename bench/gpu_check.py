@@ -64,7 +64,7 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         save_random_sam(sam, "tiny")  # each a no-op once saved: a rerun reuses them
         workers, precision = [], []
         bench_precompute = ["--preset", "quick"]
-        bench_inference = ["--stacks", "demo", "--batch-size", "2"]
+        bench_inference = ["--stacks", "demo", "--batch-size", "2", "--points-per-side", grid]
     else:
         sam, sam_model, grid = work / "sam_vit_h.pth", "vit_h", "32"
         save_random_sam(sam, "vit_h")
