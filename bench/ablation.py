@@ -15,8 +15,11 @@ lies without SSPE, and the place probe would measure that order instead of SSPE.
 Each (rung, dataset) trains ``--seeds`` times, seed ``s`` of every rung on the same data, the same
 batches in the same order and the same initialisation of the shared parts, by ``trainer.loop``
 through ``jobs.workflow`` as ``svp train`` would, and is evaluated by ``svp eval``'s code on the
-held-out splits (val, testA, testB: their mean). Each part's effect is the paired difference on its
-own probe, seed by seed, with a 95% t-interval over the seeds:
+held-out splits (val, testA, testB: their mean). Beside cIoU each run reports the referred share
+(``svp eval``'s ``referred_share``): of its predicted pixels on the image's objects, the share on
+the one meant. A rung whose share is 0.5 marks both twins, so it has not learned the probe at all,
+whatever its cIoU. Each part's effect is the paired difference on its own probe, seed by seed, with
+a 95% t-interval over the seeds:
 
 - ``sspe``: svp+sspe minus svp-pool on the place probe;
 - ``ssa``: svp (both) minus svp+sspe on the inside probe.
@@ -54,6 +57,7 @@ from trainer.model import ProjectorConfig
 NAME = "ablation"
 DATASETS = ("plain", *PROBES)
 SPLITS = ("val", "testA", "testB")  # the held-out splits; a run's figure is their mean
+REFERRED = "referred_share"  # svp eval's share of the predicted object pixels on the one meant: the twin picked
 # Each part: (the rung with it, the rung below without it, the probe it is for).
 PARTS = {"sspe": ("svp+sspe", "svp-pool", "place"), "ssa": ("svp", "svp+sspe", "inside")}
 # 1000, as bench.accuracy's full preset: the demo's head starts selecting the referred object after ~500, and at
@@ -132,16 +136,18 @@ def train_and_evaluate(run: Run) -> dict[str, dict]:
     from jobs.eval import run_eval
 
     record = run.run_dir / "ablation_run.json"
-    if record.exists():
-        saved = json.loads(record.read_text())
-        if saved["run"] == run.identity():
-            return saved["splits"]
+    saved = json.loads(record.read_text()) if record.exists() else None
+    trained = saved is not None and saved["run"] == run.identity()
+    if trained and all(REFERRED in metrics for metrics in saved["splits"].values()):
+        return saved["splits"]
     if run.threads is not None:
         torch.set_num_threads(run.threads)
-    shutil.rmtree(run.run_dir, ignore_errors=True)  # anything else there is another run's, or unfinished
-    model = tiny_model(run.data.sam_checkpoint, seed=run.seed, projector=run.projector)
-    train_on_shards(train_config(run.data.shards, run.run_dir, model, steps=run.steps, batch_size=run.batch_size,
-                                 lr=run.lr, seed=run.seed, mixed_precision=run.mixed_precision))
+    if not trained:  # (a run evaluated before the referred share was counted is only evaluated again)
+        shutil.rmtree(run.run_dir, ignore_errors=True)  # anything else there is another run's, or unfinished
+        model = tiny_model(run.data.sam_checkpoint, seed=run.seed, projector=run.projector)
+        train_on_shards(train_config(run.data.shards, run.run_dir, model, steps=run.steps,
+                                     batch_size=run.batch_size, lr=run.lr, seed=run.seed,
+                                     mixed_precision=run.mixed_precision))
     splits = run_eval(run.run_dir, str(run.data.shards), list(SPLITS))[0]["splits"]
     record.write_text(json.dumps({"run": run.identity(), "splits": splits}, indent=2) + "\n")
     return splits
@@ -186,9 +192,11 @@ def execute(listed: list[Run], jobs: int) -> list[dict[str, dict]]:
         return list(pool.map(train_and_evaluate, listed))
 
 
-def held_out(splits: dict[str, dict], metric: str) -> float:
-    """A run's figure: ``metric`` averaged over the held-out splits (each about a tenth of the images)."""
-    return statistics.fmean(splits[split][metric] for split in SPLITS)
+def held_out(splits: dict[str, dict], metric: str) -> float | None:
+    """A run's figure: ``metric`` averaged over the held-out splits (each about a tenth of the images)
+    that have it (the referred share is None on a split where no prediction touched an object)."""
+    values = [splits[split][metric] for split in SPLITS if splits[split][metric] is not None]
+    return statistics.fmean(values) if values else None
 
 
 def t_interval(differences: Sequence[float]) -> dict[str, float]:
@@ -213,9 +221,12 @@ def summarise(listed: list[Run], metrics: list[dict[str, dict]]) -> dict[str, di
         seeded.sort(key=lambda item: item[0])
         ciou = [held_out(splits, "ciou") for _, splits in seeded]
         giou = [held_out(splits, "giou") for _, splits in seeded]
+        referred = [held_out(splits, REFERRED) for _, splits in seeded]  # None where no prediction touched an object
+        known = [value for value in referred if value is not None]
         summary.setdefault(dataset, {})[rung] = {
             "ciou": {**spread(ciou), "seeds": ciou},
             "giou": {**spread(giou), "seeds": giou},
+            REFERRED: {**spread(known), "seeds": referred} if known else None,
             "tokens_mean": held_out(seeded[0][1], "tokens_mean"),
             "all_foreground_ciou": held_out(seeded[0][1], "all_foreground_ciou"),
             "samples": sum(seeded[0][1][split]["samples"] for split in SPLITS),
@@ -308,6 +319,12 @@ def format_table(results: dict) -> str:
         lines.append(f"{name:<8}" + "".join(f"{by_rung[rung]['ciou']['mean']:>10.3f}" if rung in by_rung
                                             else f"{'-':>10}" for rung in rungs)
                      + f"{next(iter(by_rung.values()))['all_foreground_ciou']:>8.3f}")
+    lines.append("referred share per rung (of the predicted pixels on the image's objects, the share on the one "
+                 "meant: 0.5 is both twins)")
+    for name, by_rung in results["probes"].items():
+        lines.append(f"{name:<8}" + "".join(f"{by_rung[rung][REFERRED]['mean']:>10.3f}"
+                                            if rung in by_rung and by_rung[rung][REFERRED] else f"{'-':>10}"
+                                            for rung in rungs))
     for part, value in results["paired_difference"].items():
         upper, lower = value["rungs"]
         lines.append(f"{part}: {upper} - {lower} on the {value['probe']} probe: {100 * value['mean']:+.1f} cIoU "

@@ -44,6 +44,8 @@ def test_quick_ablation_writes_every_rung_of_every_probe_and_each_parts_differen
             assert len(seeds) == 2 and all(0 <= c <= 1 for c in seeds)
             assert rung["ciou"]["mean"] == statistics.fmean(seeds)
             assert 0 < rung["all_foreground_ciou"] < 1 and rung["samples"] > 0
+            share = rung["referred_share"]  # None only if no seed's prediction touched an object
+            assert share is None or (len(share["seeds"]) == 2 and 0 <= share["mean"] <= 1)
     for part, (upper, lower, probe) in ablation.PARTS.items():
         paired = written["paired_difference"][part]
         assert set(paired) >= {"mean", "low", "high"} and paired["rungs"] == [upper, lower] and paired["probe"] == probe
@@ -67,6 +69,10 @@ def test_the_figures_are_those_of_evaluating_the_trained_runs(quick) -> None:
             splits[split]["ciou"] for split in ablation.SPLITS)
         assert written["probes"][probe][rung]["giou"]["seeds"][seed] == statistics.fmean(
             splits[split]["giou"] for split in ablation.SPLITS)
+        shares = [splits[split]["referred_share"] for split in ablation.SPLITS
+                  if splits[split]["referred_share"] is not None]
+        share = written["probes"][probe][rung]["referred_share"]
+        assert (share["seeds"][seed] if share else None) == (statistics.fmean(shares) if shares else None)
         # The samples are the probe's held-out sentences, and the tokens its superpixels.
         with open(work / f"data-{probe}" / "refer" / "refcoco" / "refs(unc).p", "rb") as file:
             refs = pickle.load(file)
@@ -87,6 +93,13 @@ def test_a_rerun_keeps_the_finished_runs_of_the_same_settings_and_only_those(qui
     saved["splits"]["val"]["ciou"] = 0.5  # no run of 2 steps reaches this: only the record can hold it
     record.write_text(json.dumps(saved))
     assert ablation.train_and_evaluate(run)["val"]["ciou"] == 0.5
+    # A record from before the referred share was counted: evaluated again, not trained again.
+    trained = (run.run_dir / "run_config.json").stat().st_mtime_ns
+    del saved["splits"]["val"]["referred_share"]
+    record.write_text(json.dumps(saved))
+    evaluated = ablation.train_and_evaluate(run)
+    assert evaluated["val"]["ciou"] != 0.5 and "referred_share" in evaluated["val"]
+    assert (run.run_dir / "run_config.json").stat().st_mtime_ns == trained
     assert ablation.train_and_evaluate(replace(run, steps=3))["val"]["ciou"] != 0.5  # other settings: trained anew
     assert json.loads(record.read_text())["run"]["steps"] == 3
 

@@ -119,6 +119,20 @@ def test_batch_shapes_values_and_mask_alignment(tmp_path):
     assert masks[2].sum() > 0 and masks[0].sum() > 0 and not torch.equal(masks[0], masks[2])
     full = batch["full_masks"][2]
     assert full.dtype == torch.uint8 and full.shape == (40, 60) and full[SQUARE].all() and full.sum() == 16 * 16
+    # Each item's other referred objects: ref 1's is ref 0's strip, ref 0's the square (its own strip left out).
+    others = batch["other_objects"]
+    assert [o.dtype for o in others] == [torch.bool] * 4 and others[2].shape == (40, 60)
+    assert torch.equal(others[2], batch["full_masks"][0].bool()) and torch.equal(others[0], full.bool())
+
+
+def test_only_evaluation_carries_the_other_objects(tmp_path):
+    """A one-ref image has none to pick by mistake; training batches carry none at all."""
+    shards = _shards(tmp_path, [_sample(1, refs=1), _sample(2, refs=3)], per_shard=2)
+    batch = next(iter(make_loader(shards, SMALL, train=False, batch_size=8)))
+    assert [int(o.sum()) for o in batch["other_objects"]] == [0, 0, 16 * 16, 16 * 16, 4 * 60, 4 * 60, 16 * 16,
+                                                                16 * 16]
+    trained = next(iter(make_loader(shards, SMALL, train=True, batch_size=2, resampled=False)))
+    assert "other_objects" not in trained
 
 
 def test_eval_yields_every_pair_once_in_order(tmp_path):

@@ -152,6 +152,7 @@ def test_eval_reports_refer_split_names_and_metrics(trained_run, shards, capsys)
     for split in report["splits"].values():
         assert 0 <= split["ciou"] <= 1 and 0 <= split["giou"] <= 1 and 0 < split["all_foreground_ciou"] < 1
         assert split["samples"] >= split["images"] >= 1 and split["tokens_max"] >= split["tokens_mean"] > 0
+        assert split["referred_share"] is None or 0 <= split["referred_share"] <= 1
     assert svp_eval(["--run-dir", str(trained_run), "--shards", str(shards), "--splits", "test"]) == 2
     assert "'test'" in capsys.readouterr().err
 

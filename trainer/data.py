@@ -26,8 +26,10 @@ lists (``datasets``: each ref's dataset, "" where the shard's refs do not name i
 int64 (B,V,V) with labels 0..K'-1 and ``num_superpixels`` int64 (B,) = K'; ``sam_embeddings``
 float32 (B,C,S/16,S/16) when every item has a stored embedding of that shape, else ``sam_pixels``
 float32 (B,3,S,S); ``gt_masks`` float32 (B,S/4,S/4) binary; ``input_sizes`` / ``original_sizes``
-int64 (B,2) as (h, w); ``full_masks``: list of uint8 (H,W) tensors; ``skipped``: corrupt samples
-this worker skipped since its previous batch.
+int64 (B,2) as (h, w); ``full_masks``: list of uint8 (H,W) tensors; in evaluation only,
+``other_objects``: list of bool (H,W) tensors, the image's other referred objects (what a
+prediction that picks the wrong object lands on); ``skipped``: corrupt samples this worker
+skipped since its previous batch.
 """
 
 from __future__ import annotations
@@ -152,6 +154,18 @@ def sam_inputs(rgb: np.ndarray, config: DataConfig) -> tuple[torch.Tensor, tuple
     pixels = torch.from_numpy(resized.astype(np.float32)).permute(2, 0, 1)
     pixels = (pixels - per_channel(SAM_PIXEL_MEAN)) / per_channel(SAM_PIXEL_STD)
     return F.pad(pixels, (0, config.sam_size - width, 0, config.sam_size - height)), (height, width)
+
+
+def _other_objects(masks: list[np.ndarray], index: int) -> torch.Tensor:
+    """Bool (H, W): the pixels of the image's other referred objects, outside ref ``index``'s own mask
+    (another ref of the same object has the same mask, so adds nothing). Where a prediction lands
+    there it picked a wrong object, which cIoU alone cannot tell from a loose mask around the right one."""
+    own = masks[index].astype(bool)
+    union = np.zeros_like(own)
+    for other, mask in enumerate(masks):
+        if other != index:
+            union |= mask.astype(bool)
+    return torch.from_numpy(union & ~own)
 
 
 def sam_mask_target(mask: np.ndarray, input_size: tuple[int, int], config: DataConfig) -> torch.Tensor:
@@ -497,9 +511,12 @@ class _Decoder(wds.PipelineStage):
                 self._skip(sample, exc)
                 continue
             targets: dict[int, torch.Tensor] = {}  # each ref's mask target is computed once
+            others: dict[int, torch.Tensor] = {}
             for ref_index, ref, sentence in [rng.choice(pairs)] if self.train else pairs:
                 if ref_index not in targets:
                     targets[ref_index] = sam_mask_target(masks[ref_index], image["input_size"], self.config)
+                    if not self.train:
+                        others[ref_index] = _other_objects(masks, ref_index)
                 yield {
                     **image,
                     "sentence": sentence["sent"],
@@ -509,6 +526,7 @@ class _Decoder(wds.PipelineStage):
                     "split": str(ref["split"]),
                     "gt_mask": targets[ref_index],
                     "full_mask": torch.from_numpy(masks[ref_index]),
+                    **({"other_objects": others[ref_index]} if not self.train else {}),
                 }
 
     def _decode(self, sample: dict) -> tuple[dict, list[np.ndarray], list[tuple[int, dict, dict]]]:
@@ -600,6 +618,8 @@ class _Decoder(wds.PipelineStage):
             "full_masks": [item["full_mask"] for item in items],
             "skipped": self.skipped,
         }
+        if "other_objects" in items[0]:
+            batch["other_objects"] = [item["other_objects"] for item in items]
         self.skipped = 0
         if all(item["vision_features"] is not None for item in items):
             batch["vision_features"] = torch.stack([item["vision_features"] for item in items])

@@ -3,7 +3,10 @@
 - cIoU: Σ intersection / Σ union over every (ref, sentence) of the split (large objects weigh more);
 - gIoU: the mean of per-sample IoUs;
 - visual tokens per image (mean, median, max): what the projector costs the LLM;
-- ``all_foreground_ciou``: the cIoU of predicting every pixel, the floor any model must clear.
+- ``all_foreground_ciou``: the cIoU of predicting every pixel, the floor any model must clear;
+- ``referred_share``: of the predicted pixels on any referred object of the image, the share on the
+  one meant (:func:`referred_share`): whether the model picks the right object, apart from how
+  well it outlines it.
 
 Masks are compared at the original image resolution.
 """
@@ -97,9 +100,10 @@ def _evaluate_split(model, split: EvalSplit, data_config, batch_size, max_sample
 def _score_batch(model, batch: dict) -> Iterable[dict]:
     logits, tokens = model.predict_masks(batch)
     full = model.mask_head.postprocess(logits, batch["input_sizes"], batch["original_sizes"])
-    for i, (prediction, target) in enumerate(zip(full, batch["full_masks"])):
+    others = batch.get("other_objects", [None] * len(full))
+    for i, (prediction, target, other) in enumerate(zip(full, batch["full_masks"], others, strict=True)):
         predicted, target = prediction.squeeze(0) > 0, target.to(prediction.device).bool()
-        yield {
+        record = {
             "key": batch["keys"][i],
             "intersection": int((predicted & target).sum()),
             "union": int((predicted | target).sum()),
@@ -107,6 +111,9 @@ def _score_batch(model, batch: dict) -> Iterable[dict]:
             "pixels": int(target.numel()),
             "tokens": int(tokens[i]),
         }
+        if other is not None:
+            record["on_other_objects"] = int((predicted & other.to(prediction.device)).sum())
+        yield record
 
 
 def summarise(records: list[dict], seconds: float) -> dict:
@@ -125,7 +132,20 @@ def summarise(records: list[dict], seconds: float) -> dict:
         "tokens_median": statistics.median(tokens),
         "tokens_max": max(tokens),
         "samples_per_s": len(records) / max(seconds, 1e-9),
+        **referred_share(records),
     }
+
+
+def referred_share(records: list[dict]) -> dict[str, float]:
+    """``{"referred_share": ...}``: of the predicted pixels that lie on a referred object of the image,
+    the share on the one the sentence means (1: never the wrong object; 0.5: as much on the others,
+    e.g. both of two twins). cIoU mixes picking the object with outlining it; this is the first
+    alone. Empty when the records do not count the other objects; None when no prediction touched one."""
+    if not records or any("on_other_objects" not in r for r in records):
+        return {}
+    on_referred = sum(r["intersection"] for r in records)
+    on_objects = on_referred + sum(r["on_other_objects"] for r in records)
+    return {"referred_share": on_referred / on_objects if on_objects else None}
 
 
 def format_table(results: dict[str, dict], title: str) -> str:
