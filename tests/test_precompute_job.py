@@ -244,12 +244,20 @@ def test_awkward_image_is_written_in_the_displayed_frame(awkward_job, image_id):
 # Refused up front
 
 
-def _run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.precompute", *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+def _refused(capsys, *argv: str) -> str:
+    """What ``svp precompute ARGV`` prints on stderr, having exited 2 (run in-process, as the command's own
+    ``main``: a traceback would fail the test; ``test_cli`` checks the entry points around it)."""
+    capsys.readouterr()
+    try:
+        status = precompute(list(argv))
+    except SystemExit as exit:  # argparse's refusals of a bad flag value
+        status = exit.code
+    error = capsys.readouterr().err
+    assert status == 2, error
+    return error
 
 
-def test_malicious_refs_pickle_is_refused_before_anything_runs(synth_root, tmp_path):
+def test_malicious_refs_pickle_is_refused_before_anything_runs(synth_root, tmp_path, capsys):
     root = tmp_path / "root"
     (root / "refcoco").mkdir(parents=True)
     (root / "refcoco" / "instances.json").write_bytes((synth_root / "refcoco" / "instances.json").read_bytes())
@@ -260,9 +268,8 @@ def test_malicious_refs_pickle_is_refused_before_anything_runs(synth_root, tmp_p
             return (os.system, (f"touch {marker}",))
 
     (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([Exploit()]))
-    result = _run_cli(*_args(root, tmp_path / "out", "--backend", "slic"))
-    assert result.returncode == 2
-    assert "refs(unc).p" in result.stderr and "system" in result.stderr
+    error = _refused(capsys, *_args(root, tmp_path / "out", "--backend", "slic"))
+    assert "refs(unc).p" in error and "system" in error
     assert not marker.exists()
     assert not (tmp_path / "out" / "manifest.json").exists()
 
@@ -278,11 +285,10 @@ def test_malicious_refs_pickle_is_refused_before_anything_runs(synth_root, tmp_p
     ],
     ids=["sam-without-checkpoint", "wrong-model-type", "missing-checkpoint", "embeddings-without-sam"],
 )
-def test_backend_misconfiguration_is_refused_before_work(synth_root, tiny_sam_checkpoint, tmp_path, extra, message):
+def test_backend_misconfiguration_is_refused_before_work(synth_root, tiny_sam_checkpoint, tmp_path, capsys, extra,
+                                                        message):
     extra = [e.replace("{ckpt}", str(tiny_sam_checkpoint)) for e in extra]
-    result = _run_cli(*_args(synth_root, tmp_path / "out", *extra))
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    assert message in _refused(capsys, *_args(synth_root, tmp_path / "out", *extra))
     assert not list((tmp_path / "out").glob("*.tar"))
 
 
@@ -294,16 +300,15 @@ def test_backend_misconfiguration_is_refused_before_work(synth_root, tiny_sam_ch
         (["--dataset", "refcocog", "--split-by", "unc"], "umd"),
     ],
 )
-def test_unknown_dataset_or_split_is_refused(synth_root, tmp_path, argv, message):
-    result = _run_cli("--refer-root", str(synth_root), "--out", str(tmp_path / "o"), "--backend", "slic", *argv)
-    assert result.returncode == 2 and message in result.stderr
+def test_unknown_dataset_or_split_is_refused(synth_root, tmp_path, capsys, argv, message):
+    assert message in _refused(capsys, "--refer-root", str(synth_root), "--out", str(tmp_path / "o"), "--backend",
+                               "slic", *argv)
 
 
-def test_an_out_dir_of_another_config_is_refused(synth_root, tmp_path, ray_local):
+def test_an_out_dir_of_another_config_is_refused(synth_root, tmp_path, ray_local, capsys):
     out = tmp_path / "out"
     assert precompute(_args(synth_root, out, "--backend", "slic", "--shard-size", "6")) == 0
-    result = _run_cli(*_args(synth_root, out, "--backend", "felzenszwalb", "--shard-size", "6"))
-    assert result.returncode == 2 and "must not mix" in result.stderr
+    assert "must not mix" in _refused(capsys, *_args(synth_root, out, "--backend", "felzenszwalb", "--shard-size", "6"))
 
 
 # A job of its own Ray, which declares one GPU that this machine need not have (Ray schedules by
