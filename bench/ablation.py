@@ -234,8 +234,15 @@ def summarise(listed: list[Run], metrics: list[dict[str, dict]]) -> dict[str, di
     return summary
 
 
+def _share_seeds(rung: dict) -> list[float | None]:
+    """A rung's referred share seed by seed (None where no prediction of that seed touched an object)."""
+    share = rung[REFERRED]
+    return share["seeds"] if share else [None] * len(rung["ciou"]["seeds"])
+
+
 def paired_differences(probes: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
-    """Each part whose two rungs ran on its probe: the cIoU with it minus without it, seed by seed."""
+    """Each part whose two rungs ran on its probe: the cIoU with it minus without it, seed by seed (and
+    under ``referred_share`` the same for the referred share, over the seeds where both have one)."""
     paired = {}
     for part, (upper, lower, probe) in PARTS.items():
         rungs = probes.get(probe, {})
@@ -243,6 +250,10 @@ def paired_differences(probes: dict[str, dict[str, dict]]) -> dict[str, dict[str
             with_part, without = rungs[upper]["ciou"]["seeds"], rungs[lower]["ciou"]["seeds"]
             paired[part] = {**t_interval([a - b for a, b in zip(with_part, without, strict=True)]),
                             "rungs": [upper, lower], "probe": probe}
+            shares = [(a, b) for a, b in zip(_share_seeds(rungs[upper]), _share_seeds(rungs[lower]), strict=True)
+                      if a is not None and b is not None]
+            if shares:  # the picking alone, in share units
+                paired[part][REFERRED] = t_interval([a - b for a, b in shares])
     return paired
 
 
@@ -319,8 +330,8 @@ def format_table(results: dict) -> str:
         lines.append(f"{name:<8}" + "".join(f"{by_rung[rung]['ciou']['mean']:>10.3f}" if rung in by_rung
                                             else f"{'-':>10}" for rung in rungs)
                      + f"{next(iter(by_rung.values()))['all_foreground_ciou']:>8.3f}")
-    lines.append("referred share per rung (of the predicted pixels on the image's objects, the share on the one "
-                 "meant: 0.5 is both twins)")
+    lines.append("referred share per rung (of the predicted pixels on the image's referred objects, the share on "
+                 "the one meant)")
     for name, by_rung in results["probes"].items():
         lines.append(f"{name:<8}" + "".join(f"{by_rung[rung][REFERRED]['mean']:>10.3f}"
                                             if rung in by_rung and by_rung[rung][REFERRED] else f"{'-':>10}"
@@ -330,6 +341,10 @@ def format_table(results: dict) -> str:
         lines.append(f"{part}: {upper} - {lower} on the {value['probe']} probe: {100 * value['mean']:+.1f} cIoU "
                      f"points, 95% interval [{100 * value['low']:+.1f}, {100 * value['high']:+.1f}] over "
                      f"{value['pairs']} seeds")
+        if REFERRED in value:
+            share = value[REFERRED]
+            lines.append(f"      referred share {share['mean']:+.3f}, 95% interval [{share['low']:+.3f}, "
+                         f"{share['high']:+.3f}] over {share['pairs']} seeds")
     lines.append(f"figure: {results['figure']}")
     return "\n".join(lines)
 

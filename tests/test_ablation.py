@@ -54,6 +54,12 @@ def test_quick_ablation_writes_every_rung_of_every_probe_and_each_parts_differen
         assert paired["mean"] == pytest.approx(statistics.fmean(differences))
         assert paired["low"] <= paired["mean"] <= paired["high"]
         assert written["headline"][f"ablation_{part}_ciou_gain"] == paired["mean"]
+        shares = [(a, b) for a, b in zip(*(ablation._share_seeds(written["probes"][probe][rung])
+                                           for rung in (upper, lower)), strict=True) if None not in (a, b)]
+        if shares:
+            assert paired["referred_share"]["mean"] == pytest.approx(statistics.fmean(a - b for a, b in shares))
+        else:
+            assert "referred_share" not in paired
     assert Image.open(written["figure"]).size[0] > 0
     assert "--steps 2 (full preset: 2500)" in written["notes"]
 
