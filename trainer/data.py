@@ -156,18 +156,6 @@ def sam_inputs(rgb: np.ndarray, config: DataConfig) -> tuple[torch.Tensor, tuple
     return F.pad(pixels, (0, config.sam_size - width, 0, config.sam_size - height)), (height, width)
 
 
-def _other_objects(masks: list[np.ndarray], index: int) -> torch.Tensor:
-    """Bool (H, W): the pixels of the image's other referred objects, outside ref ``index``'s own mask
-    (another ref of the same object has the same mask, so adds nothing). Where a prediction lands
-    there it picked a wrong object, which cIoU alone cannot tell from a loose mask around the right one."""
-    own = masks[index].astype(bool)
-    union = np.zeros_like(own)
-    for other, mask in enumerate(masks):
-        if other != index:
-            union |= mask.astype(bool)
-    return torch.from_numpy(union & ~own)
-
-
 def sam_mask_target(mask: np.ndarray, input_size: tuple[int, int], config: DataConfig) -> torch.Tensor:
     """A full-resolution 0/1 mask in SAM's low-res mask frame: float32 (S/4, S/4), binary.
 
@@ -512,11 +500,15 @@ class _Decoder(wds.PipelineStage):
                 continue
             targets: dict[int, torch.Tensor] = {}  # each ref's mask target is computed once
             others: dict[int, torch.Tensor] = {}
+            # Evaluation: where a prediction that picked a wrong object lands, which cIoU alone cannot tell
+            # from a loose mask around the right one. The image's referred objects, once; per ref, those
+            # pixels outside its own mask (another ref of the same object has the same mask, so adds nothing).
+            objects = None if self.train else np.logical_or.reduce([mask.astype(bool) for mask in masks])
             for ref_index, ref, sentence in [rng.choice(pairs)] if self.train else pairs:
                 if ref_index not in targets:
                     targets[ref_index] = sam_mask_target(masks[ref_index], image["input_size"], self.config)
-                    if not self.train:
-                        others[ref_index] = _other_objects(masks, ref_index)
+                    if objects is not None:
+                        others[ref_index] = torch.from_numpy(objects & ~masks[ref_index].astype(bool))
                 yield {
                     **image,
                     "sentence": sentence["sent"],

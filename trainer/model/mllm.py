@@ -263,9 +263,9 @@ class SegmentationMLLM(nn.Module):
 
     # The fewest positions that sharing the prompt's opening must save for a training step to run it
     # once (``_decode``). On the 2-core CPU at batch 8: 7 × 5 saved (the bench tokenizer's opening)
-    # made the 85M LLM's fp32 step 1.01× the batch run whole (``bench.train_step``), 7 × 18 (Qwen2.5's
-    # chat template) made Qwen2.5-0.5B's bf16 step 0.875× (``bench.realsize``). An attribute, so that
-    # a benchmark can time a step both ways.
+    # made the 85M LLM's fp32 step 1.01-1.10× the batch run whole (``bench.train_step``, two runs),
+    # 7 × 18 (Qwen2.5's chat template) made Qwen2.5-0.5B's bf16 step 0.875× (``bench.realsize``). An
+    # attribute, so that a benchmark can time a step both ways.
     min_shared_positions: int = 64
 
     def __init__(self, config: ModelConfig) -> None:
